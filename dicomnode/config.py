@@ -1,0 +1,186 @@
+"""Typed configuration: config.yaml plus DICOMNODE_<SECTION>__<KEY> environment overrides.
+
+Validation happens at start; an unknown key or a bad value raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+MODALITY_CODES = {"MR", "CT", "PT", "NM"}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    if not 1 <= len(value) <= 16 or "\\" in value or not value.isascii():
+        raise ValueError("an AE title is 1-16 ASCII characters without backslash")
+    return value
+
+
+class NodeConfig(_Section):
+    ae_title: str = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_allowed(cls, v: list[str]) -> list[str]:
+        return [_ae_title(a) for a in v]
+
+
+class StorageConfig(_Section):
+    spool_dir: Path = Path("./var/spool")
+    database_url: str = "sqlite:///./var/dicomnode.db"
+    fsync: bool = True
+
+
+class AssemblyConfig(_Section):
+    series_stable_seconds: float = Field(30, ge=0)
+    pair_window_hours: float = Field(24, ge=0)
+    poll_seconds: float = Field(1.0, gt=0)
+
+
+class RuleConfig(_Section):
+    name: str = Field(min_length=1)
+    reference: str = "MR"
+    moving: str
+
+    @field_validator("reference", "moving")
+    @classmethod
+    def _modality(cls, v: str) -> str:
+        v = v.strip().upper()
+        if v not in MODALITY_CODES:
+            raise ValueError(f"modality must be one of {sorted(MODALITY_CODES)}, got {v!r}")
+        return v
+
+
+class DestinationConfig(_Section):
+    name: str = Field(min_length=1)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+class FusionConfig(_Section):
+    device: str = "auto"
+    batch_size: int = Field(16, ge=1, le=1024)
+    method: str = "default"
+    poll_seconds: float = Field(1.0, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+
+class DispatchConfig(_Section):
+    max_attempts: int = Field(10, ge=1)
+    backoff_initial_seconds: float = Field(2.0, gt=0)
+    backoff_max_seconds: float = Field(300.0, gt=0)
+    poll_seconds: float = Field(0.5, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class AdminConfig(_Section):
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+
+
+def _default_rules() -> list[RuleConfig]:
+    return [
+        RuleConfig(name="mr-ct", reference="MR", moving="CT"),
+        RuleConfig(name="mr-pet", reference="MR", moving="PT"),
+        RuleConfig(name="mr-spect", reference="MR", moving="NM"),
+    ]
+
+
+class Settings(BaseSettings):
+    """The whole node configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMNODE_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
+    rules: list[RuleConfig] = Field(default_factory=_default_rules)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rules(cls, v: list[RuleConfig]) -> list[RuleConfig]:
+        names = [r.name for r in v]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read config.yaml (or defaults when path is None), apply env overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        data = loaded
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None

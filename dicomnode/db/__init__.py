@@ -1,0 +1,31 @@
+"""Database: models, engine/session setup, audit writer."""
+
+from dicomnode.db.audit import record
+from dicomnode.db.engine import init_db, make_engine, make_sessionmaker
+from dicomnode.db.models import (
+    Association,
+    Base,
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    Output,
+    Series,
+    utcnow,
+)
+
+__all__ = [
+    "Association",
+    "Base",
+    "Delivery",
+    "Event",
+    "Instance",
+    "Job",
+    "Output",
+    "Series",
+    "init_db",
+    "make_engine",
+    "make_sessionmaker",
+    "record",
+    "utcnow",
+]

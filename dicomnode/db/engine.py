@@ -1,0 +1,61 @@
+"""Engine and session setup: SQLite in WAL mode by default, any SQLAlchemy URL works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db.models import SCHEMA_VERSION, Base, SchemaInfo
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a different schema version."""
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine; for SQLite: WAL, FULL sync (acknowledged means durable), busy timeout."""
+    parsed = make_url(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    kwargs: dict[str, object] = {"future": True}
+    if is_sqlite:
+        db = parsed.database
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    engine = create_engine(url, **kwargs)
+    if is_sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+def init_db(engine: Engine) -> None:
+    """Create missing tables and check the schema version."""
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        info = s.scalar(select(SchemaInfo))
+        if info is None:
+            s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+            s.commit()
+        elif info.version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database schema version {info.version}, this dicomnode needs {SCHEMA_VERSION}"
+            )
+
+
+def make_sessionmaker(url: str) -> sessionmaker[Session]:
+    """Engine + tables + a session factory (expire_on_commit off: rows are read after commit)."""
+    engine = make_engine(url)
+    init_db(engine)
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,1 @@
+"""Fusion: volumes from series, geometry, fusers (classical and learned), metrics. Pure computation."""
