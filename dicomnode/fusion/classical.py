@@ -1,0 +1,243 @@
+"""Classical fusers: pixel average, pixel max, Laplacian pyramid, guided-filter fusion.
+
+They are the baselines of the benchmark and the candidates of the training database. All are
+batched torch code: ``(N, H, W)`` float32 in ``[0, 1]`` in, the same out, on ``self.device``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dicomnode.fusion.base import Fuser, register_fuser
+from dicomnode.fusion.resample import resolve_device
+
+_BINOMIAL5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
+    """Raise ValueError naming the problem when ``a``/``b`` are not two equal (N,H,W) stacks."""
+    if a.ndim != 3 or b.ndim != 3:
+        raise ValueError(f"fusers take (N,H,W) stacks; got shapes {a.shape} and {b.shape}")
+    if a.shape != b.shape:
+        raise ValueError(f"the two stacks must have one shape; got {a.shape} and {b.shape}")
+
+
+def _sep_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable blur of (N,1,H,W) with a 1-D kernel, replicate borders (any image size)."""
+    k = kernel.to(x)
+    r = k.numel() // 2
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def gaussian_kernel1d(sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian (radius defaults to 3 sigma)."""
+    r = int(radius if radius is not None else max(1, round(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def box_filter(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over the (2r+1)^2 window clipped to the image (He et al.'s guided-filter box), (N,1,H,W)."""
+    n, c, h, w = x.shape
+
+    def _axis_mean(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        cs = torch.cumsum(t, dim=dim)
+        pad_shape = list(t.shape)
+        pad_shape[dim] = 1
+        cs = torch.cat([torch.zeros(pad_shape, dtype=t.dtype, device=t.device), cs], dim=dim)
+        idx = torch.arange(size, device=t.device)
+        hi = torch.clamp(idx + r + 1, max=size)
+        lo = torch.clamp(idx - r, min=0)
+        s = cs.index_select(dim, hi) - cs.index_select(dim, lo)
+        cnt = (hi - lo).to(t.dtype)
+        shape = [1] * t.ndim
+        shape[dim] = size
+        return s / cnt.view(shape)
+
+    return _axis_mean(_axis_mean(x, 2, h), 3, w)
+
+
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, r: int, eps: float) -> torch.Tensor:
+    """He et al.'s guided filter of ``src`` steered by ``guide``, both (N,1,H,W)."""
+    mean_i = box_filter(guide, r)
+    mean_p = box_filter(src, r)
+    cov_ip = box_filter(guide * src, r) - mean_i * mean_p
+    var_i = box_filter(guide * guide, r) - mean_i * mean_i
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    return box_filter(a, r) * guide + box_filter(b, r)
+
+
+def _down(x: torch.Tensor) -> torch.Tensor:
+    return _sep_blur(x, _BINOMIAL5)[:, :, ::2, ::2]
+
+
+def _up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Zero-insertion upsampling followed by the binomial blur (x4 to keep the mean)."""
+    n, c, h, w = x.shape
+    up = torch.zeros((n, c, h * 2, w * 2), dtype=x.dtype, device=x.device)
+    up[:, :, ::2, ::2] = x
+    up = _sep_blur(up, _BINOMIAL5) * 4.0
+    up = up[:, :, : size[0], : size[1]]
+    if up.shape[-2:] != size:
+        up = F.pad(up, (0, size[1] - up.shape[-1], 0, size[0] - up.shape[-2]), mode="replicate")
+    return up
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Burt-Adelson Laplacian pyramid of (N,1,H,W): ``levels`` detail bands then the base."""
+    pyr = []
+    cur = x
+    for _ in range(levels):
+        if min(cur.shape[-2:]) < 4:
+            break
+        low = _down(cur)
+        pyr.append(cur - _up(low, cur.shape[-2:]))
+        cur = low
+    pyr.append(cur)
+    return pyr
+
+
+def collapse_pyramid(pyr: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`laplacian_pyramid`."""
+    cur = pyr[-1]
+    for band in reversed(pyr[:-1]):
+        cur = band + _up(cur, band.shape[-2:])
+    return cur
+
+
+class TorchFuser(Fuser):
+    """Shared plumbing: numpy <-> torch on the resolved device, batched, inference mode, clipped."""
+
+    batch_size: int = 64
+
+    def __init__(self, device: str = "cpu") -> None:
+        super().__init__(device)
+        self.torch_device = resolve_device(device)
+
+    def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        _check_pair(a, b)
+        out = np.empty(a.shape, dtype=np.float32)
+        with torch.inference_mode():
+            for i in range(0, a.shape[0], self.batch_size):
+                ta = torch.as_tensor(np.ascontiguousarray(a[i : i + self.batch_size]), dtype=torch.float32)
+                tb = torch.as_tensor(np.ascontiguousarray(b[i : i + self.batch_size]), dtype=torch.float32)
+                ta = ta.to(self.torch_device)[:, None]
+                tb = tb.to(self.torch_device)[:, None]
+                fused = self.fuse_tensors(ta, tb).clamp_(0.0, 1.0)
+                out[i : i + self.batch_size] = fused[:, 0].cpu().numpy()
+        return out
+
+    def fuse_tensors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Fuse (N,1,H,W) tensors; subclasses implement it."""
+        raise NotImplementedError
+
+
+@register_fuser("average")
+class AverageFuser(TorchFuser):
+    """Pixel mean: the lowest-contrast baseline."""
+
+    name = "average"
+    version = "1"
+
+    def fuse_tensors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (a + b)
+
+
+@register_fuser("max")
+class MaxFuser(TorchFuser):
+    """Pixel maximum: a strong baseline on brain MR/CT/PET/SPECT (bright structures win)."""
+
+    name = "max"
+    version = "1"
+
+    def fuse_tensors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(a, b)
+
+
+class LaplacianPyramidFuser(TorchFuser):
+    """Multi-scale fusion: per band keep the larger-magnitude detail, combine the bases.
+
+    ``base`` is "mean" (the textbook rule) or "max"; ``detail_gain`` > 1 sharpens the fused detail;
+    ``activity_radius`` > 0 decides on the local mean |detail| (fewer isolated switches).
+    """
+
+    name = "laplacian-pyramid"
+    version = "1"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        levels: int = 4,
+        base: str = "mean",
+        detail_gain: float = 1.0,
+        activity_radius: int = 0,
+    ) -> None:
+        super().__init__(device)
+        if base not in ("mean", "max"):
+            raise ValueError(f"base rule must be 'mean' or 'max', not {base!r}")
+        self.levels = levels
+        self.base = base
+        self.detail_gain = detail_gain
+        self.activity_radius = activity_radius
+
+    def fuse_tensors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        pa = laplacian_pyramid(a, self.levels)
+        pb = laplacian_pyramid(b, self.levels)
+        fused = []
+        for da, db in zip(pa[:-1], pb[:-1], strict=True):
+            act_a, act_b = da.abs(), db.abs()
+            if self.activity_radius > 0:
+                act_a = box_filter(act_a, self.activity_radius)
+                act_b = box_filter(act_b, self.activity_radius)
+            fused.append(torch.where(act_a >= act_b, da, db) * self.detail_gain)
+        ba, bb = pa[-1], pb[-1]
+        fused.append(0.5 * (ba + bb) if self.base == "mean" else torch.maximum(ba, bb))
+        return collapse_pyramid(fused)
+
+
+register_fuser("laplacian-pyramid")(LaplacianPyramidFuser)
+
+
+@register_fuser("guided-filter")
+class GuidedFilterFuser(TorchFuser):
+    """Li, Kang & Hu (2013) GFF: two-scale split, saliency weights refined by guided filtering."""
+
+    name = "guided-filter"
+    version = "1"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        base_radius: int = 15,
+        r1: int = 45,
+        eps1: float = 0.3,
+        r2: int = 7,
+        eps2: float = 1e-6,
+    ) -> None:
+        super().__init__(device)
+        self.base_radius, self.r1, self.eps1, self.r2, self.eps2 = base_radius, r1, eps1, r2, eps2
+
+    def fuse_tensors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        base_a, base_b = box_filter(a, self.base_radius), box_filter(b, self.base_radius)
+        det_a, det_b = a - base_a, b - base_b
+        lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).to(a).view(1, 1, 3, 3)
+        g = gaussian_kernel1d(5.0, 5)
+        sal_a = _sep_blur(F.conv2d(F.pad(a, (1, 1, 1, 1), mode="replicate"), lap).abs(), g)
+        sal_b = _sep_blur(F.conv2d(F.pad(b, (1, 1, 1, 1), mode="replicate"), lap).abs(), g)
+        pa = (sal_a >= sal_b).to(a.dtype)
+        pb = 1.0 - pa
+        wb_a = guided_filter(a, pa, self.r1, self.eps1)
+        wb_b = guided_filter(b, pb, self.r1, self.eps1)
+        wd_a = guided_filter(a, pa, self.r2, self.eps2)
+        wd_b = guided_filter(b, pb, self.r2, self.eps2)
+        wb_a, wb_b = wb_a.clamp(0, 1), wb_b.clamp(0, 1)
+        wd_a, wd_b = wd_a.clamp(0, 1), wd_b.clamp(0, 1)
+        eps = 1e-6  # where both weights vanish the rule falls back to the mean
+        base = (wb_a * base_a + wb_b * base_b + eps * 0.5 * (base_a + base_b)) / (wb_a + wb_b + eps)
+        det = (wd_a * det_a + wd_b * det_b + eps * 0.5 * (det_a + det_b)) / (wd_a + wd_b + eps)
+        return base + det

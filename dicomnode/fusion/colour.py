@@ -1,0 +1,81 @@
+"""Colour handling: the DICOM Hot Iron palette and YCbCr, so functional images fuse on their luma.
+
+PET/SPECT pseudo-colour images are fused on Y (JPEG / BT.601 full range, Y = 0.299R + 0.587G +
+0.114B) and keep their own Cb/Cr; grayscale DICOM PET/NM is first mapped through Hot Iron.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dicomnode.fusion.base import Fuser
+
+
+def _hot_iron_table() -> np.ndarray:
+    """The 256-entry Hot Iron Color Palette of DICOM PS3.6 Annex B (as pydicom ships it)."""
+    i = np.arange(256)
+    red = np.where(i < 128, 2 * i, 255)
+    green = np.where(i < 128, 0, 2 * (i - 128))
+    blue = np.where(i < 192, 0, 4 * (i - 191))
+    green[255] = 255
+    return np.clip(np.stack([red, green, blue], axis=1), 0, 255).astype(np.uint8)
+
+
+HOT_IRON = _hot_iron_table()
+
+
+def apply_hot_iron(x01: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (any shape) to Hot Iron RGB, uint8 with a trailing axis of 3."""
+    x = np.asarray(x01, dtype=np.float32)
+    idx = np.clip(np.rint(np.nan_to_num(x, nan=0.0) * 255.0), 0, 255).astype(np.intp)
+    return HOT_IRON[idx]
+
+
+_RGB2YCC = np.array(
+    [
+        [0.299, 0.587, 0.114],
+        [-0.168735892, -0.331264108, 0.5],
+        [0.5, -0.418687589, -0.081312411],
+    ],
+    dtype=np.float64,
+)
+_YCC2RGB = np.linalg.inv(_RGB2YCC)
+
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """RGB (...,3) in 0..255 (uint8 or float) -> float32 YCbCr (...,3), Cb/Cr centred on 128."""
+    x = np.asarray(rgb, dtype=np.float64)
+    if x.shape[-1] != 3:
+        raise ValueError(f"RGB images need a last axis of 3, got shape {x.shape}")
+    ycc = x @ _RGB2YCC.T
+    ycc[..., 1:] += 128.0
+    return ycc.astype(np.float32)
+
+
+def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """Float YCbCr (...,3) (Cb/Cr centred on 128) -> float32 RGB (...,3), not clipped or rounded."""
+    x = np.asarray(ycc, dtype=np.float64).copy()
+    if x.shape[-1] != 3:
+        raise ValueError(f"YCbCr images need a last axis of 3, got shape {x.shape}")
+    x[..., 1:] -= 128.0
+    return (x @ _YCC2RGB.T).astype(np.float32)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Round and clip to uint8."""
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def fuse_colour(fuser: Fuser, mri01: np.ndarray, rgb_uint8: np.ndarray) -> np.ndarray:
+    """Fuse MRI (N,H,W) in [0,1] with the luma of RGB (N,H,W,3); return uint8 RGB with its Cb/Cr."""
+    mri = np.asarray(mri01, dtype=np.float32)
+    rgb = np.asarray(rgb_uint8)
+    if mri.ndim != 3 or rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.shape[:3] != mri.shape:
+        raise ValueError(
+            f"fuse_colour needs MRI (N,H,W) and RGB (N,H,W,3) of one size; got {mri.shape} and {rgb.shape}"
+        )
+    ycc = rgb_to_ycbcr(rgb)
+    y01 = ycc[..., 0] / 255.0
+    fused = fuser.fuse(mri, y01.astype(np.float32))
+    ycc[..., 0] = np.clip(fused, 0.0, 1.0) * 255.0
+    return to_uint8(ycbcr_to_rgb(ycc))
