@@ -1,0 +1,260 @@
+"""Output stage: fused arrays + source headers -> SC instances that dciodvfy accepts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from dicomnode.output import (
+    RESEARCH_NOTICE,
+    OutputError,
+    build_fused_series,
+    patient_orientation,
+    series_description,
+)
+
+SOP_CLASS = {"MR": MRImageStorage, "CT": CTImageStorage, "PT": PositronEmissionTomographyImageStorage}
+STUDY_UID = generate_uid()
+FOR_UID = generate_uid()
+
+
+def make_headers(
+    modality: str,
+    n: int,
+    *,
+    spacing: float,
+    step: float,
+    z0: float,
+    size: int = 16,
+    study_uid: str = STUDY_UID,
+    iop: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+) -> list[Dataset]:
+    """Minimal but complete headers for one axial series with geometry (no pixel data needed)."""
+    series_uid = generate_uid()
+    out = []
+    row, col = np.array(iop[:3], float), np.array(iop[3:], float)
+    normal = np.cross(row, col)
+    for k in range(n):
+        ds = Dataset()
+        ds.SOPClassUID = SOP_CLASS[modality]
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = FOR_UID
+        ds.Modality = modality
+        ds.PatientName = "Doe^Jane"
+        ds.PatientID = "PID-42"
+        ds.IssuerOfPatientID = "HOSP"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "F"
+        ds.StudyDate = "20240102"
+        ds.StudyTime = "101010"
+        ds.AccessionNumber = "ACC1"
+        ds.ReferringPhysicianName = "Ref^Doc"
+        ds.StudyID = "S1"
+        ds.InstanceNumber = k + 1
+        pos = np.array([-size * spacing / 2, -size * spacing / 2, 0.0]) + normal * (z0 + k * step)
+        ds.ImagePositionPatient = [f"{v:.3f}" for v in pos]
+        ds.ImageOrientationPatient = list(iop)
+        ds.PixelSpacing = [spacing, spacing]
+        ds.SliceThickness = step
+        ds.Rows = size
+        ds.Columns = size
+        out.append(ds)
+    return out
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The 'Error' lines dciodvfy prints for a file."""
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [ln for ln in lines if ln.startswith("Error")]
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def mr_ct() -> tuple[list[Dataset], list[Dataset]]:
+    ref = make_headers("MR", 4, spacing=1.0, step=3.0, z0=0.0)
+    mov = make_headers("CT", 12, spacing=0.5, step=1.25, z0=-2.0, size=32)
+    return ref, mov
+
+
+def test_series_description_names_rule_and_method() -> None:
+    assert series_description("MR", "CT", "laplacian-pyramid") == "FUSED MR+CT [laplacian-pyramid]"
+    assert series_description("mr", "pt", "net", registered=True) == "FUSED MR+PT REG [net]"
+    assert len(series_description("MR", "CT", "x" * 100)) <= 64
+
+
+def test_patient_orientation_from_iop() -> None:
+    ds = Dataset()
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    assert patient_orientation(ds) == ("L", "P")
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
+    assert patient_orientation(ds) == ("P", "F")
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
+    assert patient_orientation(ds) == ("L", "F")
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    ds.ImageOrientationPatient = [c, s, 0, -s, c, 0]  # oblique axial
+    assert patient_orientation(ds) == ("LP", "PR")
+
+
+def test_monochrome_series_keeps_patient_study_and_references(mr_ct, tmp_path: Path) -> None:
+    ref, mov = mr_ct
+    fused = np.random.default_rng(0).integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    uid = generate_uid()
+    out = build_fused_series(
+        fused, ref, mov, rule_name="mr-ct", method_name="laplacian-pyramid", method_version="1.0",
+        series_instance_uid=uid, derivation_note="note-xyz",
+    )
+    assert len(out) == 4
+    for k, sc in enumerate(out):
+        assert sc.SOPClassUID == SecondaryCaptureImageStorage
+        assert sc.Modality == "OT"
+        assert sc.SeriesInstanceUID == uid
+        assert sc.SeriesNumber == 9001
+        assert sc.InstanceNumber == k + 1
+        assert sc.PatientName == "Doe^Jane" and sc.PatientID == "PID-42"
+        assert sc.IssuerOfPatientID == "HOSP"
+        assert str(sc.PatientBirthDate) == "19700101" and sc.PatientSex == "F"
+        assert sc.StudyInstanceUID == STUDY_UID
+        assert sc.AccessionNumber == "ACC1" and sc.StudyID == "S1" and str(sc.StudyDate) == "20240102"
+        assert sc.SeriesDescription == "FUSED MR+CT [laplacian-pyramid]"
+        assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
+        assert sc.ConversionType == "WSD"
+        assert sc.BurnedInAnnotation == "NO"
+        assert sc.PhotometricInterpretation == "MONOCHROME2"
+        assert [float(v) for v in sc.PixelSpacing] == [1.0, 1.0]
+        assert list(sc.PatientOrientation) == ["L", "P"]
+        assert "laplacian-pyramid" in sc.DerivationDescription and "1.0" in sc.DerivationDescription
+        assert "mr-ct" in sc.DerivationDescription and "note-xyz" in sc.DerivationDescription
+        assert RESEARCH_NOTICE in sc.ImageComments
+        assert np.array_equal(sc.pixel_array, fused[k])
+        srcs = [it.ReferencedSOPInstanceUID for it in sc.SourceImageSequence]
+        assert srcs[0] == ref[k].SOPInstanceUID
+        assert len(srcs) > 1
+        series_refs = {it.SeriesInstanceUID: it for it in sc.ReferencedSeriesSequence}
+        assert set(series_refs) == {ref[0].SeriesInstanceUID, mov[0].SeriesInstanceUID}
+        assert len(series_refs[mov[0].SeriesInstanceUID].ReferencedInstanceSequence) == len(mov)
+    assert len({sc.SOPInstanceUID for sc in out}) == 4
+
+
+def test_moving_sources_are_the_nearby_slices(mr_ct) -> None:
+    ref, mov = mr_ct
+    fused = np.zeros((4, 16, 16), np.uint8)
+    out = build_fused_series(fused, ref, mov, rule_name="r", method_name="m", method_version="1")
+    z_of = {ds.SOPInstanceUID: float(ds.ImagePositionPatient[2]) for ds in mov}
+    for ref_ds, sc in zip(ref, out, strict=True):
+        z_ref = float(ref_ds.ImagePositionPatient[2])
+        zs = [z_of[it.ReferencedSOPInstanceUID] for it in sc.SourceImageSequence[1:]]
+        assert zs, "each slice must reference the moving slices it was read from"
+        assert all(abs(z - z_ref) < 1.25 for z in zs)
+        # the two moving slices bracketing the reference plane are both there
+        below = max(z for z in z_of.values() if z <= z_ref)
+        above = min(z for z in z_of.values() if z >= z_ref)
+        assert below in zs and above in zs
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+@pytest.mark.parametrize("rgb", [False, True])
+def test_dciodvfy_reports_no_errors(mr_ct, tmp_path: Path, rgb: bool) -> None:
+    ref, mov = mr_ct
+    if rgb:
+        mov = make_headers("PT", 5, spacing=4.0, step=4.0, z0=-4.0, size=8)
+    shape = (4, 16, 16, 3) if rgb else (4, 16, 16)
+    fused = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    out = build_fused_series(fused, ref, mov, rule_name="mr-pet" if rgb else "mr-ct",
+                             method_name="laplacian-pyramid", method_version="1.0")
+    for sc in out[:2]:
+        path = _save(sc, tmp_path / f"{sc.SOPInstanceUID}.dcm")
+        assert dciodvfy_errors(path) == []
+        back = pydicom.dcmread(path)
+        assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert back.PhotometricInterpretation == ("RGB" if rgb else "MONOCHROME2")
+        assert back.SamplesPerPixel == (3 if rgb else 1)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_dciodvfy_catches_a_broken_file(tmp_path: Path) -> None:
+    """The checker itself must be able to fail: an SC without its mandatory SOP Common tags."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    path = _save(ds, tmp_path / "broken.dcm")
+    assert dciodvfy_errors(path)
+
+
+def test_moving_series_from_other_study_goes_to_other_studies_sequence() -> None:
+    ref = make_headers("MR", 2, spacing=1.0, step=3.0, z0=0.0)
+    other_study = generate_uid()
+    mov = make_headers("CT", 4, spacing=1.0, step=2.0, z0=0.0, study_uid=other_study)
+    out = build_fused_series(np.zeros((2, 16, 16), np.uint8), ref, mov,
+                             rule_name="r", method_name="m", method_version="1")
+    sc = out[0]
+    assert [it.SeriesInstanceUID for it in sc.ReferencedSeriesSequence] == [ref[0].SeriesInstanceUID]
+    other = sc.StudiesContainingOtherReferencedInstancesSequence[0]
+    assert other.StudyInstanceUID == other_study
+    assert other.ReferencedSeriesSequence[0].SeriesInstanceUID == mov[0].SeriesInstanceUID
+
+
+def test_moving_without_geometry_references_all_moving_instances() -> None:
+    ref = make_headers("MR", 2, spacing=1.0, step=3.0, z0=0.0)
+    mov = make_headers("CT", 3, spacing=1.0, step=2.0, z0=0.0)
+    for ds in mov:
+        del ds.ImagePositionPatient
+    out = build_fused_series(np.zeros((2, 16, 16), np.uint8), ref, mov,
+                             rule_name="r", method_name="m", method_version="1")
+    assert len(out[0].SourceImageSequence) == 1 + 3
+
+
+def test_registered_flag_in_description() -> None:
+    ref = make_headers("MR", 1, spacing=1.0, step=3.0, z0=0.0)
+    mov = make_headers("PT", 2, spacing=4.0, step=4.0, z0=0.0)
+    out = build_fused_series(np.zeros((1, 16, 16, 3), np.uint8), ref, mov, rule_name="mr-pet",
+                             method_name="net", method_version="2", registered=True)
+    assert out[0].SeriesDescription == "FUSED MR+PT REG [net]"
+    assert out[0].PhotometricInterpretation == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("fused", "n_ref", "match"),
+    [
+        (np.zeros((2, 16, 16), np.float32), 2, "uint8"),
+        (np.zeros((2, 16, 16, 4), np.uint8), 2, "shape"),
+        (np.zeros((16, 16), np.uint8), 2, "shape"),
+        (np.zeros((3, 16, 16), np.uint8), 2, "3 slices but 2 reference"),
+    ],
+)
+def test_bad_input_gives_clear_error(fused: np.ndarray, n_ref: int, match: str) -> None:
+    ref = make_headers("MR", n_ref, spacing=1.0, step=3.0, z0=0.0)
+    mov = make_headers("CT", 2, spacing=1.0, step=2.0, z0=0.0)
+    with pytest.raises(OutputError, match=match):
+        build_fused_series(fused, ref, mov, rule_name="r", method_name="m", method_version="1")
+
+
+def test_missing_moving_headers_is_an_error() -> None:
+    ref = make_headers("MR", 1, spacing=1.0, step=3.0, z0=0.0)
+    with pytest.raises(OutputError, match="moving"):
+        build_fused_series(np.zeros((1, 16, 16), np.uint8), ref, [],
+                           rule_name="r", method_name="m", method_version="1")
