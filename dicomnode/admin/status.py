@@ -1,0 +1,108 @@
+"""Status of the node read from the DB: counts by state and the latest audit events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicomnode.db import Association, Delivery, Event, Instance, Job, Output, Series
+
+SERIES_STATES = ("receiving", "complete")
+JOB_STATES = ("pending", "running", "done", "failed", "superseded")
+DELIVERY_STATES = ("pending", "sent", "failed")
+
+
+def _counts(s: Session, column: Any, states: tuple[str, ...]) -> dict[str, int]:
+    rows = dict(s.execute(select(column, func.count()).group_by(column)).all())
+    out = {st: int(rows.pop(st, 0)) for st in states}
+    out.update({str(k): int(v) for k, v in rows.items()})
+    return out
+
+
+def collect_status(s: Session, n_events: int = 20) -> dict[str, Any]:
+    """Counts by state for series, jobs and deliveries, totals, and the last ``n_events`` events."""
+    events = s.scalars(select(Event).order_by(Event.id.desc()).limit(n_events)).all()
+    last_jobs = s.scalars(select(Job).order_by(Job.id.desc()).limit(10)).all()
+    return {
+        "series": _counts(s, Series.state, SERIES_STATES),
+        "jobs": _counts(s, Job.state, JOB_STATES),
+        "deliveries": _counts(s, Delivery.state, DELIVERY_STATES),
+        "totals": {
+            "associations": int(s.scalar(select(func.count()).select_from(Association)) or 0),
+            "instances": int(s.scalar(select(func.count()).select_from(Instance)) or 0),
+            "outputs": int(s.scalar(select(func.count()).select_from(Output)) or 0),
+        },
+        "recent_jobs": [
+            {
+                "id": j.id,
+                "rule": j.rule_name,
+                "state": j.state,
+                "method": j.method,
+                "error": j.error,
+                "created_at": j.created_at.isoformat(timespec="seconds"),
+            }
+            for j in last_jobs
+        ],
+        "events": [
+            {
+                "id": e.id,
+                "at": e.at.isoformat(timespec="seconds"),
+                "stage": e.stage,
+                "entity": e.entity,
+                "entity_id": e.entity_id,
+                "old_state": e.old_state,
+                "new_state": e.new_state,
+                "reason": e.reason,
+            }
+            for e in reversed(events)
+        ],
+    }
+
+
+def _table(headers: list[str], rows: list[list[str]], max_width: int = 70) -> list[str]:
+    cells = [[(c if len(c) <= max_width else c[: max_width - 1] + "…") for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return out
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """A readable text table of :func:`collect_status`."""
+    lines = ["dicomnode status", ""]
+    rows = []
+    for what in ("series", "jobs", "deliveries"):
+        rows.append([what] + [f"{k}={v}" for k, v in st[what].items()])
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    lines += _table(["what"] + ["count by state"] + [""] * (width - 2), rows)
+    t = st["totals"]
+    lines += ["", f"associations={t['associations']}  instances={t['instances']}  outputs={t['outputs']}"]
+    if st["recent_jobs"]:
+        lines += ["", "recent jobs:"]
+        lines += _table(
+            ["id", "rule", "state", "method", "created", "error"],
+            [
+                [str(j["id"]), j["rule"], j["state"], j["method"] or "", j["created_at"], j["error"] or ""]
+                for j in st["recent_jobs"]
+            ],
+        )
+    lines += ["", f"last {len(st['events'])} events:"]
+    lines += _table(
+        ["at", "stage", "entity", "id", "change", "reason"],
+        [
+            [
+                e["at"],
+                e["stage"],
+                e["entity"],
+                e["entity_id"][-24:],
+                f"{e['old_state'] or '-'} -> {e['new_state'] or '-'}",
+                e["reason"] or "",
+            ]
+            for e in st["events"]
+        ],
+    )
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Series stability and job creation.
+
+A series is complete when nothing arrived for ``assembly.series_stable_seconds``. For every rule,
+each complete reference series is paired with each complete moving series of the same patient
+(same study, or studies within ``assembly.pair_window_hours``). A job is keyed by
+(rule, reference series, moving series, their generations), so re-running never duplicates it;
+a series that received new instances after completion has a new generation and gets a new job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import RuleConfig, Settings
+from dicomnode.db import Job, Series, record, utcnow
+
+log = logging.getLogger("dicomnode.assemble")
+STAGE = "assemble"
+
+
+class AssembleStage:
+    """Marks stable series complete and creates one job per complete (reference, moving) pair."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: sessionmaker[Session],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.clock = clock
+
+    def run_once(self) -> int:
+        """One pass: returns the number of series completed plus jobs created."""
+        return self.complete_stable_series() + self.create_jobs()
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # keep the stage alive; the error is logged with its traceback
+                log.exception("assemble pass failed")
+            stop.wait(self.settings.assembly.poll_seconds)
+
+    def complete_stable_series(self) -> int:
+        cutoff = self.clock() - timedelta(seconds=self.settings.assembly.series_stable_seconds)
+        done = 0
+        with self.sessionmaker() as s:
+            stable = s.scalars(
+                select(Series).where(Series.state == "receiving", Series.last_received_at <= cutoff)
+            ).all()
+            for series in stable:
+                # Conditional update: a receiver that just added an instance wins.
+                res = s.execute(
+                    update(Series)
+                    .where(
+                        Series.id == series.id,
+                        Series.state == "receiving",
+                        Series.last_received_at <= cutoff,
+                        Series.generation == series.generation,
+                    )
+                    .values(state="complete", completed_at=self.clock())
+                )
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    record(
+                        s,
+                        STAGE,
+                        "series",
+                        series.series_instance_uid,
+                        "receiving",
+                        "complete",
+                        f"no instance for {self.settings.assembly.series_stable_seconds:g} s; "
+                        f"{series.n_instances} instances, generation {series.generation}",
+                    )
+                    done += 1
+            s.commit()
+        if done:
+            log.info("%d series complete", done)
+        return done
+
+    def _pairable(self, ref: Series, mov: Series) -> bool:
+        if ref.patient_key != mov.patient_key or ref.id == mov.id:
+            return False
+        if ref.study_instance_uid == mov.study_instance_uid:
+            return True
+        if ref.study_datetime is None or mov.study_datetime is None:
+            return False
+        window = timedelta(hours=self.settings.assembly.pair_window_hours)
+        return abs(ref.study_datetime - mov.study_datetime) <= window
+
+    def _create_for_rule(self, s: Session, rule: RuleConfig) -> int:
+        refs = s.scalars(
+            select(Series).where(Series.state == "complete", Series.modality == rule.reference)
+        ).all()
+        if not refs:
+            return 0
+        movs = s.scalars(
+            select(Series).where(
+                Series.state == "complete",
+                Series.modality == rule.moving,
+                Series.patient_key.in_({r.patient_key for r in refs}),
+            )
+        ).all()
+        created = 0
+        for ref in refs:
+            for mov in movs:
+                if not self._pairable(ref, mov):
+                    continue
+                key = and_(
+                    Job.rule_name == rule.name,
+                    Job.reference_series_uid == ref.series_instance_uid,
+                    Job.moving_series_uid == mov.series_instance_uid,
+                )
+                existing = s.scalars(select(Job).where(key).order_by(Job.id)).all()
+                gens = (ref.generation, mov.generation)
+                if any((j.reference_generation, j.moving_generation) == gens for j in existing):
+                    continue
+                reason = f"rule {rule.name}: {rule.reference} series complete with {rule.moving} series"
+                if existing:
+                    prev = existing[-1]
+                    changed = []
+                    if prev.reference_generation != ref.generation:
+                        changed.append(f"{rule.reference} series generation {ref.generation}")
+                    if prev.moving_generation != mov.generation:
+                        changed.append(f"{rule.moving} series generation {mov.generation}")
+                    reason = (
+                        f"rule {rule.name}: new instances after job {prev.id} ({prev.state}); "
+                        + ", ".join(changed)
+                    )
+                job = Job(
+                    rule_name=rule.name,
+                    patient_key=ref.patient_key,
+                    reference_series_uid=ref.series_instance_uid,
+                    moving_series_uid=mov.series_instance_uid,
+                    reference_generation=ref.generation,
+                    moving_generation=mov.generation,
+                    state="pending",
+                )
+                try:
+                    with s.begin_nested():
+                        s.add(job)
+                        s.flush()
+                except IntegrityError:  # another assembler created it first: idempotent
+                    continue
+                record(s, STAGE, "job", job.id, None, "pending", reason)
+                log.info("job %d created (rule %s)", job.id, rule.name)
+                created += 1
+        return created
+
+    def create_jobs(self) -> int:
+        created = 0
+        with self.sessionmaker() as s:
+            for rule in self.settings.rules:
+                created += self._create_for_rule(s, rule)
+            s.commit()
+        return created
