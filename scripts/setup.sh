@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what dicomnode needs on a fresh Debian machine (run as root, or with sudo available):
+# the DICOM peers from Debian and a virtual environment with the CPU build of torch, then the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+need_apt=0
+for bin in storescu echoscu dciodvfy; do command -v "$bin" >/dev/null 2>&1 || need_apt=1; done
+[ -x /usr/sbin/Orthanc ] || need_apt=1
+if [ "$need_apt" = "1" ]; then
+  echo "[setup] apt-get install orthanc dcmtk dicom3tools"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # policy-rc.d may forbid starting services in containers; the packages install all the same.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    orthanc dcmtk dicom3tools >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+# torch first, pinned: 2.13.0 is the CPU build here. A GPU site installs its CUDA build instead,
+# e.g. `pip install torch --index-url https://download.pytorch.org/whl/cu124`, before this script.
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] pip install torch==2.13.0"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+fi
+echo "[setup] pip install -e .[test]"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+echo "[setup] done"
