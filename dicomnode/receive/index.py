@@ -1,0 +1,196 @@
+"""The receive stage's writes to the database: instance rows, series upserts, associations, events.
+
+One short transaction per instance: the Instance row and its Series upsert commit together,
+so an acknowledged instance is always indexed and always counted in its series.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db import Association, Instance, Series, record, utcnow
+from dicomnode.receive.header import InstanceHeader
+
+STAGE = "receive"
+
+
+class InstanceIndex:
+    """Database access for the receive stage (thread safe; one writer at a time in-process)."""
+
+    def __init__(self, sessionmaker_: sessionmaker[Session]) -> None:
+        self._sessionmaker = sessionmaker_
+        # SQLite has one writer anyway; serialising here also makes the series upsert race-free
+        # between associations of this process. Other processes are covered by IntegrityError.
+        self._write_lock = threading.Lock()
+
+    def known_path(self, sop_instance_uid: str) -> str | None:
+        """Spool path of an already indexed instance, or None when it is new."""
+        with self._sessionmaker() as s:
+            return s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+
+    def add_instance(
+        self,
+        header: InstanceHeader,
+        *,
+        relpath: str,
+        size: int,
+        transfer_syntax_uid: str,
+        association_id: int | None,
+    ) -> bool:
+        """Insert the instance and upsert its series in one transaction; False if already indexed."""
+        for attempt in (1, 2):
+            try:
+                return self._add_instance(header, relpath, size, transfer_syntax_uid, association_id)
+            except _SeriesRace:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add_instance(
+        self,
+        h: InstanceHeader,
+        relpath: str,
+        size: int,
+        transfer_syntax_uid: str,
+        association_id: int | None,
+    ) -> bool:
+        now = utcnow()
+        with self._write_lock, self._sessionmaker() as s:
+            try:
+                s.execute(
+                    insert(Instance).values(
+                        sop_instance_uid=h.sop_instance_uid,
+                        sop_class_uid=h.sop_class_uid,
+                        series_instance_uid=h.series_instance_uid,
+                        study_instance_uid=h.study_instance_uid,
+                        patient_id=h.patient_id,
+                        issuer_of_patient_id=h.issuer_of_patient_id,
+                        modality=h.modality,
+                        frame_of_reference_uid=h.frame_of_reference_uid,
+                        instance_number=h.instance_number,
+                        image_position=h.image_position,
+                        image_orientation=h.image_orientation,
+                        pixel_spacing=h.pixel_spacing,
+                        slice_thickness=h.slice_thickness,
+                        rows=h.rows,
+                        columns=h.columns,
+                        number_of_frames=h.number_of_frames,
+                        transfer_syntax_uid=transfer_syntax_uid,
+                        path=relpath,
+                        size_bytes=size,
+                        association_id=association_id,
+                        received_at=now,
+                    )
+                )
+            except IntegrityError:
+                s.rollback()
+                return False
+            row = s.execute(
+                select(Series.id, Series.state, Series.generation)
+                .where(Series.series_instance_uid == h.series_instance_uid)
+                .with_for_update()
+            ).first()
+            if row is None:
+                try:
+                    s.execute(insert(Series).values(**_new_series(h, now)))
+                except IntegrityError:
+                    s.rollback()
+                    raise _SeriesRace() from None
+                reason = "first instance received"
+                record(s, STAGE, "series", h.series_instance_uid, None, "receiving", reason)
+            else:
+                values: dict[str, object] = {
+                    "n_instances": Series.n_instances + 1,
+                    "last_received_at": now,
+                }
+                if row.state == "complete":
+                    values.update(state="receiving", generation=row.generation + 1, completed_at=None)
+                    record(
+                        s,
+                        STAGE,
+                        "series",
+                        h.series_instance_uid,
+                        "complete",
+                        "receiving",
+                        f"new instance after completion (generation {row.generation + 1})",
+                    )
+                s.execute(update(Series).where(Series.id == row.id).values(**values))
+            s.commit()
+        return True
+
+    def event(
+        self, entity: str, entity_id: object, old: str | None, new: str | None, reason: str
+    ) -> None:
+        """Write one audit event in its own transaction."""
+        with self._write_lock, self._sessionmaker() as s:
+            record(s, STAGE, entity, entity_id, old, new, reason)
+            s.commit()
+
+    def open_association(self, calling: str, called: str, host: str, port: int) -> int:
+        """Insert an accepted association (state open) with its event; returns its id."""
+        with self._write_lock, self._sessionmaker() as s:
+            row = Association(
+                direction="in", calling_aet=calling, called_aet=called, peer_host=host,
+                peer_port=port, state="open",
+            )
+            s.add(row)
+            s.flush()
+            record(s, STAGE, "association", row.id, None, "open", f"accepted from {calling}@{host}:{port}")
+            s.commit()
+            return row.id
+
+    def reject_association(self, calling: str, called: str, host: str, port: int, reason: str) -> int:
+        """Insert a rejected association with its event; returns its id."""
+        with self._write_lock, self._sessionmaker() as s:
+            row = Association(
+                direction="in", calling_aet=calling, called_aet=called, peer_host=host,
+                peer_port=port, state="rejected", reason=reason, ended_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            record(s, STAGE, "association", row.id, None, "rejected", reason)
+            s.commit()
+            return row.id
+
+    def close_association(
+        self, assoc_id: int, state: str, n_stored: int, n_failed: int, reason: str
+    ) -> None:
+        """Move an open association to released/aborted with its final counts."""
+        with self._write_lock, self._sessionmaker() as s:
+            s.execute(
+                update(Association)
+                .where(Association.id == assoc_id)
+                .values(state=state, n_stored=n_stored, n_failed=n_failed, ended_at=utcnow(),
+                        reason=None if state == "released" else reason)
+            )
+            record(s, STAGE, "association", assoc_id, "open", state, reason)
+            s.commit()
+
+
+class _SeriesRace(Exception):
+    """Another process inserted the same series concurrently; the transaction is retried."""
+
+
+def _new_series(h: InstanceHeader, now: datetime) -> dict[str, object]:
+    return {
+        "series_instance_uid": h.series_instance_uid,
+        "study_instance_uid": h.study_instance_uid,
+        "patient_key": h.patient_key,
+        "patient_id": h.patient_id,
+        "issuer_of_patient_id": h.issuer_of_patient_id,
+        "patient_name": h.patient_name,
+        "modality": h.modality,
+        "series_description": h.series_description,
+        "frame_of_reference_uid": h.frame_of_reference_uid,
+        "study_datetime": h.study_datetime,
+        "n_instances": 1,
+        "generation": 1,
+        "state": "receiving",
+        "first_received_at": now,
+        "last_received_at": now,
+    }

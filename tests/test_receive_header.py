@@ -1,0 +1,111 @@
+"""Header-only parsing and File Meta encoding of the receive stage, without a network."""
+
+from __future__ import annotations
+
+import zlib
+from datetime import datetime
+from io import BytesIO
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from dicomnode.receive.filemeta import encode_file_meta
+from dicomnode.receive.header import HeaderError, parse_header, parse_study_datetime
+
+
+def encoded(implicit: bool = False, **overrides: object) -> bytes:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.4"
+    ds.PatientID = "ID-7"
+    ds.Modality = "CT"
+    ds.ImagePositionPatient = ["-1.5", "2", "3.25"]
+    ds.Rows, ds.Columns = 4, 4
+    ds.BitsAllocated = 16
+    ds.PixelData = b"\x00\x01" * 16
+    for key, value in overrides.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, True
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def test_parse_explicit_and_implicit_give_the_same_header() -> None:
+    a = parse_header(encoded(), ExplicitVRLittleEndian)
+    b = parse_header(encoded(implicit=True), ImplicitVRLittleEndian)
+    assert a == b
+    assert (a.sop_instance_uid, a.series_instance_uid, a.modality) == ("1.2.3.4.5", "1.2.3.4", "CT")
+    assert a.image_position == "-1.5\\2\\3.25"
+    assert (a.rows, a.columns, a.number_of_frames) == (4, 4, 1)
+
+
+def test_parse_deflated() -> None:
+    comp = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    raw = comp.compress(encoded()) + comp.flush()
+    h = parse_header(raw, DeflatedExplicitVRLittleEndian)
+    assert h.study_instance_uid == "1.2.3"
+
+
+def test_patient_key_uses_issuer_when_present() -> None:
+    assert parse_header(encoded(), ExplicitVRLittleEndian).patient_key == "ID-7"
+    h = parse_header(encoded(IssuerOfPatientID="HOSP"), ExplicitVRLittleEndian)
+    assert h.patient_key == "HOSP^ID-7"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "empty"),
+        (b"\xff\xff\x00\x00garbage that is not a dataset at all....", "cannot be parsed"),
+        (encoded(StudyInstanceUID=None), "Study Instance UID"),
+        (encoded(SOPInstanceUID=None), "SOP Instance UID"),
+    ],
+)
+def test_bad_datasets_raise_header_error(raw: bytes, message: str) -> None:
+    with pytest.raises(HeaderError, match=message):
+        parse_header(raw, ExplicitVRLittleEndian)
+
+
+def test_request_uid_must_match_dataset_uid() -> None:
+    with pytest.raises(HeaderError, match="differs"):
+        parse_header(encoded(), ExplicitVRLittleEndian, CTImageStorage, "9.9.9")
+    assert parse_header(encoded(SOPInstanceUID=None), ExplicitVRLittleEndian, CTImageStorage, "1.2.3.4.5")
+
+
+def test_bad_deflate_is_a_header_error() -> None:
+    with pytest.raises(HeaderError, match="inflate"):
+        parse_header(b"\xff" * 40, DeflatedExplicitVRLittleEndian)
+
+
+def test_study_datetime() -> None:
+    assert parse_study_datetime("20240102", "0304") == datetime(2024, 1, 2, 3, 4)
+    assert parse_study_datetime("20240102", "030405.5") == datetime(2024, 1, 2, 3, 4, 5, 500000)
+    assert parse_study_datetime("20240102", "") == datetime(2024, 1, 2)
+    assert parse_study_datetime("", "1200") is None
+    assert parse_study_datetime("20241350", "") is None
+
+
+def test_file_meta_prefix_makes_a_readable_part10_file() -> None:
+    body = encoded()
+    prefix = encode_file_meta(CTImageStorage, "1.2.3.4.5", ExplicitVRLittleEndian, "SCANNER")
+    ds = dcmread(BytesIO(prefix + body))
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
+    assert ds.file_meta.SourceApplicationEntityTitle == "SCANNER"
+    assert ds.file_meta.FileMetaInformationGroupLength == len(prefix) - 144
+    assert ds.SeriesInstanceUID == "1.2.3.4"
