@@ -1,0 +1,344 @@
+"""Dispatch stage: Delivery rows + spool files in, instances in a real PACS and updated rows out."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from peers import free_port, start_orthanc, start_status_scp, start_storescp
+from pydicom.uid import JPEGLSLossless
+from sqlalchemy import select
+from test_output_sc import make_headers
+
+from dicomnode.config import Settings, load_settings
+from dicomnode.db import Association, Delivery, Event, Job, Output, make_sessionmaker, utcnow
+from dicomnode.dispatch import DispatchOutbox, classify_status
+from dicomnode.dispatch.scu import FileInfo, presentation_contexts
+from dicomnode.output import build_fused_series
+from dicomnode.spool import Spool, outgoing_path
+
+N_SLICES = 4
+
+
+class Clock:
+    """A settable clock so backoff can be tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Node:
+    """Settings, DB, spool and outbox of one test node; helpers to add outputs and read rows."""
+
+    def __init__(self, tmp_path: Path, destinations: list[dict], **dispatch: float) -> None:
+        dispatch_cfg = {"max_attempts": 5, "backoff_initial_seconds": 2, "backoff_max_seconds": 30,
+                        "timeout_seconds": 5}
+        dispatch_cfg.update(dispatch)
+        self.settings: Settings = load_settings(
+            None,
+            node={"ae_title": "DICOMNODE"},
+            storage={"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path}/n.db"},
+            destinations=destinations,
+            dispatch=dispatch_cfg,
+        )
+        self.sm = make_sessionmaker(self.settings.storage.database_url)
+        self.spool = Spool(self.settings.storage.spool_dir, fsync=False)
+        self.clock = Clock()
+        self.outbox = DispatchOutbox(self.settings, self.sm, self.spool, clock=self.clock)
+
+    def add_outputs(self, n: int = N_SLICES, destinations: tuple[str, ...] = ("pacs",)) -> list[str]:
+        """Write n SC files to the spool with Output + Delivery rows; returns their SOP Instance UIDs."""
+        ref = make_headers("MR", n, spacing=1.0, step=3.0, z0=0.0)
+        mov = make_headers("CT", 2 * n, spacing=1.0, step=1.5, z0=0.0)
+        fused = np.random.default_rng(0).integers(0, 256, (n, 16, 16), dtype=np.uint8)
+        series = build_fused_series(fused, ref, mov, rule_name="mr-ct", method_name="test",
+                                    method_version="1")
+        uids = []
+        with self.sm() as s, s.begin():
+            job = Job(rule_name="mr-ct", patient_key="PID-42", reference_series_uid=ref[0].SeriesInstanceUID,
+                      moving_series_uid=mov[0].SeriesInstanceUID, state="done")
+            s.add(job)
+            s.flush()
+            for sc in series:
+                buf = io.BytesIO()
+                sc.save_as(buf, enforce_file_format=True)
+                rel = outgoing_path(sc.SeriesInstanceUID, sc.SOPInstanceUID)
+                self.spool.write(rel, buf.getvalue())
+                out = Output(job_id=job.id, sop_instance_uid=sc.SOPInstanceUID,
+                             series_instance_uid=sc.SeriesInstanceUID,
+                             instance_number=int(sc.InstanceNumber), path=rel)
+                s.add(out)
+                s.flush()
+                for dest in destinations:
+                    s.add(Delivery(output_id=out.id, destination=dest, next_attempt_at=self.clock.now))
+                uids.append(str(sc.SOPInstanceUID))
+        return uids
+
+    def deliveries(self) -> list[Delivery]:
+        with self.sm() as s:
+            return list(s.scalars(select(Delivery).order_by(Delivery.id)))
+
+    def events(self, entity: str = "delivery") -> list[Event]:
+        with self.sm() as s:
+            return list(s.scalars(select(Event).where(Event.entity == entity).order_by(Event.id)))
+
+    def associations(self) -> list[Association]:
+        with self.sm() as s:
+            return list(s.scalars(select(Association).order_by(Association.id)))
+
+
+def dest(name: str, aet: str, port: int) -> dict:
+    return {"name": name, "ae_title": aet, "host": "127.0.0.1", "port": port}
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    handle = start_orthanc(tmp_path)
+    yield handle
+    handle.stop()
+
+
+def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, orthanc) -> None:
+    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+    uids = node.add_outputs()
+    assert node.outbox.run_once() == N_SLICES
+    assert orthanc.sop_instance_uids() == set(uids)
+    rows = node.deliveries()
+    assert [d.state for d in rows] == ["sent"] * N_SLICES
+    assert all(d.last_status == 0 and d.sent_at is not None and d.attempts == 0 for d in rows)
+    events = node.events()
+    assert [(e.old_state, e.new_state) for e in events] == [("pending", "sent")] * N_SLICES
+    assert all(e.stage == "dispatch" for e in events)
+    (assoc,) = node.associations()
+    assert (assoc.direction, assoc.state, assoc.n_stored, assoc.n_failed) == ("out", "released", N_SLICES, 0)
+    assert (assoc.calling_aet, assoc.called_aet) == ("DICOMNODE", "ORTHANC")
+    assert assoc.peer_port == orthanc.dicom_port
+    # nothing due any more: a second round sends nothing and opens no association
+    assert node.outbox.run_once() == 0
+    assert len(node.associations()) == 1
+    # the stored instance is the file from the spool (pixels survive the trip)
+    orthanc_id = orthanc.instances()[0]
+    tags = orthanc.instance_tags(orthanc_id)
+    assert tags["SeriesDescription"] == "FUSED MR+CT [test]"
+
+
+def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path) -> None:
+    orthanc = start_orthanc(tmp_path)
+    orthanc.stop()  # ports known, nobody listening
+    try:
+        node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+        uids = node.add_outputs()
+        before = node.clock.now
+        assert node.outbox.run_once() == 0
+        rows = node.deliveries()
+        assert all(d.state == "pending" and d.attempts == 1 for d in rows)
+        assert all("cannot connect" in (d.last_error or "") for d in rows)
+        for d in rows:
+            delay = (d.next_attempt_at - before).total_seconds()
+            assert 2.0 <= delay <= 2.0 * 1.1 + 1e-6
+        reasons = [e.reason for e in node.events()]
+        assert len(reasons) == N_SLICES and all("attempt 1/5 failed" in r for r in reasons)
+        # not due yet: no new attempt
+        assert node.outbox.run_once() == 0
+        assert all(d.attempts == 1 for d in node.deliveries())
+        assert node.associations()[-1].state == "aborted"
+
+        orthanc.start()
+        node.clock.advance(3)
+        assert node.outbox.run_once() == N_SLICES
+        assert orthanc.sop_instance_uids() == set(uids)
+        assert all(d.state == "sent" and d.attempts == 1 for d in node.deliveries())
+    finally:
+        orthanc.stop()
+
+
+def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens here
+    node = Node(tmp_path, [dest("pacs", "NOBODY", port)], max_attempts=4,
+                backoff_initial_seconds=2, backoff_max_seconds=5)
+    node.add_outputs(n=1)
+    delays = []
+    for _ in range(3):
+        start = node.clock.now
+        assert node.outbox.run_once() == 0
+        (d,) = node.deliveries()
+        assert d.state == "pending"
+        delays.append((d.next_attempt_at - start).total_seconds())
+        node.clock.now = d.next_attempt_at
+    assert 2 <= delays[0] <= 2.2 + 1e-6
+    assert 4 <= delays[1] <= 4.4 + 1e-6
+    assert 5 <= delays[2] <= 5.5 + 1e-6  # capped at backoff_max
+    assert node.outbox.run_once() == 0
+    (d,) = node.deliveries()
+    assert (d.state, d.attempts) == ("failed", 4)
+    last = node.events()[-1]
+    assert (last.old_state, last.new_state) == ("pending", "failed")
+    assert "gave up after 4 attempts" in last.reason and "cannot connect" in last.reason
+    # a failed delivery is never retried by the outbox
+    node.clock.advance(3600)
+    assert node.outbox.run_once() == 0
+    assert node.deliveries()[0].attempts == 4
+
+
+def test_wrong_called_aet_is_rejected_and_recorded(tmp_path: Path) -> None:
+    orthanc = start_orthanc(tmp_path, check_called_aet=True)
+    try:
+        node = Node(tmp_path, [dest("pacs", "NOT-ORTHANC", orthanc.dicom_port)])
+        node.add_outputs(n=2)
+        assert node.outbox.run_once() == 0
+        rows = node.deliveries()
+        assert all(d.state == "pending" and d.attempts == 1 for d in rows)
+        assert all("rejected" in (d.last_error or "") for d in rows)
+        assoc = node.associations()[-1]
+        assert assoc.state == "rejected" and "rejected" in (assoc.reason or "")
+        assert orthanc.instances() == []
+    finally:
+        orthanc.stop()
+
+
+def test_storescp_refusing_association(tmp_path: Path) -> None:
+    scp = start_storescp(tmp_path, args=("--refuse",))
+    try:
+        node = Node(tmp_path, [dest("pacs", "STORESCP", scp.port)])
+        node.add_outputs(n=1)
+        assert node.outbox.run_once() == 0
+        (d,) = node.deliveries()
+        assert d.attempts == 1 and "rejected" in (d.last_error or "")
+    finally:
+        scp.stop()
+
+
+def test_failure_status_is_a_failed_attempt(tmp_path: Path) -> None:
+    scp = start_status_scp(status=0xA700)
+    try:
+        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node.add_outputs(n=2)
+        assert node.outbox.run_once() == 0
+        assert len(scp.received) == 2  # the PACS did get the requests
+        rows = node.deliveries()
+        assert all(d.state == "pending" and d.attempts == 1 and d.last_status == 0xA700 for d in rows)
+        assert all("0xA700" in (d.last_error or "") for d in rows)
+        assoc = node.associations()[-1]
+        assert (assoc.state, assoc.n_stored, assoc.n_failed) == ("released", 0, 2)
+    finally:
+        scp.stop()
+
+
+def test_warning_status_counts_as_stored(tmp_path: Path) -> None:
+    scp = start_status_scp(status=0xB000)
+    try:
+        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node.add_outputs(n=1)
+        assert node.outbox.run_once() == 1
+        (d,) = node.deliveries()
+        assert (d.state, d.last_status) == ("sent", 0xB000)
+        assert "warning" in (d.last_error or "")
+    finally:
+        scp.stop()
+
+
+def test_unconfigured_destination_fails_with_reason(tmp_path: Path) -> None:
+    node = Node(tmp_path, [dest("pacs", "ORTHANC", free_port())])
+    node.add_outputs(n=1, destinations=("old-pacs",))
+    assert node.outbox.run_once() == 0
+    (d,) = node.deliveries()
+    assert d.state == "failed" and "not configured" in (d.last_error or "")
+    assert node.events()[-1].new_state == "failed"
+    assert node.associations() == []
+
+
+def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, orthanc) -> None:
+    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+    node.add_outputs(n=2)
+    with node.sm() as s:
+        first = s.scalars(select(Output).order_by(Output.id)).first()
+        node.spool.abspath(first.path).unlink()
+    assert node.outbox.run_once() == 1
+    rows = node.deliveries()
+    assert rows[0].state == "pending" and rows[0].attempts == 1 and "missing" in rows[0].last_error
+    assert rows[1].state == "sent"
+
+
+def test_crash_before_recording_leaves_rows_pending_and_resends(tmp_path: Path, orthanc, monkeypatch) -> None:
+    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+    uids = node.add_outputs()
+
+    def die(self, results):  # the process dies after the PACS stored, before the DB write
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(DispatchOutbox, "_flush", die)
+        with pytest.raises(SystemExit):
+            node.outbox.run_once()
+    assert orthanc.sop_instance_uids() == set(uids)
+    assert all(d.state == "pending" and d.attempts == 0 for d in node.deliveries())
+    assert node.outbox.run_once() == N_SLICES  # sent again, PACS takes the identical instances
+    assert all(d.state == "sent" for d in node.deliveries())
+    assert len(orthanc.instances()) == N_SLICES
+
+
+def test_one_association_per_destination(tmp_path: Path, orthanc) -> None:
+    scp = start_storescp(tmp_path)
+    try:
+        dests = [dest("pacs", "ORTHANC", orthanc.dicom_port), dest("archive", "STORESCP", scp.port)]
+        node = Node(tmp_path, dests)
+        node.add_outputs(destinations=("pacs", "archive"))
+        assert node.outbox.run_once() == 2 * N_SLICES
+        assocs = node.associations()
+        per_dest = sorted((a.called_aet, a.n_stored) for a in assocs)
+        assert per_dest == [("ORTHANC", N_SLICES), ("STORESCP", N_SLICES)]
+        assert len(orthanc.instances()) == N_SLICES
+        assert len(scp.files()) == N_SLICES
+    finally:
+        scp.stop()
+
+
+def test_run_forever_sends_and_stops(tmp_path: Path, orthanc) -> None:
+    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+    node.outbox.clock = utcnow
+    node.add_outputs(n=2)
+    stop = threading.Event()
+    worker = threading.Thread(target=node.outbox.run_forever, args=(stop,), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(d.state != "sent" for d in node.deliveries()):
+        time.sleep(0.1)
+    stop.set()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert all(d.state == "sent" for d in node.deliveries())
+
+
+def test_presentation_contexts_follow_the_files() -> None:
+    sc, mr = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.4"
+    files = [
+        FileInfo(Path("a"), sc, "1.2.840.10008.1.2.1"),
+        FileInfo(Path("b"), sc, "1.2.840.10008.1.2.1"),
+        FileInfo(Path("c"), mr, JPEGLSLossless),
+    ]
+    ctx = presentation_contexts(files)
+    assert ctx[sc] == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    assert ctx[mr] == [JPEGLSLossless]
+
+
+@pytest.mark.parametrize(
+    ("status", "stored"),
+    [(0x0000, True), (0xB000, True), (0xB007, True), (0xB006, True),
+     (0xA700, False), (0xC000, False), (0x0122, False)],
+)
+def test_classify_status(status: int, stored: bool) -> None:
+    result = classify_status(status)
+    assert result.stored is stored and result.status == status
+    if not stored:
+        assert f"0x{status:04X}" in (result.error or "")
