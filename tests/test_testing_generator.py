@@ -228,3 +228,21 @@ def test_dciodvfy_reports_no_errors(study: GeneratedStudy) -> None:
         res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
         assert not errors, f"{modality}: {errors}"
+
+
+def test_edges_are_partial_volume_and_plateaus_exact(tmp_path: Path) -> None:
+    from dicomnode.testing.appearance import CT_HU
+
+    st = generate_study(tmp_path, ("CT",), scale=0.25, seed=4, noise=False)
+    vol = load_volume(st.series["CT"].paths)
+    centres = _voxel_centres(vol)
+    labels = st.phantom.labels(centres)
+    same = np.ones(labels.shape, dtype=bool)  # voxels whose (enlarged) box corners share the label
+    for corner in np.array(np.meshgrid(*[[-0.8, 0.8]] * 3)).reshape(3, -1).T:
+        same &= st.phantom.labels(centres + vol.affine[:3, :3] @ corner) == labels
+    for lab in (SKULL, WHITE, AIR):
+        plateau = np.abs(vol.array[same & (labels == lab)] - CT_HU[lab]) <= 1.0
+        assert plateau.mean() > 0.99, lab  # a few near thin or pointed shapes the corners miss
+    edge = vol.array[~same & ((labels == SKULL) | (labels == SCALP))]
+    between = (edge > CT_HU[SCALP] + 50) & (edge < CT_HU[SKULL] - 50)
+    assert between.mean() > 0.2  # blended, not a hard 0/1 step
