@@ -9,11 +9,11 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import Association, Instance, Series, record, utcnow
+from dicomnode.db import Association, Event, Instance, Series, record, utcnow
 from dicomnode.receive.header import InstanceHeader
 
 STAGE = "receive"
@@ -27,11 +27,44 @@ class InstanceIndex:
         # SQLite has one writer anyway; serialising here also makes the series upsert race-free
         # between associations of this process. Other processes are covered by IntegrityError.
         self._write_lock = threading.Lock()
+        # The per-instance path uses one long-lived Core connection (no ORM unit of work, no pool
+        # checkout): it is most of the Python cost of an instance otherwise.
+        self._engine: Engine = sessionmaker_.kw["bind"]
+        self._conn: Connection | None = None
+
+    def _connection(self) -> Connection:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def close(self) -> None:
+        """Return the hot-path connection to the pool."""
+        with self._write_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def known_path(self, sop_instance_uid: str) -> str | None:
         """Spool path of an already indexed instance, or None when it is new."""
-        with self._sessionmaker() as s:
-            return s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+        with self._write_lock:
+            conn = self._connection()
+            try:
+                path = conn.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+            except BaseException as exc:
+                self._abandon(conn, exc)
+                raise
+            conn.rollback()
+            return path
+
+    def _abandon(self, conn: Connection, exc: BaseException) -> None:
+        """Roll back after an error; forget the connection when it is broken."""
+        try:
+            conn.rollback()
+        except Exception:
+            self._conn = None
+            return
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            self._conn = None
 
     def add_instance(
         self,
@@ -60,67 +93,78 @@ class InstanceIndex:
         association_id: int | None,
     ) -> bool:
         now = utcnow()
-        with self._write_lock, self._sessionmaker() as s:
+        with self._write_lock:
+            conn = self._connection()
             try:
-                s.execute(
-                    insert(Instance).values(
-                        sop_instance_uid=h.sop_instance_uid,
-                        sop_class_uid=h.sop_class_uid,
-                        series_instance_uid=h.series_instance_uid,
-                        study_instance_uid=h.study_instance_uid,
-                        patient_id=h.patient_id,
-                        issuer_of_patient_id=h.issuer_of_patient_id,
-                        modality=h.modality,
-                        frame_of_reference_uid=h.frame_of_reference_uid,
-                        instance_number=h.instance_number,
-                        image_position=h.image_position,
-                        image_orientation=h.image_orientation,
-                        pixel_spacing=h.pixel_spacing,
-                        slice_thickness=h.slice_thickness,
-                        rows=h.rows,
-                        columns=h.columns,
-                        number_of_frames=h.number_of_frames,
-                        transfer_syntax_uid=transfer_syntax_uid,
-                        path=relpath,
-                        size_bytes=size,
-                        association_id=association_id,
-                        received_at=now,
-                    )
+                added = self._index_in(conn, h, relpath, size, transfer_syntax_uid, association_id, now)
+                if added:
+                    conn.commit()
+                else:
+                    conn.rollback()
+            except BaseException as exc:
+                self._abandon(conn, exc)
+                raise
+            return added
+
+    @staticmethod
+    def _index_in(
+        conn: Connection,
+        h: InstanceHeader,
+        relpath: str,
+        size: int,
+        transfer_syntax_uid: str,
+        association_id: int | None,
+        now: datetime,
+    ) -> bool:
+        try:
+            conn.execute(
+                insert(Instance).values(
+                    sop_instance_uid=h.sop_instance_uid,
+                    sop_class_uid=h.sop_class_uid,
+                    series_instance_uid=h.series_instance_uid,
+                    study_instance_uid=h.study_instance_uid,
+                    patient_id=h.patient_id,
+                    issuer_of_patient_id=h.issuer_of_patient_id,
+                    modality=h.modality,
+                    frame_of_reference_uid=h.frame_of_reference_uid,
+                    instance_number=h.instance_number,
+                    image_position=h.image_position,
+                    image_orientation=h.image_orientation,
+                    pixel_spacing=h.pixel_spacing,
+                    slice_thickness=h.slice_thickness,
+                    rows=h.rows,
+                    columns=h.columns,
+                    number_of_frames=h.number_of_frames,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                    path=relpath,
+                    size_bytes=size,
+                    association_id=association_id,
+                    received_at=now,
                 )
+            )
+        except IntegrityError:
+            return False
+        row = conn.execute(
+            select(Series.id, Series.state, Series.generation)
+            .where(Series.series_instance_uid == h.series_instance_uid)
+            .with_for_update()
+        ).first()
+        if row is None:
+            try:
+                conn.execute(insert(Series).values(**_new_series(h, now)))
             except IntegrityError:
-                s.rollback()
-                return False
-            row = s.execute(
-                select(Series.id, Series.state, Series.generation)
-                .where(Series.series_instance_uid == h.series_instance_uid)
-                .with_for_update()
-            ).first()
-            if row is None:
-                try:
-                    s.execute(insert(Series).values(**_new_series(h, now)))
-                except IntegrityError:
-                    s.rollback()
-                    raise _SeriesRace() from None
-                reason = "first instance received"
-                record(s, STAGE, "series", h.series_instance_uid, None, "receiving", reason)
-            else:
-                values: dict[str, object] = {
-                    "n_instances": Series.n_instances + 1,
-                    "last_received_at": now,
-                }
-                if row.state == "complete":
-                    values.update(state="receiving", generation=row.generation + 1, completed_at=None)
-                    record(
-                        s,
-                        STAGE,
-                        "series",
-                        h.series_instance_uid,
-                        "complete",
-                        "receiving",
-                        f"new instance after completion (generation {row.generation + 1})",
-                    )
-                s.execute(update(Series).where(Series.id == row.id).values(**values))
-            s.commit()
+                raise _SeriesRace() from None
+            conn.execute(insert(Event).values(**_event(h.series_instance_uid, None, "receiving",
+                                                       "first instance received", now)))
+        else:
+            values: dict[str, object] = {"n_instances": Series.n_instances + 1, "last_received_at": now}
+            if row.state == "complete":
+                generation = row.generation + 1
+                values.update(state="receiving", generation=generation, completed_at=None)
+                reason = f"new instance after completion (generation {generation})"
+                event = _event(h.series_instance_uid, "complete", "receiving", reason, now)
+                conn.execute(insert(Event).values(**event))
+            conn.execute(update(Series).where(Series.id == row.id).values(**values))
         return True
 
     def event(
@@ -174,6 +218,14 @@ class InstanceIndex:
 
 class _SeriesRace(Exception):
     """Another process inserted the same series concurrently; the transaction is retried."""
+
+
+def _event(
+    series_uid: str, old: str | None, new: str | None, reason: str, now: datetime
+) -> dict[str, object]:
+    """Column values of a series audit event (the same row ``record`` writes, on the Core path)."""
+    return {"at": now, "stage": STAGE, "entity": "series", "entity_id": series_uid,
+            "old_state": old, "new_state": new, "reason": reason}
 
 
 def _new_series(h: InstanceHeader, now: datetime) -> dict[str, object]:

@@ -25,6 +25,7 @@ from dicomnode.config import Settings
 from dicomnode.receive.filemeta import encode_file_meta
 from dicomnode.receive.header import HeaderError, parse_header
 from dicomnode.receive.index import InstanceIndex
+from dicomnode.receive.transport import start_threaded_server
 from dicomnode.spool import Spool, incoming_path
 
 log = logging.getLogger("dicomnode.receive")
@@ -116,7 +117,7 @@ class ReceiveStage:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         ae = self._make_ae()
-        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        self._server = start_threaded_server(ae, (node.host, node.port), handlers)
         self.port = int(self._server.server_address[1])
         log.info("receive: %s listening on %s:%d", node.ae_title, node.host, self.port)
 
@@ -128,6 +129,7 @@ class ReceiveStage:
         server.shutdown()
         for assoc in list(server.active_associations):
             assoc.abort()
+        self.index.close()
         log.info("receive: stopped")
 
     # -- association policy and bookkeeping ------------------------------------------------
