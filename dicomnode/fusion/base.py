@@ -9,6 +9,7 @@ and returns the fused stack, float32 ``(N, H, W)`` in ``[0, 1]``. It has a ``nam
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -66,10 +67,9 @@ def available_fusers() -> list[str]:
 def default_fuser_name() -> str:
     """The learned model when its weights ship with the package, else the classical baseline."""
     _load_modules()
-    try:
-        from dicomnode.fusion import model  # noqa: PLC0415
-    except ModuleNotFoundError:
+    if importlib.util.find_spec("dicomnode.fusion.model") is None:
         return "laplacian-pyramid"
+    model = importlib.import_module("dicomnode.fusion.model")
     name = getattr(model, "DEFAULT_MODEL_NAME", None)
     if name and name in _REGISTRY and getattr(model, "weights_available", lambda: False)():
         return str(name)
