@@ -6,6 +6,7 @@ Validation happens at start; an unknown key or a bad value raises ConfigError na
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,32 @@ class AssemblyConfig(_Section):
     poll_seconds: float = Field(1.0, gt=0)
 
 
+# Series selection defaults (regular expressions, case-insensitive, searched in
+# "Series Description | Protocol Name | Sequence Name"); the first matching pattern ranks highest.
+DEFAULT_PREFER: dict[str, list[str]] = {
+    "MR": [
+        r"t1.*(3d|mprage|spgr|bravo|tfe|vibe|space)|(3d|mprage|spgr|bravo|tfe|vibe).*t1|mprage|bravo",
+        r"\bt1",
+        r"3d",
+    ],
+    "CT": [r"brain|soft|standard|\bstd\b|\bh[23]\d|\bj[34]\d", r"head"],
+    "PT": [r"^(?!.*\b(nac|non[- ]?ac|noac|uncorrected)\b)"],  # attenuation-corrected first
+    "NM": [r"^(?!.*\b(nac|uncorrected|raw|projection)\b)"],
+}
+DEFAULT_EXCLUDE = [r"locali[sz]er|scout|survey|\bloc\b|3[- ]?plane|topogram|calibration|b1map|dose report"]
+
+
 class RuleConfig(_Section):
+    """A modality set: fuse a ``reference`` series (MR) with a ``moving`` series of one patient."""
+
     name: str = Field(min_length=1)
     reference: str = "MR"
     moving: str
+    reference_prefer: list[str] | None = None  # None = DEFAULT_PREFER[reference]
+    moving_prefer: list[str] | None = None  # None = DEFAULT_PREFER[moving]
+    exclude: list[str] | None = None  # None = DEFAULT_EXCLUDE
+    body_part: str | None = None  # e.g. HEAD: skip series whose Body Part Examined says otherwise
+    min_slices: int = Field(8, ge=1)  # fewer slices is not a volume (a localizer, a single slice)
 
     @field_validator("reference", "moving")
     @classmethod
@@ -70,6 +93,26 @@ class RuleConfig(_Section):
         if v not in MODALITY_CODES:
             raise ValueError(f"modality must be one of {sorted(MODALITY_CODES)}, got {v!r}")
         return v
+
+    @field_validator("reference_prefer", "moving_prefer", "exclude")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {pattern!r} ({exc})") from None
+        return v
+
+    def patterns(self, which: str) -> list[re.Pattern[str]]:
+        """Compiled patterns: ``reference``, ``moving`` (preferences) or ``exclude``."""
+        if which == "exclude":
+            raw = DEFAULT_EXCLUDE if self.exclude is None else self.exclude
+        else:
+            mod = self.reference if which == "reference" else self.moving
+            own = self.reference_prefer if which == "reference" else self.moving_prefer
+            raw = DEFAULT_PREFER.get(mod, []) if own is None else own
+        return [re.compile(p, re.IGNORECASE) for p in raw]
 
 
 class DestinationConfig(_Section):

@@ -28,7 +28,8 @@ def env(tmp_path):
     return sm, AssembleStage(settings, sm, clock=clock), clock
 
 
-def add_series(sm, uid, modality, patient="P1", study="1.2.3", last=T0, study_dt=None, issuer=""):
+def add_series(sm, uid, modality, patient="P1", study="1.2.3", last=T0, study_dt=None, issuer="", **kw):
+    kw.setdefault("n_instances", 10)
     with sm() as s:
         key = f"{issuer}^{patient}" if issuer else patient
         s.add(
@@ -39,9 +40,9 @@ def add_series(sm, uid, modality, patient="P1", study="1.2.3", last=T0, study_dt
                 patient_id=patient,
                 issuer_of_patient_id=issuer,
                 modality=modality,
-                n_instances=10,
                 last_received_at=last,
                 study_datetime=study_dt,
+                **kw,
             )
         )
         s.commit()
@@ -72,7 +73,8 @@ def test_one_job_per_complete_pair_idempotent(env):
     add_series(sm, "pt1", "PT", last=T0 + timedelta(seconds=20))
     clock.now = T0 + timedelta(seconds=40)
     stage.run_once()
-    assert [(j.rule_name, j.moving_series_uid) for j in jobs(sm)] == [("mr-ct", "ct1")]
+    # the PET is still arriving: the patient's series are not chosen until it is complete
+    assert jobs(sm) == []
     clock.now = T0 + timedelta(seconds=60)
     stage.run_once()
     stage.run_once()
@@ -138,3 +140,64 @@ def test_receiver_update_wins_over_completion(env):
         ser.last_received_at = clock.now
         s.commit()
     assert stage.complete_stable_series() == 0
+
+
+def test_series_selection_prefers_t1_3d_and_attenuation_corrected_pet(env):
+    sm, stage, clock = env
+    add_series(sm, "loc", "MR", series_description="3-plane localizer", n_instances=30)
+    add_series(sm, "t2", "MR", series_description="T2 TSE AX", n_instances=40)
+    add_series(sm, "flair", "MR", series_description="FLAIR AX", n_instances=40)
+    add_series(sm, "t1", "MR", series_description="T1 MPRAGE SAG", acquisition_type="3D", n_instances=176)
+    add_series(
+        sm, "t1post", "MR", series_description="T1 SE AX", n_instances=24, image_type="ORIGINAL\\PRIMARY"
+    )
+    add_series(sm, "tiny", "MR", series_description="T1 3D single", acquisition_type="3D", n_instances=2)
+    add_series(sm, "nac", "PT", series_description="PET FDG NAC", n_instances=90)
+    add_series(sm, "ac", "PT", series_description="PET FDG AC", n_instances=90)
+    clock.now = T0 + timedelta(minutes=1)
+    stage.run_once()
+    (job,) = jobs(sm)
+    assert (job.reference_series_uid, job.moving_series_uid) == ("t1", "ac")
+    with sm() as s:
+        ev = s.scalars(select(Event).where(Event.entity == "job")).one()
+    assert "'T1 MPRAGE SAG'" in ev.reason and "3D" in ev.reason and "176 slices" in ev.reason
+    assert "'3-plane localizer'" in ev.reason and "excluded by pattern" in ev.reason
+    assert "fewer than 8" in ev.reason  # the 2-slice series is not a volume
+    assert "'PET FDG AC'" in ev.reason.split("Moving:")[1].split("chosen")[0]
+
+
+def test_custom_rule_patterns_and_body_part(tmp_path):
+    sm = make_sessionmaker(f"sqlite:///{tmp_path}/t.db")
+    settings = load_settings(
+        None,
+        rules=[
+            {
+                "name": "mr-ct",
+                "reference": "MR",
+                "moving": "CT",
+                "reference_prefer": ["flair"],
+                "moving_prefer": ["bone"],
+                "body_part": "HEAD",
+            }
+        ],
+    )
+    clock = Clock()
+    stage = AssembleStage(settings, sm, clock=clock)
+    add_series(sm, "t1", "MR", series_description="T1 MPRAGE", acquisition_type="3D")
+    add_series(sm, "flair", "MR", series_description="FLAIR 3D", body_part="HEAD")
+    add_series(sm, "flair-knee", "MR", series_description="FLAIR knee", body_part="KNEE")
+    add_series(sm, "soft", "CT", series_description="CT HEAD soft")
+    add_series(sm, "bone", "CT", series_description="CT HEAD bone")
+    clock.now = T0 + timedelta(minutes=1)
+    stage.run_once()
+    (job,) = jobs(sm)
+    assert (job.reference_series_uid, job.moving_series_uid) == ("flair", "bone")
+
+
+def test_no_eligible_reference_makes_no_job(env):
+    sm, stage, clock = env
+    add_series(sm, "loc", "MR", series_description="Localizer")
+    add_series(sm, "ct1", "CT")
+    clock.now = T0 + timedelta(minutes=1)
+    stage.run_once()
+    assert jobs(sm) == []

@@ -1,8 +1,9 @@
 """Series stability and job creation.
 
-A series is complete when nothing arrived for ``assembly.series_stable_seconds``. For every rule,
-each complete reference series is paired with each complete moving series of the same patient
-(same study, or studies within ``assembly.pair_window_hours``). A job is keyed by
+A series is complete when nothing arrived for ``assembly.series_stable_seconds``. For every rule
+and patient (once nothing of the patient is still arriving), the best reference series of each
+study is chosen by the rule's preferences (``SeriesSelector``) and paired with the best complete
+moving series of the same study or of a study within ``assembly.pair_window_hours``. A job is keyed by
 (rule, reference series, moving series, their generations), so re-running never duplicates it;
 a series that received new instances after completion has a new generation and gets a new job.
 """
@@ -14,12 +15,13 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode.assemble.selection import Choice, SeriesSelector
 from dicomnode.config import RuleConfig, Settings
-from dicomnode.db import Job, Series, record, utcnow
+from dicomnode.db import Instance, Job, Series, record, utcnow
 
 log = logging.getLogger("dicomnode.assemble")
 STAGE = "assemble"
@@ -102,58 +104,102 @@ class AssembleStage:
         ).all()
         if not refs:
             return 0
+        patients = {r.patient_key for r in refs}
+        # Wait until nothing of the patient is still arriving: the choice of series needs them all.
+        busy = set(
+            s.scalars(
+                select(Series.patient_key).where(
+                    Series.state == "receiving", Series.patient_key.in_(patients)
+                )
+            ).all()
+        )
         movs = s.scalars(
             select(Series).where(
                 Series.state == "complete",
                 Series.modality == rule.moving,
-                Series.patient_key.in_({r.patient_key for r in refs}),
+                Series.patient_key.in_(patients - busy),
             )
         ).all()
+        if not movs:
+            return 0
+        geometry = self._geometry(s, [x.series_instance_uid for x in (*refs, *movs)])
+        selector = SeriesSelector(rule, geometry)
         created = 0
-        for ref in refs:
-            for mov in movs:
-                if not self._pairable(ref, mov):
-                    continue
-                key = and_(
-                    Job.rule_name == rule.name,
-                    Job.reference_series_uid == ref.series_instance_uid,
-                    Job.moving_series_uid == mov.series_instance_uid,
+        for patient in sorted(patients - busy):
+            p_refs = [r for r in refs if r.patient_key == patient]
+            p_movs = [m for m in movs if m.patient_key == patient]
+            for study_uid in sorted({r.study_instance_uid for r in p_refs}):
+                ref_choice = selector.choose(
+                    [r for r in p_refs if r.study_instance_uid == study_uid], "reference"
                 )
-                existing = s.scalars(select(Job).where(key).order_by(Job.id)).all()
-                gens = (ref.generation, mov.generation)
-                if any((j.reference_generation, j.moving_generation) == gens for j in existing):
+                if ref_choice.series is None:
                     continue
-                reason = f"rule {rule.name}: {rule.reference} series complete with {rule.moving} series"
-                if existing:
-                    prev = existing[-1]
-                    changed = []
-                    if prev.reference_generation != ref.generation:
-                        changed.append(f"{rule.reference} series generation {ref.generation}")
-                    if prev.moving_generation != mov.generation:
-                        changed.append(f"{rule.moving} series generation {mov.generation}")
-                    reason = (
-                        f"rule {rule.name}: new instances after job {prev.id} ({prev.state}); "
-                        + ", ".join(changed)
-                    )
-                job = Job(
-                    rule_name=rule.name,
-                    patient_key=ref.patient_key,
-                    reference_series_uid=ref.series_instance_uid,
-                    moving_series_uid=mov.series_instance_uid,
-                    reference_generation=ref.generation,
-                    moving_generation=mov.generation,
-                    state="pending",
+                ref = ref_choice.series
+                mov_choice = selector.choose(
+                    [m for m in p_movs if self._pairable(ref, m)], "moving", near=ref
                 )
-                try:
-                    with s.begin_nested():
-                        s.add(job)
-                        s.flush()
-                except IntegrityError:  # another assembler created it first: idempotent
+                if mov_choice.series is None:
                     continue
-                record(s, STAGE, "job", job.id, None, "pending", reason)
-                log.info("job %d created (rule %s)", job.id, rule.name)
-                created += 1
+                if self._create_job(s, rule, ref, mov_choice.series, ref_choice, mov_choice):
+                    created += 1
         return created
+
+    @staticmethod
+    def _geometry(s: Session, series_uids: list[str]) -> dict[str, tuple[int, int]]:
+        """Per series: (slices incl. frames, number of distinct orientations)."""
+        rows = s.execute(
+            select(
+                Instance.series_instance_uid,
+                func.sum(Instance.number_of_frames),
+                func.count(func.distinct(Instance.image_orientation)),
+            )
+            .where(Instance.series_instance_uid.in_(series_uids))
+            .group_by(Instance.series_instance_uid)
+        ).all()
+        return {uid: (int(n or 0), int(o or 0)) for uid, n, o in rows}
+
+    def _create_job(
+        self, s: Session, rule: RuleConfig, ref: Series, mov: Series, ref_choice: Choice, mov_choice: Choice
+    ) -> bool:
+        key = and_(
+            Job.rule_name == rule.name,
+            Job.reference_series_uid == ref.series_instance_uid,
+            Job.moving_series_uid == mov.series_instance_uid,
+        )
+        existing = s.scalars(select(Job).where(key).order_by(Job.id)).all()
+        gens = (ref.generation, mov.generation)
+        if any((j.reference_generation, j.moving_generation) == gens for j in existing):
+            return False
+        reason = f"rule {rule.name}: {rule.reference} series complete with {rule.moving} series"
+        if existing:
+            prev = existing[-1]
+            changed = []
+            if prev.reference_generation != ref.generation:
+                changed.append(f"{rule.reference} series generation {ref.generation}")
+            if prev.moving_generation != mov.generation:
+                changed.append(f"{rule.moving} series generation {mov.generation}")
+            reason = f"rule {rule.name}: new instances after job {prev.id} ({prev.state}); " + ", ".join(
+                changed
+            )
+        reason += f". Reference: {ref_choice.why}. Moving: {mov_choice.why}"
+        job = Job(
+            rule_name=rule.name,
+            patient_key=ref.patient_key,
+            reference_series_uid=ref.series_instance_uid,
+            moving_series_uid=mov.series_instance_uid,
+            reference_generation=ref.generation,
+            moving_generation=mov.generation,
+            state="pending",
+        )
+        try:
+            with s.begin_nested():
+                s.add(job)
+                s.flush()
+        except IntegrityError:  # another assembler created it first: idempotent
+            return False
+        record(s, STAGE, "job", job.id, None, "pending", reason)
+        log.info("job %d created (rule %s)", job.id, rule.name)
+        return True
 
     def create_jobs(self) -> int:
         created = 0

@@ -96,6 +96,11 @@ class Series(Base):
     patient_name: Mapped[str] = mapped_column(String(200), default="")
     modality: Mapped[str] = mapped_column(String(16), default="")
     series_description: Mapped[str] = mapped_column(String(200), default="")
+    protocol_name: Mapped[str] = mapped_column(String(200), default="")
+    sequence_name: Mapped[str] = mapped_column(String(200), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    acquisition_type: Mapped[str] = mapped_column(String(8), default="")  # MR: 2D | 3D
+    image_type: Mapped[str] = mapped_column(String(200), default="")  # e.g. ORIGINAL\PRIMARY\AXIAL
     frame_of_reference_uid: Mapped[str] = mapped_column(String(64), default="")
     study_datetime: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     n_instances: Mapped[int] = mapped_column(Integer, default=0)

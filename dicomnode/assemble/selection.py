@@ -1,0 +1,101 @@
+"""Which series of a study to fuse: rule preferences (description patterns), exclusions, geometry.
+
+A study holds many series (T1, T2, FLAIR, DWI, localizers; PET AC and NAC; CT soft and bone
+kernels). Candidates are filtered (excluded patterns, LOCALIZER image type, other body part,
+too few slices, several orientations) and ranked: first matching preference pattern, then a 3D
+acquisition, then the same study as the reference, then nearest in time, then more slices.
+The ``why`` text goes into the job's audit event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicomnode.config import RuleConfig
+from dicomnode.db import Series
+
+
+@dataclass
+class Choice:
+    series: Series | None
+    why: str
+
+
+def _label(series: Series) -> str:
+    desc = series.series_description or "(no description)"
+    return f"'{desc}' ({series.series_instance_uid[-12:]})"
+
+
+class SeriesSelector:
+    def __init__(self, rule: RuleConfig, geometry: dict[str, tuple[int, int]]) -> None:
+        self.rule = rule
+        self.geometry = geometry
+        self.exclude = rule.patterns("exclude")
+        self.prefer = {"reference": rule.patterns("reference"), "moving": rule.patterns("moving")}
+
+    @staticmethod
+    def text(series: Series) -> str:
+        return " | ".join(
+            t for t in (series.series_description, series.protocol_name, series.sequence_name) if t
+        )
+
+    def rejection(self, series: Series) -> str | None:
+        """Why a series is not a candidate, or None."""
+        text = self.text(series)
+        for p in self.exclude:
+            if p.search(text):
+                return f"excluded by pattern {p.pattern!r}"
+        if "LOCALIZER" in (series.image_type or "").upper():
+            return "image type LOCALIZER"
+        if (
+            self.rule.body_part
+            and series.body_part
+            and series.body_part.upper() != self.rule.body_part.upper()
+        ):
+            return f"body part {series.body_part}, rule wants {self.rule.body_part}"
+        slices, orientations = self.geometry.get(series.series_instance_uid, (series.n_instances, 1))
+        if slices < self.rule.min_slices:
+            return f"{slices} slices, fewer than {self.rule.min_slices} (not a volume)"
+        if orientations > 1:
+            return f"{orientations} orientations in one series (localizer or mixed stacks)"
+        return None
+
+    def rank(self, series: Series, which: str, near: Series | None) -> tuple[object, ...]:
+        text = self.text(series)
+        patterns = self.prefer[which]
+        match = next((n for n, p in enumerate(patterns) if p.search(text)), len(patterns))
+        is_3d = 0 if series.acquisition_type.upper() == "3D" else 1
+        other_study = 0
+        dt = 0.0
+        if near is not None:
+            other_study = 0 if series.study_instance_uid == near.study_instance_uid else 1
+            if series.study_datetime and near.study_datetime:
+                dt = abs((series.study_datetime - near.study_datetime).total_seconds())
+        slices = self.geometry.get(series.series_instance_uid, (series.n_instances, 1))[0]
+        return (match, is_3d, other_study, dt, -slices, series.series_instance_uid)
+
+    def choose(self, candidates: list[Series], which: str, near: Series | None = None) -> Choice:
+        if not candidates:
+            return Choice(None, "no candidate")
+        rejected = [(c, self.rejection(c)) for c in candidates]
+        eligible = [c for c, why in rejected if why is None]
+        others = [f"{_label(c)} {why}" for c, why in rejected if why is not None]
+        if not eligible:
+            return Choice(None, "no eligible series: " + "; ".join(others))
+        ranked = sorted(eligible, key=lambda c: self.rank(c, which, near))
+        best = ranked[0]
+        match, is_3d, *_rest, neg_slices, _uid = self.rank(best, which, near)
+        patterns = self.prefer[which]
+        parts = [
+            f"preference {match + 1} {patterns[match].pattern!r}"
+            if match < len(patterns)
+            else "no preference match",
+            "3D" if is_3d == 0 else "2D/unknown",
+            f"{-neg_slices} slices",
+        ]
+        why = f"{_label(best)} chosen ({', '.join(parts)})"
+        if len(ranked) > 1:
+            why += "; ranked below: " + ", ".join(_label(c) for c in ranked[1:])
+        if others:
+            why += "; not eligible: " + "; ".join(others)
+        return Choice(best, why)
