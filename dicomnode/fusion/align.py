@@ -1,22 +1,40 @@
-"""Choose how to put the moving volume on the reference grid: shared frame of reference or registration."""
+"""Choose how to put the moving volume on the reference grid.
+
+In order: a shared frame of reference (resample by patient coordinates); a Spatial Registration
+object (REG) relating both frames (its matrix); otherwise rigid registration by mutual information,
+refused when implausible.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from dicomnode.fusion.pipeline import FusionError
+from dicomnode.fusion.spatial_registration import SpatialRegistration, find_transform
 from dicomnode.fusion.volume import Volume
 
 
 def align(
-    reference: Volume, moving: Volume, device: str = "auto"
+    reference: Volume,
+    moving: Volume,
+    device: str = "auto",
+    registrations: Sequence[SpatialRegistration] = (),
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """(transform reference->moving patient mm or None, audit details); FusionError if implausible."""
-    if reference.frame_of_reference_uid and reference.frame_of_reference_uid == moving.frame_of_reference_uid:
+    ref_for, mov_for = reference.frame_of_reference_uid, moving.frame_of_reference_uid
+    if ref_for and ref_for == mov_for:
         return None, {"alignment": "same frame of reference: resampled by patient coordinates"}
+    found = find_transform(list(registrations), ref_for, mov_for) if ref_for and mov_for else None
+    if found is not None:
+        matrix, reg_uid = found
+        return matrix, {
+            "alignment": f"spatial registration object {reg_uid}",
+            "registration": {"source": "REG", "sop_instance_uid": reg_uid, "matrix": matrix.tolist()},
+        }
     try:
         from dicomnode.fusion.registration import register_rigid  # noqa: PLC0415
     except ImportError:

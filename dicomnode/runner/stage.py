@@ -29,6 +29,12 @@ from dicomnode.fusion.align import align
 from dicomnode.fusion.base import Fuser, get_fuser
 from dicomnode.fusion.pipeline import FusionError, fuse_pair
 from dicomnode.fusion.resample import resolve_device
+from dicomnode.fusion.spatial_registration import (
+    SPATIAL_REGISTRATION_STORAGE,
+    RegistrationObjectError,
+    SpatialRegistration,
+    parse_registration,
+)
 from dicomnode.fusion.volume import Volume, VolumeError, volume_from_datasets
 from dicomnode.spool import Spool, outgoing_path
 
@@ -205,7 +211,8 @@ class FuseStage:
                     raise JobFailed("a source series is receiving again; it will be fused when complete")
                 reference = self._load_series(s, job.reference_series_uid)
                 moving = self._load_series(s, job.moving_series_uid)
-            self._execute(job_id, reference, moving, t0)
+                registrations = self._registrations(s, job.patient_key)
+            self._execute(job_id, reference, moving, t0, registrations)
         except JobFailed as exc:
             log.warning("job %d failed: %s", job_id, exc)
             self._finish(job_id, "failed", str(exc), error=str(exc))
@@ -214,11 +221,36 @@ class FuseStage:
             reason = f"internal error: {type(exc).__name__}: {exc}"
             self._finish(job_id, "failed", reason, error=reason)
 
-    def _execute(self, job_id: int, reference: Volume, moving: Volume, t0: float) -> None:
+    def _registrations(self, s: Session, patient_key: str) -> list[SpatialRegistration]:
+        """Spatial Registration objects received for the patient (unusable ones are skipped)."""
+        paths = s.scalars(
+            select(Instance.path)
+            .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+            .where(Instance.sop_class_uid == SPATIAL_REGISTRATION_STORAGE, Series.patient_key == patient_key)
+            .order_by(Instance.id.desc())
+        ).all()
+        found = []
+        for p in paths:
+            try:
+                found.append(parse_registration(pydicom.dcmread(self.spool.abspath(p))))
+            except (RegistrationObjectError, OSError, ValueError) as exc:
+                log.warning("spatial registration object %s not used: %s", p, exc)
+        return found
+
+    def _execute(
+        self,
+        job_id: int,
+        reference: Volume,
+        moving: Volume,
+        t0: float,
+        registrations: list[SpatialRegistration] | None = None,
+    ) -> None:
         from dicomnode.output import build_fused_series  # noqa: PLC0415
 
         try:
-            transform, align_info = align(reference, moving, device=self.device)
+            transform, align_info = align(
+                reference, moving, device=self.device, registrations=registrations or []
+            )
             fused = fuse_pair(
                 reference,
                 moving,
