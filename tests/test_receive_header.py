@@ -109,3 +109,71 @@ def test_file_meta_prefix_makes_a_readable_part10_file() -> None:
     assert ds.file_meta.SourceApplicationEntityTitle == "SCANNER"
     assert ds.file_meta.FileMetaInformationGroupLength == len(prefix) - 144
     assert ds.SeriesInstanceUID == "1.2.3.4"
+
+
+def rich(undefined_lengths: bool) -> Dataset:
+    """A header with nested sequences and a non-ASCII patient name (UTF-8)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4.6"
+    ds.StudyDate, ds.StudyTime = "20230101", "101010"
+    ds.Modality = "MR"
+    item = Dataset()
+    item.ReferencedSOPClassUID = CTImageStorage
+    item.ReferencedSOPInstanceUID = "1.2.3.4.7"
+    inner = Dataset()
+    inner.CodeValue = "X1"
+    item.PurposeOfReferenceCodeSequence = [inner]
+    ds.ReferencedImageSequence = [item, item]
+    ds.SeriesDescription = "T1 Ä"
+    ds.PatientName = "Müller^Jürgen"
+    ds.PatientID = "ÖID"
+    ds.SliceThickness = "3"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.9"
+    ds.InstanceNumber = "7"
+    ds.ImagePositionPatient = ["0", "1.5", "-2"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.NumberOfFrames = "2"
+    ds.Rows, ds.Columns = 8, 6
+    ds.PixelSpacing = ["0.9", "0.8"]
+    ds.BitsAllocated = 8
+    ds.PixelData = b"\x00" * 96
+    if undefined_lengths:
+        ds["ReferencedImageSequence"].is_undefined_length = True
+        for it in ds.ReferencedImageSequence:
+            it.is_undefined_length_sequence_item = True
+    return ds
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("undefined", [False, True])
+def test_fast_scanner_agrees_with_pydicom(implicit: bool, undefined: bool) -> None:
+    from dicomnode.receive.header import _values_fast, _values_pydicom
+
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, True
+    write_dataset(buf, rich(undefined))
+    data = buf.getvalue()
+    fast = _values_fast(data, implicit)
+    slow = _values_pydicom(data, implicit, True)
+    assert fast == slow
+    h = parse_header(data, ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    assert (h.patient_name, h.patient_id, h.series_description) == ("Müller^Jürgen", "ÖID", "T1 Ä")
+    assert (h.rows, h.columns, h.number_of_frames, h.instance_number) == (8, 6, 2, 7)
+    assert (h.pixel_spacing, h.slice_thickness) == ("0.9\\0.8", 3.0)
+
+
+def test_big_endian_goes_through_pydicom() -> None:
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = False, False
+    write_dataset(buf, rich(False))
+    h = parse_header(buf.getvalue(), "1.2.840.10008.1.2.2")
+    assert (h.rows, h.columns, h.patient_name) == (8, 6, "Müller^Jürgen")
+
+
+def test_truncated_dataset_is_refused() -> None:
+    data = encoded()
+    with pytest.raises(HeaderError):
+        parse_header(data[:30], ExplicitVRLittleEndian)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 
-from pydicom.dataset import Dataset
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
+
+from dicomnode.receive.elements import scan_elements
 
 _LAST_TAG = 0x00280030  # Pixel Spacing: the last tag the index needs
 _INFLATE_HEAD = 1 << 20  # inflate at most this much of a Deflated dataset: the header fits
@@ -55,44 +57,101 @@ class InstanceHeader:
         return self.patient_id
 
 
+# The tags the index needs (all at or before Pixel Spacing) and how their text is read.
+_TAGS: dict[int, str] = {
+    0x00080005: "SpecificCharacterSet",
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080020: "StudyDate",
+    0x00080030: "StudyTime",
+    0x00080060: "Modality",
+    0x0008103E: "SeriesDescription",
+    0x00100010: "PatientName",
+    0x00100020: "PatientID",
+    0x00100021: "IssuerOfPatientID",
+    0x00180050: "SliceThickness",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200013: "InstanceNumber",
+    0x00200032: "ImagePositionPatient",
+    0x00200037: "ImageOrientationPatient",
+    0x00200052: "FrameOfReferenceUID",
+    0x00280008: "NumberOfFrames",
+    0x00280010: "Rows",
+    0x00280011: "Columns",
+    0x00280030: "PixelSpacing",
+}
+_WANTED = frozenset(_TAGS)
+_BINARY_US = {"Rows", "Columns"}
+_CHARSET_TEXT = {"SeriesDescription", "PatientName", "PatientID", "IssuerOfPatientID"}
+_PN_DELIMITERS = {0x5E, 0x3D}  # ^ and =
+
+
 def _stop(tag: int, _vr: str | None, _length: int) -> bool:
     return tag > _LAST_TAG
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    return str(value).strip()
+def _values_fast(data: bytes, implicit: bool) -> dict[str, str | int]:
+    """Index values straight from the element bytes (little endian only)."""
+    raw = scan_elements(data, implicit, _WANTED, _LAST_TAG)
+    charset = raw.get(0x00080005, b"").decode("ascii", "replace").strip(" \x00")
+    encodings = convert_encodings([c.strip() for c in charset.split("\\")] if charset else None)
+    values: dict[str, str | int] = {}
+    for tag, value in raw.items():
+        name = _TAGS[tag]
+        if name in _BINARY_US:
+            if len(value) >= 2:
+                values[name] = int.from_bytes(value[:2], "little")
+            continue
+        if name in _CHARSET_TEXT:
+            text = decode_bytes(value, encodings, _PN_DELIMITERS if name == "PatientName" else set())
+        else:
+            text = value.decode("ascii", "replace")
+        text = text.strip(" \x00")
+        if text:
+            values[name] = text
+    return values
 
 
-def _multi(ds: Dataset, keyword: str) -> str | None:
-    """A multi-valued DS/IS attribute as its text exactly as sent ("x\\y\\z"), or None."""
-    elem = ds.get_item(keyword)
-    if elem is None:
+def _values_pydicom(data: bytes, implicit: bool, little: bool) -> dict[str, str | int]:
+    """Index values through pydicom (big endian, or datasets the fast scanner refuses)."""
+    ds = read_dataset(BytesIO(data), implicit, little, stop_when=_stop)
+    if len(ds) == 0:
+        raise HeaderError("the dataset cannot be parsed: no DICOM elements found")
+    values: dict[str, str | int] = {}
+    for name in _TAGS.values():
+        elem = ds.get_item(name)
+        if elem is None or elem.value in (None, b"", ""):
+            continue
+        if name in _BINARY_US:
+            values[name] = int(ds[name].value)
+        elif isinstance(elem.value, bytes) and name not in _CHARSET_TEXT:
+            values[name] = elem.value.decode("ascii", "replace").strip(" \x00")
+        else:
+            value = ds[name].value
+            values[name] = value if isinstance(value, str) else str(value)
+    return {k: (v.strip() if isinstance(v, str) else v) for k, v in values.items() if v != ""}
+
+
+def _int(text: str | int | None) -> int | None:
+    if text is None or isinstance(text, int):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return int(float(text))
+        except ValueError:
+            return None
+
+
+def _float(text: str | int | None) -> float | None:
+    if text is None:
         return None
-    raw = elem.value
-    if isinstance(raw, bytes):
-        text = raw.decode("ascii", "replace").strip(" \x00")
-    elif raw is None or isinstance(raw, str | int | float):
-        text = "" if raw is None else str(raw)
-    else:
-        text = "\\".join(str(v) for v in raw)
-    return text or None
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
+    try:
+        return float(str(text).split("\\")[0])
+    except ValueError:
         return None
-    return int(value)
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return float(value)
 
 
 def parse_study_datetime(date: str, time: str) -> datetime | None:
@@ -131,21 +190,30 @@ def parse_header(
     data = _dataset_bytes(raw, ts)
     if not data:
         raise HeaderError("the dataset is empty")
-    try:
-        ds = read_dataset(BytesIO(data), implicit, little, stop_when=_stop)
-        if len(ds) == 0:
-            raise HeaderError("the dataset cannot be parsed: no DICOM elements found")
-        header = _extract(ds, request_sop_class, request_sop_instance)
-    except HeaderError:
-        raise
-    except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
-        raise HeaderError(f"the dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
-    return header
+    values: dict[str, str | int] | None = None
+    if little:
+        try:
+            values = _values_fast(data, implicit)
+        except (ValueError, LookupError):
+            values = None  # unusual encoding: let pydicom try
+    if values is None:
+        try:
+            values = _values_pydicom(data, implicit, little)
+        except HeaderError:
+            raise
+        except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
+            raise HeaderError(f"the dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
+    if not values:
+        raise HeaderError("the dataset cannot be parsed: no DICOM elements found")
+    return _build(values, request_sop_class, request_sop_instance)
 
 
-def _extract(ds: Dataset, request_sop_class: str, request_sop_instance: str) -> InstanceHeader:
-    sop_instance = _text(ds, "SOPInstanceUID") or request_sop_instance.strip()
-    sop_class = _text(ds, "SOPClassUID") or request_sop_class.strip()
+def _build(v: dict[str, str | int], request_sop_class: str, request_sop_instance: str) -> InstanceHeader:
+    def text(name: str) -> str:
+        return str(v.get(name, ""))
+
+    sop_instance = text("SOPInstanceUID") or request_sop_instance.strip()
+    sop_class = text("SOPClassUID") or request_sop_class.strip()
     if request_sop_instance and sop_instance != request_sop_instance.strip():
         raise HeaderError(
             "SOP Instance UID in the dataset differs from the Affected SOP Instance UID of the request"
@@ -155,32 +223,32 @@ def _extract(ds: Dataset, request_sop_class: str, request_sop_instance: str) -> 
         for name, value in (
             ("SOP Instance UID", sop_instance),
             ("SOP Class UID", sop_class),
-            ("Study Instance UID", _text(ds, "StudyInstanceUID")),
-            ("Series Instance UID", _text(ds, "SeriesInstanceUID")),
+            ("Study Instance UID", text("StudyInstanceUID")),
+            ("Series Instance UID", text("SeriesInstanceUID")),
         )
         if not value
     ]
     if missing:
         raise HeaderError("required attribute missing: " + ", ".join(missing))
-    frames = _int(ds, "NumberOfFrames")
+    frames = _int(v.get("NumberOfFrames"))
     return InstanceHeader(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        patient_id=_text(ds, "PatientID"),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        modality=_text(ds, "Modality").upper(),
-        series_description=_text(ds, "SeriesDescription"),
-        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
-        study_datetime=parse_study_datetime(_text(ds, "StudyDate"), _text(ds, "StudyTime")),
-        instance_number=_int(ds, "InstanceNumber"),
-        image_position=_multi(ds, "ImagePositionPatient"),
-        image_orientation=_multi(ds, "ImageOrientationPatient"),
-        pixel_spacing=_multi(ds, "PixelSpacing"),
-        slice_thickness=_float(ds, "SliceThickness"),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
+        study_instance_uid=text("StudyInstanceUID"),
+        series_instance_uid=text("SeriesInstanceUID"),
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        modality=text("Modality").upper(),
+        series_description=text("SeriesDescription"),
+        frame_of_reference_uid=text("FrameOfReferenceUID"),
+        study_datetime=parse_study_datetime(text("StudyDate"), text("StudyTime")),
+        instance_number=_int(v.get("InstanceNumber")),
+        image_position=text("ImagePositionPatient") or None,
+        image_orientation=text("ImageOrientationPatient") or None,
+        pixel_spacing=text("PixelSpacing") or None,
+        slice_thickness=_float(v.get("SliceThickness")),
+        rows=_int(v.get("Rows")),
+        columns=_int(v.get("Columns")),
         number_of_frames=frames if frames and frames > 0 else 1,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,6 +17,34 @@ from dicomnode.db import Association, Event, Instance, Series, record, utcnow
 from dicomnode.receive.header import InstanceHeader
 
 STAGE = "receive"
+
+# Built once: executing a constant statement with a parameter dict skips SQLAlchemy's per-call
+# statement construction and cache-key generation (most of the Python cost per instance).
+_SELECT_PATH = select(Instance.path).where(Instance.sop_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = insert(Instance)
+_SELECT_SERIES = (
+    select(Series.id, Series.state, Series.generation)
+    .where(Series.series_instance_uid == bindparam("uid"))
+    .with_for_update()
+)
+_INSERT_SERIES = insert(Series)
+_INSERT_EVENT = insert(Event)
+_COUNT_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("sid"))
+    .values(n_instances=Series.n_instances + 1, last_received_at=bindparam("now"))
+)
+_REOPEN_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("sid"))
+    .values(
+        n_instances=Series.n_instances + 1,
+        last_received_at=bindparam("now"),
+        state="receiving",
+        generation=bindparam("gen"),
+        completed_at=None,
+    )
+)
 
 
 class InstanceIndex:
@@ -49,7 +77,7 @@ class InstanceIndex:
         with self._write_lock:
             conn = self._connection()
             try:
-                path = conn.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+                path = conn.scalar(_SELECT_PATH, {"uid": sop_instance_uid})
             except BaseException as exc:
                 self._abandon(conn, exc)
                 raise
@@ -118,53 +146,48 @@ class InstanceIndex:
     ) -> bool:
         try:
             conn.execute(
-                insert(Instance).values(
-                    sop_instance_uid=h.sop_instance_uid,
-                    sop_class_uid=h.sop_class_uid,
-                    series_instance_uid=h.series_instance_uid,
-                    study_instance_uid=h.study_instance_uid,
-                    patient_id=h.patient_id,
-                    issuer_of_patient_id=h.issuer_of_patient_id,
-                    modality=h.modality,
-                    frame_of_reference_uid=h.frame_of_reference_uid,
-                    instance_number=h.instance_number,
-                    image_position=h.image_position,
-                    image_orientation=h.image_orientation,
-                    pixel_spacing=h.pixel_spacing,
-                    slice_thickness=h.slice_thickness,
-                    rows=h.rows,
-                    columns=h.columns,
-                    number_of_frames=h.number_of_frames,
-                    transfer_syntax_uid=transfer_syntax_uid,
-                    path=relpath,
-                    size_bytes=size,
-                    association_id=association_id,
-                    received_at=now,
-                )
+                _INSERT_INSTANCE,
+                {
+                    "sop_instance_uid": h.sop_instance_uid,
+                    "sop_class_uid": h.sop_class_uid,
+                    "series_instance_uid": h.series_instance_uid,
+                    "study_instance_uid": h.study_instance_uid,
+                    "patient_id": h.patient_id,
+                    "issuer_of_patient_id": h.issuer_of_patient_id,
+                    "modality": h.modality,
+                    "frame_of_reference_uid": h.frame_of_reference_uid,
+                    "instance_number": h.instance_number,
+                    "image_position": h.image_position,
+                    "image_orientation": h.image_orientation,
+                    "pixel_spacing": h.pixel_spacing,
+                    "slice_thickness": h.slice_thickness,
+                    "rows": h.rows,
+                    "columns": h.columns,
+                    "number_of_frames": h.number_of_frames,
+                    "transfer_syntax_uid": transfer_syntax_uid,
+                    "path": relpath,
+                    "size_bytes": size,
+                    "association_id": association_id,
+                    "received_at": now,
+                },
             )
         except IntegrityError:
             return False
-        row = conn.execute(
-            select(Series.id, Series.state, Series.generation)
-            .where(Series.series_instance_uid == h.series_instance_uid)
-            .with_for_update()
-        ).first()
+        row = conn.execute(_SELECT_SERIES, {"uid": h.series_instance_uid}).first()
         if row is None:
             try:
-                conn.execute(insert(Series).values(**_new_series(h, now)))
+                conn.execute(_INSERT_SERIES, _new_series(h, now))
             except IntegrityError:
                 raise _SeriesRace() from None
-            conn.execute(insert(Event).values(**_event(h.series_instance_uid, None, "receiving",
-                                                       "first instance received", now)))
+            reason = "first instance received"
+            conn.execute(_INSERT_EVENT, _event(h.series_instance_uid, None, "receiving", reason, now))
+        elif row.state == "complete":
+            generation = row.generation + 1
+            conn.execute(_REOPEN_SERIES, {"sid": row.id, "now": now, "gen": generation})
+            reason = f"new instance after completion (generation {generation})"
+            conn.execute(_INSERT_EVENT, _event(h.series_instance_uid, "complete", "receiving", reason, now))
         else:
-            values: dict[str, object] = {"n_instances": Series.n_instances + 1, "last_received_at": now}
-            if row.state == "complete":
-                generation = row.generation + 1
-                values.update(state="receiving", generation=generation, completed_at=None)
-                reason = f"new instance after completion (generation {generation})"
-                event = _event(h.series_instance_uid, "complete", "receiving", reason, now)
-                conn.execute(insert(Event).values(**event))
-            conn.execute(update(Series).where(Series.id == row.id).values(**values))
+            conn.execute(_COUNT_SERIES, {"sid": row.id, "now": now})
         return True
 
     def event(

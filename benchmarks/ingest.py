@@ -1,0 +1,95 @@
+"""Ingest benchmark: one storescu association of N CT instances into storescp, Orthanc and dicomnode.
+
+Run by hand:  .venv/bin/python benchmarks/ingest.py [--n 500] [--rounds 3] [--diagnose]
+Receivers run in their own processes on free loopback ports, alternating round by round; the
+table shows instances/s (median over rounds) and the ratio to storescp. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import DicomnodeReceiver, OrthancReceiver, StoreScp, fresh_dir, send_folder  # noqa: E402
+
+from dicomnode.testing import generate_ct_series  # noqa: E402
+
+
+def ensure_series(cache: Path, n: int) -> Path:
+    """The N-slice 512x512 16-bit CT series, generated once and reused (same files every run)."""
+    folder = cache / f"ct{n}" / "CT"
+    if folder.is_dir() and len(list(folder.glob("*.dcm"))) == n:
+        return folder
+    print(f"generating {n} CT instances (512x512, 16 bit) in {folder.parent} ...", flush=True)
+    fresh_dir(folder.parent)
+    generate_ct_series(folder.parent, n_slices=n, rows=512, columns=512)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=500, help="instances (default 500)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver (default 3)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dicomnode-bench")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="add dicomnode rows without flushes (shows what durability costs)")
+    args = parser.parse_args(argv)
+
+    folder = ensure_series(args.cache, args.n)
+    size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+    makers = [
+        ("storescp", lambda d: StoreScp(d)),
+        ("orthanc", lambda d: OrthancReceiver(d)),
+        ("dicomnode", lambda d: DicomnodeReceiver(d)),
+    ]
+    if args.diagnose:
+        makers.append(("dicomnode (spool fsync off)", lambda d: DicomnodeReceiver(d, fsync=False)))
+        shm = Path("/dev/shm")
+        if shm.is_dir():  # spool and SQLite on tmpfs: fsync is free, only the software path is left
+            makers.append(("dicomnode (all on tmpfs)",
+                           lambda d: DicomnodeReceiver(fresh_dir(shm / f"dicomnode-bench-{d.name}"))))
+    rates: dict[str, list[float]] = {name: [] for name, _ in makers}
+    with tempfile.TemporaryDirectory(prefix="dicomnode-ingest-") as tmp:
+        for rnd in range(1, args.rounds + 1):
+            for name, make in makers:
+                workdir = fresh_dir(Path(tmp) / f"{name.split()[0]}-{rnd}-{len(rates[name])}")
+                receiver = make(workdir).start()
+                try:
+                    seconds = send_folder(folder, receiver.port, receiver.aet)
+                    stored = receiver.count()
+                finally:
+                    receiver.stop()
+                for used in {workdir, getattr(receiver, "workdir", workdir)}:
+                    shutil.rmtree(used, ignore_errors=True)  # free the disk before the next receiver
+                if stored != args.n:
+                    print(f"  round {rnd} {name}: stored {stored} of {args.n} instances!", flush=True)
+                rate = args.n / seconds
+                rates[name].append(rate)
+                print(f"  round {rnd} {name:<28} {rate:8.1f} inst/s  ({seconds:.2f} s)", flush=True)
+
+    base = statistics.median(rates["storescp"])
+    print()
+    print(f"ingest: {args.n} CT instances (512x512, 16 bit, {size_mb:.0f} MB), one storescu association, "
+          f"median of {args.rounds} rounds")
+    print(f"{'receiver':<30}{'inst/s':>10}{'MB/s':>9}{'min':>9}{'max':>9}{'vs storescp':>13}")
+    for name, values in rates.items():
+        med = statistics.median(values)
+        mbs = med * size_mb / args.n
+        print(f"{name:<30}{med:>10.1f}{mbs:>9.1f}{min(values):>9.1f}{max(values):>9.1f}{med / base:>12.2f}x")
+    orthanc = statistics.median(rates["orthanc"])
+    node = statistics.median(rates["dicomnode"])
+    print(f"\ndicomnode / orthanc = {node / orthanc:.2f}x (target >= 3x); "
+          f"dicomnode / storescp = {node / base:.2f}x (target >= 1.0x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
