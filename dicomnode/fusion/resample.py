@@ -36,6 +36,8 @@ def resample_to(
 ) -> np.ndarray:
     """Moving volume's values on the reference grid, (nz, ny, nx) float32; ``fill`` outside."""
     dev = resolve_device(device) if isinstance(device, str) else device
+    moving = moving.uniform()  # non-uniform slice spacing: interpolate along the stack axis first
+    ref_k = torch.as_tensor(reference.k_coords(), dtype=torch.float32, device=dev)  # each slice's own k
     m = torch.as_tensor(index_to_index(reference, moving, transform), dtype=torch.float32, device=dev)
     src = torch.as_tensor(moving.array, dtype=torch.float32, device=dev)
     src = (src - fill)[None, None]
@@ -51,7 +53,7 @@ def resample_to(
     )
     out = torch.empty((nz, ny, nx), dtype=torch.float32, device=dev)
     for k0 in range(0, nz, chunk):
-        ks = torch.arange(k0, min(nz, k0 + chunk), dtype=torch.float32, device=dev)
+        ks = ref_k[k0 : min(nz, k0 + chunk)]
         kk = ks[:, None, None].expand(-1, ny, nx)
         idx = torch.stack([ii.expand_as(kk), jj.expand_as(kk), kk, torch.ones_like(kk)], dim=-1)
         mov = idx @ m.T  # (..., 4): moving (i, j, k, 1)

@@ -1,7 +1,21 @@
-"""Volumes from DICOM series: slices sorted along the slice normal, rescaled, with a patient affine.
+"""Volumes from DICOM series: slices sorted along the stack axis, rescaled, with a patient affine.
 
 The affine maps voxel index ``(i, j, k, 1)`` (column, row, slice) to patient coordinates in mm
 (DICOM LPS). ``array`` is indexed ``[k, j, i]``.
+
+What real series bring, and how it is handled:
+- any transfer syntax pydicom's plugins decode (``decode.py``); otherwise ``VolumeError`` naming it;
+- multi-frame Enhanced MR/CT/PET and NM reconstructions: one header per frame (``multiframe.py``);
+- localizers, scouts and several stacks in one series: the main stack is chosen (``stacks.py``),
+  the rest noted in ``Volume.notes``;
+- CT gantry tilt: slices step off their normal; the affine's third column is the real step vector
+  (a sheared affine), so resampling by the affine puts every pixel at its patient position;
+- non-uniform spacing and gaps: every slice keeps its own position. ``slice_k`` holds each slice's
+  fractional index along the stack axis (affine step = median spacing); a reference volume is
+  sampled at those positions and a moving one is first interpolated onto a uniform grid (``uniform``);
+- MONOCHROME1: stored values are inverted over the stored range before rescale (brighter = higher);
+- per-slice/per-frame Rescale Slope/Intercept; PET converted to SUVbw when the header allows it
+  (``suv.py``), else kept and noted.
 """
 
 from __future__ import annotations
@@ -14,9 +28,15 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicomnode.fusion.decode import VolumeError, decode_frames, stored_range
+from dicomnode.fusion.multiframe import expand_frames, frame_number, pixel_source
+from dicomnode.fusion.stacks import select_stack
+from dicomnode.fusion.suv import suv_factor
 
-class VolumeError(ValueError):
-    """The series cannot be made into a volume; the message says why."""
+__all__ = ["Volume", "VolumeError", "load_volume", "slice_geometry", "volume_from_datasets"]
+
+MAX_TILT_DEG = 45.0
+POSITION_TOLERANCE_MM = 0.05
 
 
 @dataclass
@@ -25,9 +45,12 @@ class Volume:
     affine: np.ndarray  # (4, 4) float64: index (i, j, k, 1) -> patient mm
     modality: str = ""
     frame_of_reference_uid: str = ""
-    sop_instance_uids: list[str] = field(default_factory=list)  # per slice k
+    sop_instance_uids: list[str] = field(default_factory=list)  # per slice k (repeats for multi-frame)
     series_instance_uid: str = ""
     datasets: list[Dataset] = field(default_factory=list, repr=False)  # headers per slice k
+    units: str = ""  # e.g. HU, SUVbw g/ml, BQML; "" when the modality has none
+    notes: list[str] = field(default_factory=list)  # what was excluded/converted/kept and why
+    slice_k: np.ndarray | None = None  # fractional k per slice when spacing is non-uniform; None = 0..n-1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -35,18 +58,56 @@ class Volume:
 
     @property
     def spacing(self) -> np.ndarray:
-        """Voxel size (i, j, k) in mm."""
+        """Voxel size (i, j, k) in mm (k: median step for non-uniform stacks)."""
         return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def frame_numbers(self) -> list[int | None]:
+        """Per slice k: 1-based frame number in its multi-frame instance (for Referenced Frame Number)."""
+        return [frame_number(ds) for ds in self.datasets]
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.slice_k is None
+
+    def k_coords(self) -> np.ndarray:
+        """Fractional index along the stack axis of every slice (0..n-1 when uniform)."""
+        if self.slice_k is None:
+            return np.arange(self.array.shape[0], dtype=np.float64)
+        return np.asarray(self.slice_k, dtype=np.float64)
 
     def slice_affine(self, k: int) -> np.ndarray:
         a = self.affine.copy()
-        a[:3, 3] = self.affine[:3, :3] @ np.array([0.0, 0.0, float(k)]) + self.affine[:3, 3]
+        a[:3, 3] = self.affine[:3, :3] @ np.array([0.0, 0.0, float(self.k_coords()[k])]) + self.affine[:3, 3]
         return a
 
     def center(self) -> np.ndarray:
         """Patient coordinates of the volume's centre."""
         nz, ny, nx = self.array.shape
-        return (self.affine @ np.array([(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2, 1.0]))[:3]
+        kc = self.k_coords()
+        kmid = (kc[0] + kc[-1]) / 2 if nz else 0.0
+        return (self.affine @ np.array([(nx - 1) / 2, (ny - 1) / 2, kmid, 1.0]))[:3]
+
+    def uniform(self) -> Volume:
+        """This volume linearly interpolated onto uniform slices along its stack axis (self if uniform)."""
+        if self.slice_k is None:
+            return self
+        kc = self.k_coords()
+        n = int(np.floor(kc[-1] + 1e-6)) + 1
+        targets = np.arange(n, dtype=np.float64)
+        hi = np.clip(np.searchsorted(kc, targets, side="right"), 1, len(kc) - 1)
+        lo = hi - 1
+        w = np.clip((targets - kc[lo]) / (kc[hi] - kc[lo]), 0.0, 1.0).astype(np.float32)[:, None, None]
+        array = (self.array[lo] * (1 - w) + self.array[hi] * w).astype(np.float32)
+        return Volume(
+            array=array,
+            affine=self.affine.copy(),
+            modality=self.modality,
+            frame_of_reference_uid=self.frame_of_reference_uid,
+            series_instance_uid=self.series_instance_uid,
+            units=self.units,
+            notes=[*self.notes, "interpolated onto uniform slices along the stack axis"],
+        )
 
 
 def _floats(value: object, n: int, name: str) -> np.ndarray:
@@ -78,27 +139,88 @@ def slice_geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return pos, row_dir, col_dir, spacing
 
 
-def _pixels(ds: Dataset) -> np.ndarray:
-    try:
-        px = ds.pixel_array
-    except Exception as exc:  # decoder missing, corrupt data: a value the job can report
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise VolumeError(f"cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
-    arr = np.asarray(px, dtype=np.float32)
-    if arr.ndim != 2:
-        raise VolumeError(f"expected single-frame grayscale slices, got pixel array shape {arr.shape}")
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if getattr(ds, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        arr = arr.max() - arr
-    return arr * slope + intercept
+class _FrameCache:
+    """Decodes each source instance once while its frames are gathered."""
+
+    def __init__(self) -> None:
+        self._frames: dict[int, np.ndarray] = {}
+
+    def get(self, header: Dataset) -> tuple[np.ndarray, Dataset]:
+        src, index = pixel_source(header)
+        key = id(src)
+        if key not in self._frames:
+            self._frames[key] = decode_frames(src)
+        return self._frames[key][index], src
+
+
+def _physical(raw: np.ndarray, header: Dataset, src: Dataset) -> np.ndarray:
+    arr = raw.astype(np.float32)
+    if str(getattr(src, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        lo, hi = stored_range(src)
+        arr = np.float32(lo + hi) - arr
+    slope = float(header.get("RescaleSlope", 1) or 1)
+    intercept = float(header.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        arr *= np.float32(slope)
+    if intercept != 0.0:
+        arr += np.float32(intercept)
+    return arr
+
+
+def _stack_axis(positions: np.ndarray, normal: np.ndarray, default_step: float
+                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(step vector of the affine's third column, fractional k per slice or None, notes)."""
+    n = len(positions)
+    if n == 1:
+        return normal * default_step, None, []
+    span = positions[-1] - positions[0]
+    length = float(np.linalg.norm(span))
+    u = span / length
+    offsets = positions - positions[0]
+    t = offsets @ u
+    off_line = np.linalg.norm(offsets - t[:, None] * u[None], axis=1)
+    if off_line.max() > POSITION_TOLERANCE_MM + 1e-3 * length:
+        raise VolumeError(
+            f"slice positions do not lie on one line (a slice is {off_line.max():.2f} mm off the stack"
+            " axis, e.g. a varying gantry tilt): cannot place the slices as one volume"
+        )
+    notes = []
+    tilt = float(np.degrees(np.arccos(np.clip(abs(float(u @ normal)), 0.0, 1.0))))
+    if tilt > MAX_TILT_DEG:
+        raise VolumeError(f"slices step {tilt:.1f} degrees off their normal; refusing to build a volume")
+    if tilt > 0.01:
+        notes.append(
+            f"sheared stack: slices step {tilt:.2f} degrees off their normal (gantry tilt);"
+            " the affine carries the shear so each pixel is placed at its patient position"
+        )
+    steps = np.diff(t)
+    if np.any(steps < 1e-3):
+        raise VolumeError("two slices share one position (several stacks in one series?)")
+    step = float(np.median(steps))
+    slice_k = None
+    if np.abs(steps - step).max() > max(0.01, 0.01 * step):
+        slice_k = t / step
+        notes.append(
+            f"non-uniform slice spacing ({steps.min():.3g} to {steps.max():.3g} mm, median {step:.3g} mm):"
+            " slices kept at their own positions"
+        )
+    return u * step, slice_k, notes
+
+
+def _units(modality: str, header: Dataset) -> str:
+    if modality == "CT":
+        return "HU"
+    rescale_type = str(header.get("RescaleType", "") or "")
+    return "" if rescale_type in ("", "US") else rescale_type
 
 
 def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
-    """Sort slices by position along the normal, check they form one stack, build the volume."""
+    """Build the series' volume: per-frame headers, main stack, sorted slices, decoded and rescaled pixels."""
     if not datasets:
         raise VolumeError("series has no images")
-    geo = [slice_geometry(ds) for ds in datasets]
+    headers = [h for ds in datasets for h in expand_frames(ds)]
+    stack, notes = select_stack(headers)
+    geo = [slice_geometry(ds) for ds in stack]
     _, row0, col0, sp0 = geo[0]
     normal = np.cross(row0, col0)
     for _, r, c, sp in geo[1:]:
@@ -106,34 +228,52 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
             raise VolumeError("slices of the series have different orientations")
         if np.abs(sp - sp0).max() > 1e-4:
             raise VolumeError("slices of the series have different pixel spacings")
-    dims = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
-    if len(dims) != 1:
-        raise VolumeError("slices of the series have different sizes")
-    order = sorted(range(len(datasets)), key=lambda n: float(geo[n][0] @ normal))
-    dists = np.array([float(geo[n][0] @ normal) for n in order])
-    if len(order) > 1:
-        steps = np.diff(dists)
-        if np.any(steps < 1e-4):
-            raise VolumeError("two slices share one position (several stacks in one series?)")
-        step = float(np.median(steps))
-    else:
-        step = float(getattr(datasets[0], "SliceThickness", 1.0) or 1.0)
-    first_pos = geo[order[0]][0]
+    order = sorted(range(len(stack)), key=lambda n: float(geo[n][0] @ normal))
+    headers_sorted = [stack[n] for n in order]
+    positions = np.array([geo[n][0] for n in order])
+    ds0 = headers_sorted[0]
+    default_step = float(ds0.get("SpacingBetweenSlices", 0) or 0) or float(ds0.get("SliceThickness", 1) or 1)
+    step_vec, slice_k, axis_notes = _stack_axis(positions, normal, abs(default_step))
+    notes.extend(axis_notes)
     affine = np.eye(4)
     affine[:3, 0] = row0 * sp0[1]  # i (column index) runs along the row direction
     affine[:3, 1] = col0 * sp0[0]  # j (row index) runs along the column direction
-    affine[:3, 2] = normal * step
-    affine[:3, 3] = first_pos
-    array = np.stack([_pixels(datasets[n]) for n in order]).astype(np.float32, copy=False)
-    ds0 = datasets[order[0]]
+    affine[:3, 2] = step_vec
+    affine[:3, 3] = positions[0]
+
+    modality = str(ds0.get("Modality", ""))
+    cache = _FrameCache()
+    slices = []
+    for h in headers_sorted:
+        raw, src = cache.get(h)
+        slices.append(_physical(raw, h, src))
+    array = np.stack(slices).astype(np.float32, copy=False)
+    if str(getattr(pixel_source(ds0)[0], "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        notes.append("MONOCHROME1: stored values inverted over the stored range (brighter = higher)")
+    units = _units(modality, ds0)
+    if modality == "PT":
+        results = [suv_factor(h) for h in headers_sorted]
+        failed = next((r for r in results if r.factor is None), None)
+        if failed is None:
+            factors = np.array([r.factor for r in results], dtype=np.float32)
+            if np.any(factors != 1.0):
+                array *= factors[:, None, None]
+                notes.append(f"PET converted from {ds0.get('Units', '')} to SUVbw")
+            units = "SUVbw g/ml"
+        else:
+            units = failed.units
+            notes.append(f"PET values kept in {failed.units}, not SUVbw: {failed.reason}")
     return Volume(
         array=array,
         affine=affine,
-        modality=str(getattr(ds0, "Modality", "")),
-        frame_of_reference_uid=str(getattr(ds0, "FrameOfReferenceUID", "")),
-        sop_instance_uids=[str(datasets[n].SOPInstanceUID) for n in order],
-        series_instance_uid=str(getattr(ds0, "SeriesInstanceUID", "")),
-        datasets=[datasets[n] for n in order],
+        modality=modality,
+        frame_of_reference_uid=str(ds0.get("FrameOfReferenceUID", "")),
+        sop_instance_uids=[str(h.SOPInstanceUID) for h in headers_sorted],
+        series_instance_uid=str(ds0.get("SeriesInstanceUID", "")),
+        datasets=headers_sorted,
+        units=units,
+        notes=notes,
+        slice_k=slice_k,
     )
 
 
