@@ -135,6 +135,12 @@ def reencode(paths: Sequence[Path], out_dir: Path, encoding: str) -> list[Path]:
     return out
 
 
+def _set_pixels(ds: Dataset, data: bytes) -> None:
+    """Native pixel data with the VR its Bits Allocated asks for."""
+    ds.PixelData = data
+    ds["PixelData"].VR = "OW" if int(ds.get("BitsAllocated", 16)) > 8 else "OB"
+
+
 def _pixels(ds: Dataset) -> np.ndarray:
     return np.asarray(ds.pixel_array)
 
@@ -147,8 +153,8 @@ def monochrome1(paths: Sequence[Path], out_dir: Path) -> list[Path]:
         bits = int(ds.BitsStored)
         signed = int(ds.PixelRepresentation) == 1
         lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-        px = _pixels(ds).astype(np.int64)
-        ds.PixelData = (lo + hi - px).astype(_pixels(ds).dtype).tobytes()
+        stored = _pixels(ds)
+        _set_pixels(ds, (lo + hi - stored.astype(np.int64)).astype(stored.dtype).tobytes())
         ds.PhotometricInterpretation = "MONOCHROME1"
         out.append(_write(ds, Path(out_dir) / Path(p).name))
     return out
@@ -165,7 +171,7 @@ def rescale_per_slice(paths: Sequence[Path], out_dir: Path) -> list[Path]:
         dtype = np.int16 if int(ds.PixelRepresentation) == 1 else np.uint16
         if px.max() > np.iinfo(dtype).max:
             raise ValueError("stored values too large to rescale per slice")
-        ds.PixelData = px.astype(dtype).tobytes()
+        _set_pixels(ds, px.astype(dtype).tobytes())
         ds.BitsStored, ds.HighBit = 16, 15
         ds.RescaleSlope = ds_str(m / 2)
         ds.RescaleIntercept = ds_str(b - 10 * k * m)
@@ -258,7 +264,7 @@ def to_enhanced(paths: Sequence[Path], out_path: Path, *, frame_order: Sequence[
             f.PixelValueTransformationSequence = DicomSequence([pvt(s)])
         frames.append(f)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
-    ds.PixelData = b"".join(np.ascontiguousarray(_pixels(s)).tobytes() for s in slices)
+    _set_pixels(ds, b"".join(np.ascontiguousarray(_pixels(s)).tobytes() for s in slices))
     return _write(ds, Path(out_path))
 
 
@@ -281,7 +287,7 @@ def to_nm_multiframe(paths: Sequence[Path], out_path: Path) -> Path:
     det = ds.DetectorInformationSequence[0]
     det.ImagePositionPatient = first.ImagePositionPatient
     det.ImageOrientationPatient = first.ImageOrientationPatient
-    ds.PixelData = b"".join(np.ascontiguousarray(_pixels(s)).tobytes() for s in slices)
+    _set_pixels(ds, b"".join(np.ascontiguousarray(_pixels(s)).tobytes() for s in slices))
     return _write(ds, Path(out_path))
 
 
@@ -320,7 +326,7 @@ def second_echo(paths: Sequence[Path], out_dir: Path, factor: float = 0.5) -> li
         ds2.EchoNumbers = 2
         ds2.InstanceNumber = len(paths) + k + 1
         px = _pixels(ds)
-        ds2.PixelData = np.rint(px * factor).astype(px.dtype).tobytes()
+        _set_pixels(ds2, np.rint(px * factor).astype(px.dtype).tobytes())
         out.append(_write(ds2, out_dir / f"e2_{Path(p).name}"))
     return out
 
@@ -373,6 +379,7 @@ def corrupt_pixel_data(paths: Sequence[Path], out_dir: Path) -> list[Path]:
             raise ValueError("corrupt_pixel_data expects compressed files (use reencode first)")
         n = int(getattr(ds, "NumberOfFrames", 1) or 1)
         ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(60) for _ in range(n)])
+        ds["PixelData"].VR = "OB"
         out.append(_write(ds, Path(out_dir) / Path(p).name))
     return out
 
