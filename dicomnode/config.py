@@ -35,7 +35,7 @@ def _ae_title(value: str) -> str:
 class NodeConfig(_Section):
     ae_title: str = "DICOMNODE"
     host: str = "127.0.0.1"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
 

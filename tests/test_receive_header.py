@@ -177,3 +177,31 @@ def test_truncated_dataset_is_refused() -> None:
     data = encoded()
     with pytest.raises(HeaderError):
         parse_header(data[:30], ExplicitVRLittleEndian)
+
+
+def test_series_selection_tags_are_indexed(tmp_path):
+    """Image Type, Body Part, MR Acquisition Type, Sequence/Protocol Name feed series selection."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    from dicomnode.receive import parse_header
+    from dicomnode.testing import generate_study
+
+    st = generate_study(tmp_path, modalities=("MR",), scale=0.2)
+    ds = dcmread(st.series["MR"].paths[0])
+    ds.ProtocolName = "t1_mprage_sag"
+    ds.SequenceName = "*tfl3d1"
+    ds.MRAcquisitionType = "3D"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    ds.BodyPartExamined = "head"
+    for implicit in (False, True):
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, implicit
+        from pydicom.filewriter import write_dataset
+
+        write_dataset(buf, ds)
+        ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+        h = parse_header(buf.getvalue(), ts)
+        assert h.protocol_name == "t1_mprage_sag" and h.sequence_name == "*tfl3d1"
+        assert h.acquisition_type == "3D" and h.body_part == "HEAD"
+        assert h.image_type == "ORIGINAL\\PRIMARY\\M\\ND"

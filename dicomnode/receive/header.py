@@ -13,6 +13,7 @@ from io import BytesIO
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from dicomnode.receive.elements import scan_elements
@@ -38,6 +39,11 @@ class InstanceHeader:
     patient_name: str = ""
     modality: str = ""
     series_description: str = ""
+    protocol_name: str = ""
+    sequence_name: str = ""
+    body_part: str = ""
+    acquisition_type: str = ""
+    image_type: str = ""
     frame_of_reference_uid: str = ""
     study_datetime: datetime | None = None
     instance_number: int | None = None
@@ -60,6 +66,7 @@ class InstanceHeader:
 # The tags the index needs (all at or before Pixel Spacing) and how their text is read.
 _TAGS: dict[int, str] = {
     0x00080005: "SpecificCharacterSet",
+    0x00080008: "ImageType",
     0x00080016: "SOPClassUID",
     0x00080018: "SOPInstanceUID",
     0x00080020: "StudyDate",
@@ -69,7 +76,11 @@ _TAGS: dict[int, str] = {
     0x00100010: "PatientName",
     0x00100020: "PatientID",
     0x00100021: "IssuerOfPatientID",
+    0x00180015: "BodyPartExamined",
+    0x00180023: "MRAcquisitionType",
+    0x00180024: "SequenceName",
     0x00180050: "SliceThickness",
+    0x00181030: "ProtocolName",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
     0x00200013: "InstanceNumber",
@@ -83,7 +94,7 @@ _TAGS: dict[int, str] = {
 }
 _WANTED = frozenset(_TAGS)
 _BINARY_US = {"Rows", "Columns"}
-_CHARSET_TEXT = {"SeriesDescription", "PatientName", "PatientID", "IssuerOfPatientID"}
+_CHARSET_TEXT = {"SeriesDescription", "PatientName", "PatientID", "IssuerOfPatientID", "ProtocolName"}
 _PN_DELIMITERS = {0x5E, 0x3D}  # ^ and =
 
 
@@ -129,7 +140,10 @@ def _values_pydicom(data: bytes, implicit: bool, little: bool) -> dict[str, str 
             values[name] = elem.value.decode("ascii", "replace").strip(" \x00")
         else:
             value = ds[name].value
-            values[name] = value if isinstance(value, str) else str(value)
+            if isinstance(value, MultiValue):
+                values[name] = "\\".join(str(x) for x in value)
+            else:
+                values[name] = value if isinstance(value, str) else str(value)
     return {k: (v.strip() if isinstance(v, str) else v) for k, v in values.items() if v != ""}
 
 
@@ -241,6 +255,11 @@ def _build(v: dict[str, str | int], request_sop_class: str, request_sop_instance
         patient_name=text("PatientName"),
         modality=text("Modality").upper(),
         series_description=text("SeriesDescription"),
+        protocol_name=text("ProtocolName"),
+        sequence_name=text("SequenceName"),
+        body_part=text("BodyPartExamined").upper(),
+        acquisition_type=text("MRAcquisitionType").upper(),
+        image_type=text("ImageType").upper(),
         frame_of_reference_uid=text("FrameOfReferenceUID"),
         study_datetime=parse_study_datetime(text("StudyDate"), text("StudyTime")),
         instance_number=_int(v.get("InstanceNumber")),
