@@ -271,5 +271,5 @@ def test_two_echoes_at_the_same_positions_are_split(mr: V.GeneratedSeries, work:
 def test_duplicate_positions_without_a_distinguishing_tag_are_refused(mr: V.GeneratedSeries) -> None:
     datasets = [pydicom.dcmread(p) for p in mr.paths] + [pydicom.dcmread(mr.paths[2])]
     datasets[-1].SOPInstanceUID = "1.2.3.4"
-    with pytest.raises(VolumeError, match="share a position"):
+    with pytest.raises(VolumeError, match="share positions"):
         volume_from_datasets(datasets)

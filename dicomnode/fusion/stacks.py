@@ -45,19 +45,33 @@ def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray:
 
 
 def geometry_key(ds: Dataset) -> tuple:
-    """Orientation, pixel spacing and matrix, rounded so that one stack shares one key."""
-    iop = _floats(ds, "ImageOrientationPatient", 6)
-    sp = _floats(ds, "PixelSpacing", 2)
+    """Orientation, pixel spacing and matrix of one image (compare with ``same_geometry``)."""
     return (
-        tuple(np.round(iop, 3) + 0.0),
-        tuple(np.round(sp, 4) + 0.0),
+        _floats(ds, "ImageOrientationPatient", 6),
+        _floats(ds, "PixelSpacing", 2),
         int(ds.get("Rows", 0) or 0),
         int(ds.get("Columns", 0) or 0),
     )
 
 
-def _position_key(ds: Dataset) -> tuple:
-    return tuple(np.round(_floats(ds, "ImagePositionPatient", 3), 2) + 0.0)
+def same_geometry(a: tuple, b: tuple) -> bool:
+    """Same orientation (within 1e-3), pixel spacing (within 1e-4 relative) and matrix."""
+    return (
+        a[2:] == b[2:]
+        and float(np.abs(a[0] - b[0]).max()) < 1e-3
+        and float(np.abs(a[1] - b[1]).max()) < 1e-4 * float(np.abs(b[1]).max())
+    )
+
+
+def _has_duplicates(group: Sequence[Dataset]) -> bool:
+    """True when two images of one geometry sit at the same position (within 0.01 mm)."""
+    if len(group) < 2:
+        return False
+    pos = np.array([_floats(ds, "ImagePositionPatient", 3) for ds in group])
+    iop = _floats(group[0], "ImageOrientationPatient", 6)
+    order = np.argsort(pos @ np.cross(iop[:3], iop[3:]), kind="stable")
+    gaps = np.linalg.norm(np.diff(pos[order], axis=0), axis=1)
+    return bool(np.any(gaps < 0.01))
 
 
 def is_localizer(ds: Dataset) -> bool:
@@ -79,8 +93,7 @@ def _value_key(ds: Dataset, keyword: str) -> object:
 
 def _split_duplicates(group: list[Dataset]) -> list[list[Dataset]]:
     """Split one geometry group whose positions repeat by the first tag that separates them."""
-    positions = [_position_key(ds) for ds in group]
-    if len(set(positions)) == len(positions):
+    if not _has_duplicates(group):
         return [group]
     for keyword in SPLIT_KEYS:
         parts: dict[object, list[Dataset]] = defaultdict(list)
@@ -88,21 +101,26 @@ def _split_duplicates(group: list[Dataset]) -> list[list[Dataset]]:
             parts[_value_key(ds, keyword)].append(ds)
         if len(parts) < 2:
             continue
-        if all(len({_position_key(d) for d in p}) == len(p) for p in parts.values()):
+        if not any(_has_duplicates(p) for p in parts.values()):
             return list(parts.values())
-    n_dup = len(positions) - len(set(positions))
     raise VolumeError(
-        f"{n_dup} images share a position with another of the same orientation and no tag"
+        f"images of one orientation share positions ({len(group)} images) and no tag"
         f" ({', '.join(SPLIT_KEYS)}) tells the stacks apart"
     )
 
 
 def split_stacks(datasets: Sequence[Dataset]) -> list[list[Dataset]]:
     """The series' stacks, largest first (ties: the one with the earliest Instance Number first)."""
-    groups: dict[tuple, list[Dataset]] = defaultdict(list)
+    groups: list[tuple[tuple, list[Dataset]]] = []
     for ds in datasets:
-        groups[geometry_key(ds)].append(ds)
-    stacks = [s for g in groups.values() for s in _split_duplicates(g)]
+        key = geometry_key(ds)
+        for gkey, members in groups:
+            if same_geometry(key, gkey):
+                members.append(ds)
+                break
+        else:
+            groups.append((key, [ds]))
+    stacks = [s for _, g in groups for s in _split_duplicates(g)]
 
     def first_instance(stack: list[Dataset]) -> int:
         return min(int(ds.get("InstanceNumber", 0) or 0) for ds in stack)

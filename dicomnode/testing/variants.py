@@ -106,7 +106,7 @@ def _dcmtk_env() -> dict[str, str]:
 
 
 def reencode(paths: Sequence[Path], out_dir: Path, encoding: str) -> list[Path]:
-    """Write ``paths`` in the named encoding (see ENCODINGS) to ``out_dir``, same file names."""
+    """Write ``paths`` in the named encoding (see ENCODINGS) to ``out_dir``: same names and SOP UIDs."""
     enc = ENCODINGS[encoding]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +124,11 @@ def reencode(paths: Sequence[Path], out_dir: Path, encoding: str) -> list[Path]:
         if enc.uid in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
             ds.file_meta.TransferSyntaxUID = enc.uid
         elif enc.uid == JPEG2000:
-            ds.compress(enc.uid, j2k_cr=[4])
+            ds.compress(enc.uid, j2k_cr=[4], generate_instance_uid=False)
         elif enc.uid == JPEGLSNearLossless:
-            ds.compress(enc.uid, jls_error=2)
+            ds.compress(enc.uid, jls_error=2, generate_instance_uid=False)
         else:
-            ds.compress(enc.uid)
+            ds.compress(enc.uid, generate_instance_uid=False)
         if enc.lossy:
             ds.LossyImageCompression = "01"
         out.append(_write(ds, target))
