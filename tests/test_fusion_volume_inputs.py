@@ -217,6 +217,14 @@ def test_gantry_tilt_is_resampled_into_patient_space(work: Path) -> None:
     assert corr > 0.8 and err < 0.7 * err_wrong
 
 
+def test_tilt_only_in_the_tag_is_refused(ct: V.GeneratedSeries) -> None:
+    datasets = [pydicom.dcmread(p) for p in ct.paths]
+    for ds in datasets:
+        ds.GantryDetectorTilt = "15"
+    with pytest.raises(VolumeError, match="Gantry/Detector Tilt is 15"):
+        volume_from_datasets(datasets)
+
+
 def test_positions_off_one_line_are_refused(ct: V.GeneratedSeries) -> None:
     datasets = [pydicom.dcmread(p) for p in ct.paths]
     pos = [float(v) for v in datasets[3].ImagePositionPatient]

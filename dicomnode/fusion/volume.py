@@ -207,6 +207,29 @@ def _stack_axis(positions: np.ndarray, normal: np.ndarray, default_step: float
     return u * step, slice_k, notes
 
 
+def _check_tilt_tag(ds: Dataset, normal: np.ndarray, step_vec: np.ndarray) -> None:
+    """Refuse an original axial-looking stack whose Gantry/Detector Tilt says it was tilted.
+
+    Such headers (IOP pure axial, positions along z, tilt only in the tag) cannot say where the pixels
+    are; fusing them would misplace every slice by the tilt.
+    """
+    try:
+        tag = abs(float(ds.get("GantryDetectorTilt", 0) or 0))
+    except (TypeError, ValueError):
+        return
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if tag < 0.5 or (image_type and image_type[0] != "ORIGINAL"):
+        return
+    axial = abs(float(normal[2])) > np.cos(np.radians(1.0))
+    step = step_vec / np.linalg.norm(step_vec)
+    shear = float(np.degrees(np.arccos(np.clip(abs(float(step @ normal)), 0.0, 1.0))))
+    if axial and shear < 0.1:
+        raise VolumeError(
+            f"Gantry/Detector Tilt is {tag:g} degrees but Image Orientation/Position describe an untilted"
+            " axial stack: the geometry is inconsistent, refusing to place the slices"
+        )
+
+
 def _units(modality: str, header: Dataset) -> str:
     if modality == "CT":
         return "HU"
@@ -234,6 +257,7 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     ds0 = headers_sorted[0]
     default_step = float(ds0.get("SpacingBetweenSlices", 0) or 0) or float(ds0.get("SliceThickness", 1) or 1)
     step_vec, slice_k, axis_notes = _stack_axis(positions, normal, abs(default_step))
+    _check_tilt_tag(ds0, normal, step_vec)
     notes.extend(axis_notes)
     affine = np.eye(4)
     affine[:3, 0] = row0 * sp0[1]  # i (column index) runs along the row direction
