@@ -37,6 +37,17 @@ class FusionResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def input_notes(reference: Volume, moving: Volume) -> list[str]:
+    """What loading changed or could not do (units, conversions, exclusions), per source."""
+    notes = []
+    for role, vol in (("reference", reference), ("moving", moving)):
+        units = getattr(vol, "units", "")
+        if units:
+            notes.append(f"{role} {vol.modality} values in {units}")
+        notes += [f"{role} {vol.modality}: {n}" for n in getattr(vol, "notes", [])]
+    return notes
+
+
 def window(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Linear map of [lo, hi] to [0, 1], clipped; float32."""
     if hi <= lo:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from dicomnode.fusion.align import align
 from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.pipeline import fuse_pair
+from dicomnode.fusion.pipeline import fuse_pair, input_notes
 from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.volume import Volume, VolumeError, volume_from_datasets
 
@@ -72,7 +72,7 @@ def fuse_dicom_dirs(
         method_name=fused.method_name,
         method_version=fused.method_version,
         registered=fused.registered,
-        derivation_note=str(info["alignment"]),
+        derivation_note="; ".join([str(info["alignment"]), *input_notes(reference, moving)])[:400],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -27,7 +27,7 @@ from dicomnode.config import Settings
 from dicomnode.db import Delivery, Instance, Job, Output, Series, record, utcnow
 from dicomnode.fusion.align import align
 from dicomnode.fusion.base import Fuser, get_fuser
-from dicomnode.fusion.pipeline import FusionError, fuse_pair
+from dicomnode.fusion.pipeline import FusionError, fuse_pair, input_notes
 from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.spatial_registration import (
     SPATIAL_REGISTRATION_STORAGE,
@@ -261,6 +261,7 @@ class FuseStage:
             )
         except FusionError as exc:
             raise JobFailed(str(exc)) from exc
+        notes = input_notes(reference, moving)
         with self.sessionmaker() as s:
             rule_name = s.get(Job, job_id).rule_name  # type: ignore[union-attr]
         series_uid = generate_uid(entropy_srcs=[self.worker_id, str(job_id), str(time.time_ns())])
@@ -276,7 +277,7 @@ class FuseStage:
             series_instance_uid=series_uid,
             series_number=ref_number + 1000,
             registered=fused.registered,
-            derivation_note=str(align_info["alignment"]),
+            derivation_note="; ".join([str(align_info["alignment"]), *notes])[:400],
         )
         written: list[tuple[str, str, int]] = []
         for n, ds in enumerate(datasets, start=1):
@@ -289,6 +290,7 @@ class FuseStage:
         details = {
             **fused.details,
             **align_info,
+            "input_notes": notes,
             "seconds_output": round(t_out, 3),
             "seconds_total": round(time.perf_counter() - t0, 3),
         }
@@ -331,7 +333,7 @@ class FuseStage:
                 "running",
                 "done",
                 f"{len(written)} instances fused with {fused.method_name} {fused.method_version} "
-                f"on {fused.details['device']}; {align_info['alignment']}",
+                f"on {fused.details['device']}; {align_info['alignment']}" + "".join(f"; {n}" for n in notes),
             )
             s.commit()
         log.info("job %d done: %d instances in %.1f s", job_id, len(written), details["seconds_total"])
