@@ -199,7 +199,7 @@ def test_wrong_called_aet_is_rejected_and_recorded(tmp_path: Path) -> None:
         assert node.outbox.run_once() == 0
         rows = node.deliveries()
         assert all(d.state == "pending" and d.attempts == 1 for d in rows)
-        assert all("rejected" in (d.last_error or "") for d in rows)
+        assert all("rejected" in (d.last_error or "") for d in rows), [d.last_error for d in rows]
         assoc = node.associations()[-1]
         assert assoc.state == "rejected" and "rejected" in (assoc.reason or "")
         assert orthanc.instances() == []
@@ -342,3 +342,48 @@ def test_classify_status(status: int, stored: bool) -> None:
     assert result.stored is stored and result.status == status
     if not stored:
         assert f"0x{status:04X}" in (result.error or "")
+
+
+def test_peer_aborting_mid_association_fails_the_rest_with_reason(tmp_path: Path) -> None:
+    scp = start_storescp(tmp_path, args=("--abort-after",))
+    try:
+        node = Node(tmp_path, [dest("pacs", "STORESCP", scp.port)])
+        node.add_outputs(n=3)
+        assert node.outbox.run_once() == 0
+        rows = node.deliveries()
+        assert all(d.state == "pending" and d.attempts == 1 for d in rows)
+        assert "aborted" in rows[0].last_error
+        assert all("ended before sending" in d.last_error for d in rows[1:]), [d.last_error for d in rows]
+        assoc = node.associations()[-1]
+        assert (assoc.state, assoc.n_stored, assoc.n_failed) == ("aborted", 0, 3)
+    finally:
+        scp.stop()
+
+
+class _FakeAssoc:
+    """Just enough of a pynetdicom Association for the reactor-race guard."""
+
+    def __init__(self) -> None:
+        import queue  # noqa: PLC0415
+
+        self.served: list[object] = []
+        self.dimse = type("D", (), {"msg_queue": queue.Queue()})()
+
+    def _serve_request(self, msg: object, context_id: int) -> None:
+        self.served.append(msg)
+
+
+def test_reactor_race_guard_returns_stolen_responses_only_while_in_flight() -> None:
+    from dicomnode.dispatch.scu import guard_reactor_race  # noqa: PLC0415
+
+    response = type("Rsp", (), {"is_valid_request": False})()
+    request = type("Rq", (), {"is_valid_request": True})()
+    assoc, flight = _FakeAssoc(), {"on": True}
+    guard_reactor_race(assoc, lambda: flight["on"])
+    assoc._serve_request(response, 1)
+    assert assoc.dimse.msg_queue.get_nowait() == (1, response) and assoc.served == []
+    assoc._serve_request(request, 1)
+    assert assoc.served == [request]
+    flight["on"] = False
+    assoc._serve_request(response, 1)
+    assert assoc.served == [request, response] and assoc.dimse.msg_queue.empty()

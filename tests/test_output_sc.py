@@ -152,7 +152,9 @@ def test_monochrome_series_keeps_patient_study_and_references(mr_ct, tmp_path: P
         assert len(srcs) > 1
         series_refs = {it.SeriesInstanceUID: it for it in sc.ReferencedSeriesSequence}
         assert set(series_refs) == {ref[0].SeriesInstanceUID, mov[0].SeriesInstanceUID}
-        assert len(series_refs[mov[0].SeriesInstanceUID].ReferencedInstanceSequence) == len(mov)
+        listed = {it.ReferencedSOPInstanceUID for ser in series_refs.values()
+                  for it in ser.ReferencedInstanceSequence}
+        assert listed == set(srcs)
     assert len({sc.SOPInstanceUID for sc in out}) == 4
 
 
@@ -216,6 +218,15 @@ def test_moving_series_from_other_study_goes_to_other_studies_sequence() -> None
     other = sc.StudiesContainingOtherReferencedInstancesSequence[0]
     assert other.StudyInstanceUID == other_study
     assert other.ReferencedSeriesSequence[0].SeriesInstanceUID == mov[0].SeriesInstanceUID
+
+
+def test_slice_outside_moving_coverage_references_nearest_moving_slice() -> None:
+    ref = make_headers("MR", 3, spacing=1.0, step=10.0, z0=0.0)
+    mov = make_headers("CT", 3, spacing=1.0, step=1.0, z0=0.0)  # covers z 0..2 only
+    out = build_fused_series(np.zeros((3, 16, 16), np.uint8), ref, mov,
+                             rule_name="r", method_name="m", method_version="1")
+    far = [it.ReferencedSOPInstanceUID for it in out[2].SourceImageSequence[1:]]
+    assert far == [mov[2].SOPInstanceUID]
 
 
 def test_moving_without_geometry_references_all_moving_instances() -> None:

@@ -6,7 +6,8 @@ Nothing here touches the database; :mod:`dicomnode.dispatch.outbox` turns the ou
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pydicom
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.status import code_to_category
 
@@ -102,6 +104,40 @@ def classify_status(status: int) -> StoreResult:
     return StoreResult(stored=False, status=status, error=f"destination answered {status_text(status)}")
 
 
+def set_nodelay(assoc: object) -> None:
+    """Switch Nagle off on the association's socket: pynetdicom does not, and the command PDU
+    followed by the data PDUs otherwise waits on the peer's delayed ACK (~20 ms per instance)."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not a TCP socket; nothing to tune
+
+
+def guard_reactor_race(assoc: object, in_flight: Callable[[], bool]) -> None:
+    """Give C-STORE responses stolen by pynetdicom's reactor back to the waiting send_c_store.
+
+    pynetdicom 3.0's reactor pause has a check-then-act gap: now and then the reactor thread takes
+    the response off the DIMSE queue ("Received unexpected C-STORE service message"), the sender
+    hits the DIMSE timeout and the association is aborted although the PACS stored the instance.
+    While a request is in flight we put such a message back on the queue.
+    """
+    original = getattr(assoc, "_serve_request", None)
+    queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if original is None or queue is None:
+        return
+
+    def serve(msg: object, context_id: int) -> None:
+        if in_flight() and not getattr(msg, "is_valid_request", True):
+            queue.put((context_id, msg))
+            log.debug("gave a DIMSE response taken by the pynetdicom reactor back to the sender")
+            return
+        original(msg, context_id)
+
+    assoc._serve_request = serve  # type: ignore[attr-defined]
+
+
 class StoreSession:
     """One association from ``calling_aet`` to ``dest`` proposing ``contexts``; use as a context manager."""
 
@@ -125,9 +161,13 @@ class StoreSession:
             self.ae.add_requested_context(sop_class, syntaxes)
         self.assoc = None
         self.error: str | None = None
+        self._in_flight = False
+        self._msg_id = 0
+        self._lost: str | None = None
 
     def _on_conn_open(self, event: evt.Event) -> None:
         self._peer.connected = True
+        set_nodelay(event.assoc)
 
     def _on_acse(self, event: evt.Event) -> None:
         prim = event.primitive
@@ -138,9 +178,33 @@ class StoreSession:
             reason = getattr(prim, "provider_reason", None)
             self._peer.abort = f"abort source {src}" + (f", reason {reason}" if reason is not None else "")
 
+    def _on_pdu_recv(self, event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):  # the DUL thread sees it even if a close races it
+            rj = event.pdu
+            self._peer.rejection = f"{rj.result_str}, source: {rj.source_str}, reason: {rj.reason_str}"
+        elif isinstance(event.pdu, A_ABORT_RQ):  # seen in the DUL thread, before the DIMSE wait ends
+            self._peer.abort = f"A-ABORT, source {event.pdu.source}, reason {event.pdu.reason_diagnostic}"
+            self._wake_sender()
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        if self._in_flight:
+            self._peer.abort = self._peer.abort or "connection closed by the peer"
+            self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        """A request in flight will get no answer: end its DIMSE wait now instead of at the timeout."""
+        queue = getattr(getattr(self.assoc, "dimse", None), "msg_queue", None)
+        if self._in_flight and queue is not None:
+            queue.put((None, None))
+
     def open(self) -> str | None:
         """Associate; returns None when established, else the reason it failed (for the audit)."""
-        handlers = [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_ACSE_RECV, self._on_acse)]
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_ACSE_RECV, self._on_acse),
+            (evt.EVT_PDU_RECV, self._on_pdu_recv),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
         try:
             self.assoc = self.ae.associate(
                 self.dest.host, self.dest.port, ae_title=self.dest.ae_title, evt_handlers=handlers
@@ -149,11 +213,12 @@ class StoreSession:
             self.error = f"cannot associate with {self.where}: {exc}"
             return self.error
         if self.assoc.is_established:
+            guard_reactor_race(self.assoc, lambda: self._in_flight)
             return None
-        if not self._peer.connected:
-            self.error = f"cannot connect to {self.where} (connection refused, unreachable or timed out)"
-        elif self._peer.rejection:
+        if self._peer.rejection:
             self.error = f"association rejected by {self.where} ({self._peer.rejection})"
+        elif not self._peer.connected:
+            self.error = f"cannot connect to {self.where} (connection refused, unreachable or timed out)"
         elif self.assoc.is_aborted and self._peer.abort:
             self.error = f"association aborted by {self.where} ({self._peer.abort})"
         elif self.assoc.is_aborted and not self.assoc.accepted_contexts:
@@ -172,40 +237,55 @@ class StoreSession:
 
     def send(self, info: FileInfo) -> StoreResult:
         """C-STORE one file; the result says whether the PACS stored it and why not."""
-        if not self.established:
-            why = self._peer.abort or "released"
-            return StoreResult(False, None, f"association with {self.where} ended before sending ({why})")
+        if self._lost or not self.established:
+            return self._ended()
         try:
             ds = pydicom.dcmread(info.path)
         except Exception as exc:
             return StoreResult(False, None, f"cannot read output file {info.path.name}: {exc}")
+        self._msg_id = self._msg_id % 65535 + 1
+        self._in_flight = True
         try:
-            rsp = self.assoc.send_c_store(ds)  # type: ignore[union-attr]
+            rsp = self.assoc.send_c_store(ds, msg_id=self._msg_id)  # type: ignore[union-attr]
         except ValueError as exc:
             ts = UID(info.transfer_syntax_uid)
             return StoreResult(
                 False, None,
                 f"{self.where} did not accept SOP class {info.sop_class_uid} with {ts.name}: {exc}",
             )
-        except (AttributeError, RuntimeError) as exc:
+        except RuntimeError:  # the association ended between the check above and the call
+            return self._ended()
+        except AttributeError as exc:
             return StoreResult(False, None, f"cannot send {info.path.name} to {self.where}: {exc}")
+        finally:
+            self._in_flight = False
         status = getattr(rsp, "Status", None)
         if status is None:
-            if self.assoc is not None and self.assoc.is_aborted:
-                return StoreResult(False, None, f"association aborted by {self.where} during C-STORE")
-            why = f"no C-STORE response from {self.where} within {self.timeout:g} s"
+            if self._peer.abort is not None:
+                why = f"association aborted by {self.where} during C-STORE ({self._peer.abort})"
+            else:
+                why = f"no C-STORE response from {self.where} within {self.timeout:g} s"
+            self._lost = why
             return StoreResult(False, None, why)
         return classify_status(int(status))
 
+    def _ended(self) -> StoreResult:
+        why = self._lost or self._peer.abort or "no longer established"
+        return StoreResult(False, None, f"association with {self.where} ended before sending ({why})")
+
     def close(self) -> str:
         """Release (or note the abort); returns the association's final state."""
+        if self._peer.rejection or (self.assoc is not None and self.assoc.is_rejected):
+            return "rejected"
         if self.assoc is None:
             return "aborted"  # never connected; the reason says so
+        if self._lost or self._peer.abort:
+            if self.assoc.is_established:
+                self.assoc.abort()
+            return "aborted"
         if self.assoc.is_established:
             self.assoc.release()
             return "released"
-        if self.assoc.is_rejected:
-            return "rejected"
         return "aborted"
 
     def __enter__(self) -> StoreSession:
@@ -213,4 +293,6 @@ class StoreSession:
 
     def __exit__(self, *exc: object) -> None:
         if self.assoc is not None and self.assoc.is_established:
-            self.assoc.abort() if exc[0] is not None else self.assoc.release()
+            if exc[0] is not None:
+                self._lost = self._lost or "aborted locally after an error"
+            self.close()
