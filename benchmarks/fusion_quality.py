@@ -1,0 +1,131 @@
+"""Fusion quality on the Harvard benchmark (136 pairs): ours vs classical baselines vs published peers.
+
+One run, one metric code (dicomnode.fusion.metrics) for every method. Per pair type it prints the
+table of means, who ranks first per column, and whether ours meets the target (first on >= 6 of 9,
+last on none). It also writes a contact sheet PNG (sources, max, best peer, ours).
+
+    .venv/bin/python benchmarks/fusion_quality.py [--eval-root ../shared/eval] [--method default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dicomnode.fusion.base import get_fuser
+from dicomnode.fusion.colour import rgb_to_ycbcr, to_uint8, ycbcr_to_rgb
+from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
+from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8, read_gray_or_rgb
+
+PEERS = ("IFCNN", "MATR", "U2Fusion", "EMFusion")
+BASELINES = ("average", "max", "laplacian-pyramid")
+
+
+def _fuse8(method: str, a8: np.ndarray, b8: np.ndarray, device: str) -> np.ndarray:
+    fuser = get_fuser(method, device=device)
+    out = fuser.fuse(a8.astype(np.float32) / 255.0, b8.astype(np.float32) / 255.0)
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def _colourise(y8: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
+    """Fused luma + the source's chroma (RGB), or gray as RGB."""
+    if rgb is None:
+        return np.repeat(y8[..., None], 3, axis=-1)
+    ycc = rgb_to_ycbcr(rgb)
+    ycc[..., 0] = y8
+    return to_uint8(ycbcr_to_rgb(ycc))
+
+
+def _label(img: np.ndarray, text: str) -> np.ndarray:
+    im = Image.fromarray(img)
+    ImageDraw.Draw(im).text((4, 4), text, fill=(255, 255, 0))
+    return np.asarray(im)
+
+
+def run(eval_root: Path, method: str, device: str, sheet: Path | None, per_type_sheet: int = 2) -> dict:
+    """Score everything; print tables; return {pair_type: {method: {metric: mean}}}."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    rows_for_sheet = []
+    ours_name = get_fuser(method, device=device).name
+    for t in PAIR_TYPES:
+        folder = eval_root / "harvard-cddfuse" / t
+        ps = load_pairs(folder, t)
+        fused: dict[str, np.ndarray] = {}
+        t0 = time.perf_counter()
+        fused[f"ours ({ours_name})"] = _fuse8(method, ps.a, ps.b, device)
+        ours_s = time.perf_counter() - t0
+        for m in BASELINES:
+            fused[m] = _fuse8(m, ps.a, ps.b, device)
+        for p in PEERS:
+            d = eval_root / "peers" / p / "harvard-cddfuse" / t
+            if d.is_dir():
+                imgs = [read_gray_or_rgb(d / f"{n}.png") for n in ps.names]
+                fused[p] = np.stack([x if x.ndim == 2 else luma_u8(x) for x in imgs])
+        table = {}
+        for k, f in fused.items():
+            table[k] = {m: float(v.mean()) for m, v in evaluate(f, ps.a, ps.b).items()}
+        results[t] = table
+        _print_table(t, len(ps.names), table, ours_s)
+        peer_names = [k for k in fused if k in PEERS]
+        best_peer = max(peer_names, key=lambda p: sum(_rank(table, m)[0] == p for m in METRIC_NAMES))
+        for i in np.linspace(0, len(ps.names) - 1, per_type_sheet).round().astype(int):
+            rgb = ps.b_rgb[i] if ps.b_rgb is not None else None
+            ours_key = next(iter(fused))
+            row = [
+                _label(np.repeat(ps.a[i][..., None], 3, -1), f"{t} {ps.names[i]} MRI"),
+                _label(rgb if rgb is not None else np.repeat(ps.b[i][..., None], 3, -1), t.split("-")[1]),
+                _label(_colourise(fused["max"][i], rgb), "max"),
+                _label(_colourise(fused[best_peer][i], rgb), best_peer),
+                _label(_colourise(fused[ours_key][i], rgb), "ours"),
+            ]
+            rows_for_sheet.append(np.concatenate(row, axis=1))
+    if sheet is not None and rows_for_sheet:
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(rows_for_sheet, axis=0)).save(sheet)
+        print(f"\ncontact sheet: {sheet}")
+    return results
+
+
+def _rank(table: dict[str, dict[str, float]], metric: str) -> list[str]:
+    return sorted(table, key=lambda k: -table[k][metric])
+
+
+def _print_table(t: str, n: int, table: dict[str, dict[str, float]], ours_s: float) -> None:
+    print(f"\n{t}  ({n} pairs; ours fused them in {ours_s:.2f} s)")
+    header = f"{'method':<28}" + "".join(f"{m:>8}" for m in METRIC_NAMES)
+    print(header)
+    print("-" * len(header))
+    firsts = {m: _rank(table, m)[0] for m in METRIC_NAMES}
+    lasts = {m: _rank(table, m)[-1] for m in METRIC_NAMES}
+    for k, vals in table.items():
+        cells = "".join(f"{vals[m]:>7.3f}" + ("*" if firsts[m] == k else " ") for m in METRIC_NAMES)
+        print(f"{k:<28}{cells}")
+    print(f"{'first':<28}" + "".join(f"{firsts[m][:7]:>8}" for m in METRIC_NAMES))
+    ours = next(iter(table))
+    n_first = sum(firsts[m] == ours for m in METRIC_NAMES)
+    last_on = [m for m in METRIC_NAMES if lasts[m] == ours]
+    ok = n_first >= 6 and not last_on
+    print(f"ours first on {n_first}/9, last on {last_on or 'none'} -> target {'MET' if ok else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "eval")
+    ap.add_argument("--method", default="default", help="our fuser (default: the shipped model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--sheet", type=Path, default=Path("bench-out/fusion_contact_sheet.png"))
+    args = ap.parse_args(argv)
+    if not (args.eval_root / "harvard-cddfuse").is_dir():
+        print(f"no benchmark under {args.eval_root}", file=sys.stderr)
+        return 2
+    run(args.eval_root, args.method, args.device, args.sheet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

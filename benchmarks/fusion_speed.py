@@ -1,0 +1,73 @@
+"""Fusion speed: slices per second of a fuser at 256x256 and 512x512, batch sizes 1..64, and peak memory.
+
+    .venv/bin/python benchmarks/fusion_speed.py [--method default] [--device cpu|cuda|auto] [--threads N]
+
+CPU peak memory is the process's peak resident set (ru_maxrss) after each size; on CUDA it is
+``torch.cuda.max_memory_allocated``. Prints a table; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dicomnode.fusion.base import get_fuser
+from dicomnode.fusion.resample import resolve_device
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench(method: str, device: str, sizes: list[int], batches: list[int], min_seconds: float) -> None:
+    dev = resolve_device(device)
+    fuser = get_fuser(method, device=str(dev))
+    print(f"fuser {fuser.name} v{fuser.version} on {dev} ({torch.get_num_threads()} threads); "
+          f"CPU: {torch.backends.cpu.get_cpu_capability()}")
+    if dev.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(dev)}")
+    print(f"{'size':>6}{'batch':>7}{'slices/s':>11}{'ms/slice':>10}{'peak MiB':>10}")
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        for bs in batches:
+            a = rng.random((bs, size, size), dtype=np.float32)
+            b = rng.random((bs, size, size), dtype=np.float32)
+            fuser.batch_size = bs  # type: ignore[attr-defined]
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            fuser.fuse(a, b)  # warm-up
+            n, t0 = 0, time.perf_counter()
+            while True:
+                fuser.fuse(a, b)
+                n += bs
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                el = time.perf_counter() - t0
+                if el >= min_seconds and n >= 2 * bs:
+                    break
+            peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mib()
+            print(f"{size:>6}{bs:>7}{n / el:>11.1f}{1000 * el / n:>10.2f}{peak:>10.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--min-seconds", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench(args.method, args.device, args.sizes, args.batches, args.min_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training of the fusion model: the database of successful fusion results, fitting, CLI glue."""

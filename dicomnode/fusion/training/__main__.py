@@ -1,0 +1,10 @@
+"""`python -m dicomnode.fusion.training build-db|fit|fuse-png ...`: the `dicomnode train` commands."""
+
+from __future__ import annotations
+
+import sys
+
+from dicomnode.fusion.training.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

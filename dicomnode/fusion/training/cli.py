@@ -1,0 +1,170 @@
+"""Command-line glue: `dicomnode train build-db`, `dicomnode train fit`, and `dicomnode fuse --png`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dicomnode.fusion.base import get_fuser
+from dicomnode.fusion.colour import fuse_colour
+from dicomnode.fusion.model import WEIGHTS_FILE
+from dicomnode.fusion.training.data import PAIR_TYPES, read_gray_or_rgb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVAL_ROOT = Path("../shared/eval")
+DEFAULT_DB_DIR = Path("build/fusion-db")
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``train`` with ``build-db`` and ``fit`` sub-commands to a top-level parser's subparsers."""
+    train = subparsers.add_parser("train", help="build the fusion training database and fit the CNN")
+    sub = train.add_subparsers(dest="train_command", required=True)
+
+    db = sub.add_parser("build-db", help="run candidate fusers on train/val pairs, keep the best as targets")
+    db.add_argument("--eval-root", type=Path, default=DEFAULT_EVAL_ROOT, help="folder holding harvard/")
+    db.add_argument("--out", type=Path, default=DEFAULT_DB_DIR, help="database folder to write")
+    db.add_argument("--types", nargs="+", default=list(PAIR_TYPES), choices=list(PAIR_TYPES))
+    db.add_argument("--limit", type=int, default=None, help="at most this many pairs per type (smoke runs)")
+    db.add_argument("--device", default="cpu")
+    db.set_defaults(func=_cmd_build_db)
+
+    fit = sub.add_parser("fit", help="train the CNN on the database, keep the best checkpoint on val")
+    fit.add_argument("--db", type=Path, default=DEFAULT_DB_DIR)
+    fit.add_argument("--out", type=Path, default=WEIGHTS_FILE, help="weights file to write")
+    fit.add_argument("--steps", type=int, default=800)
+    fit.add_argument("--batch-size", type=int, default=12)
+    fit.add_argument("--crop", type=int, default=112)
+    fit.add_argument("--lr", type=float, default=3e-3)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--val-every", type=int, default=100)
+    fit.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    fit.set_defaults(func=_cmd_fit)
+    return train
+
+
+def _cmd_build_db(args: argparse.Namespace) -> int:
+    from dicomnode.fusion.training.build_db import LeakError, build_db  # noqa: PLC0415
+
+    try:
+        m = build_db(args.eval_root, args.out, tuple(args.types), limit=args.limit, device=args.device)
+    except (FileNotFoundError, LeakError) as exc:
+        print(f"build-db: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(m['pairs'])} pairs to {args.out}")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from dicomnode.fusion.training.fit import fit  # noqa: PLC0415
+
+    command = " ".join(["dicomnode", "train", "fit", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
+    try:
+        meta = fit(
+            args.db, args.out, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+            seed=args.seed, device=args.device, val_every=args.val_every, command=command,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fit: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: val loss {meta['val_loss']:.4f} at step {meta['best_step']}")
+    return 0
+
+
+def fuse_png_dirs(
+    a_dir: str | Path,
+    b_dir: str | Path,
+    out_dir: str | Path,
+    method: str = "default",
+    device: str = "auto",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> int:
+    """Fuse PNGs of ``a_dir`` (MRI) with same-named PNGs of ``b_dir``; write to ``out_dir``; return the count.
+
+    A colour ``b`` is fused on its luma and keeps its chroma (RGB out); gray stays gray. Files without
+    a partner are skipped with a warning; pairs of different sizes raise ValueError naming the file.
+    """
+    a_dir, b_dir, out_dir = Path(a_dir), Path(b_dir), Path(out_dir)
+    for d in (a_dir, b_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"not a folder: {d}")
+    names = sorted(p.name for p in a_dir.glob("*.png"))
+    missing = [n for n in names if not (b_dir / n).is_file()]
+    if missing:
+        log.warning("%d file(s) of %s have no partner in %s; skipped", len(missing), a_dir, b_dir)
+    names = [n for n in names if (b_dir / n).is_file()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fuser = get_fuser(method, device=device)
+    done = 0
+    bar = tqdm(total=len(names), desc=f"fuse ({fuser.name})", disable=not progress, unit="slice")
+    for i in range(0, len(names), batch_size):
+        chunk = names[i : i + batch_size]
+        gray_a, gray_b, col_a, col_b, col_n, gray_n = [], [], [], [], [], []
+        for n in chunk:
+            a = read_gray_or_rgb(a_dir / n)
+            b = read_gray_or_rgb(b_dir / n)
+            if a.ndim == 3:
+                a = np.asarray(Image.fromarray(a).convert("L"))
+            if a.shape[:2] != b.shape[:2]:
+                raise ValueError(f"{n}: sizes differ ({a.shape[:2]} vs {b.shape[:2]}); register them first")
+            if b.ndim == 3:
+                col_a.append(a)
+                col_b.append(b)
+                col_n.append(n)
+            else:
+                gray_a.append(a)
+                gray_b.append(b)
+                gray_n.append(n)
+        groups = ((gray_a, gray_b, gray_n, False), (col_a, col_b, col_n, True))
+        for group_a, group_b, group_n, colour in groups:
+            # one size per call: group by shape so any mixture of sizes works
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for k, arr in enumerate(group_a):
+                by_shape.setdefault(arr.shape, []).append(k)
+            for ks in by_shape.values():
+                a01 = np.stack([group_a[k] for k in ks]).astype(np.float32) / 255.0
+                if colour:
+                    out = fuse_colour(fuser, a01, np.stack([group_b[k] for k in ks]))
+                else:
+                    b01 = np.stack([group_b[k] for k in ks]).astype(np.float32) / 255.0
+                    out = np.clip(np.rint(fuser.fuse(a01, b01) * 255.0), 0, 255).astype(np.uint8)
+                for j, k in enumerate(ks):
+                    Image.fromarray(out[j]).save(out_dir / group_n[k])
+                    done += 1
+        bar.update(len(chunk))
+    bar.close()
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point until `dicomnode` wires these in: build-db, fit, fuse-png."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m dicomnode.fusion.training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = add_train_parser(sub)
+    del train
+    png = sub.add_parser("fuse-png", help="fuse folders of PNGs (same as `dicomnode fuse --png`)")
+    png.add_argument("a_dir", type=Path)
+    png.add_argument("b_dir", type=Path)
+    png.add_argument("out_dir", type=Path)
+    png.add_argument("--method", default="default")
+    png.add_argument("--device", default="auto")
+    png.add_argument("--batch-size", type=int, default=16)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(["train", *argv] if argv and argv[0] in ("build-db", "fit") else argv)
+    if args.command == "fuse-png":
+        try:
+            n = fuse_png_dirs(args.a_dir, args.b_dir, args.out_dir, args.method, args.device, args.batch_size)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            print(f"fuse-png: {exc}", file=sys.stderr)
+            return 2
+        print(f"fused {n} pair(s) into {args.out_dir}")
+        return 0
+    return int(args.func(args))

@@ -1,0 +1,92 @@
+"""The CNN fuser: any size, range, background, max prior at init, shipped weights as the default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.fusion import model as M
+from dicomnode.fusion.base import default_fuser_name, get_fuser
+
+
+def _pair(n: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, h, w, generator=g), torch.rand(n, 1, h, w, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 50), (5, 7), (1, 3)])
+def test_any_image_size(shape: tuple[int, int]) -> None:
+    a, b = _pair(2, *shape)
+    with torch.inference_mode():
+        out = M.FusionNet()(a, b)
+    assert out.shape == a.shape
+
+
+def test_untrained_net_is_pixel_max() -> None:
+    a, b = _pair(2, 40, 40)
+    with torch.inference_mode():
+        out = M.FusionNet()(a, b)
+    torch.testing.assert_close(out, torch.maximum(a, b), atol=1e-6, rtol=0)
+
+
+def test_background_stays_zero() -> None:
+    net = M.FusionNet()
+    with torch.no_grad():
+        net.head.bias[M.BASIS_NAMES.index("one")] = 0.3  # a net that would paint the air grey
+    a, b = _pair(1, 32, 32)
+    a[..., :8, :] = 0
+    b[..., :8, :] = 0
+    with torch.inference_mode():
+        out = net(a, b)
+    assert float(out[..., :8, :].abs().max()) == 0.0
+    assert float(out[..., 8:, :].min()) > 0.0
+
+
+def test_gradients_flow() -> None:
+    net = M.FusionNet()
+    a, b = _pair(2, 32, 32)
+    net(a, b).mean().backward()
+    assert net.head.weight.grad is not None and float(net.head.weight.grad.abs().sum()) > 0
+
+
+def test_fuser_with_saved_weights(tmp_path) -> None:
+    net = M.FusionNet(width=8)
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": net.state_dict(), "config": {"width": 8}, "meta": {"version": "t1"}}, path)
+    f = M.CNNFuser(device="cpu", weights=path)
+    assert f.version == "t1" and f.name == M.DEFAULT_MODEL_NAME
+    a = np.random.default_rng(0).random((3, 20, 24), dtype=np.float32)
+    b = np.random.default_rng(1).random((3, 20, 24), dtype=np.float32)
+    out = f.fuse(a, b)
+    assert out.shape == a.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    np.testing.assert_allclose(out, np.maximum(a, b), atol=1e-6)  # untrained = max
+
+
+def test_missing_or_bad_weights_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="train fit"):
+        M.CNNFuser(weights=tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"nothing": 1}, bad)
+    with pytest.raises(ValueError, match="weights file"):
+        M.CNNFuser(weights=bad)
+
+
+def test_default_is_the_model_when_weights_ship() -> None:
+    if not M.weights_available():
+        assert default_fuser_name() == "laplacian-pyramid"
+        pytest.skip("no weights shipped in this checkout")
+    assert default_fuser_name() == M.DEFAULT_MODEL_NAME
+    f = get_fuser("default")
+    assert isinstance(f, M.CNNFuser)
+    a = np.zeros((1, 16, 16), np.float32)
+    b = np.zeros((1, 16, 16), np.float32)
+    a[0, 4:12, 4:12] = 0.8
+    out = f.fuse(a, b)
+    assert out[0, 0, 0] == 0.0 and out[0, 8, 8] > 0.3
+
+
+def test_shipped_weights_are_small() -> None:
+    if not M.weights_available():
+        pytest.skip("no weights shipped in this checkout")
+    assert M.WEIGHTS_FILE.stat().st_size < 5 * 1024 * 1024
