@@ -7,6 +7,7 @@ protocol machine and changes only how bytes are read and how long the DUL waits.
 
 from __future__ import annotations
 
+import socket
 import threading
 
 from pynetdicom.association import Association
@@ -41,6 +42,9 @@ class FastRequestHandler(RequestHandler):
         sock = assoc.dul.socket
         if type(sock) is AssociationSocket:
             sock.__class__ = FastAssociationSocket
+        if sock is not None and sock.socket is not None:
+            # pynetdicom leaves Nagle on: the small C-STORE-RSP would wait for the peer's delayed ACK.
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc.dul._run_loop_delay = DUL_IDLE_SLEEP
         return assoc
 
