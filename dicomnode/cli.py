@@ -95,16 +95,26 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         )
         print(f"fused {n} PNG pairs into {args.out_dir}")
         return 0
+    from dicomnode.fusion.pipeline import FusionError  # noqa: PLC0415
+    from dicomnode.fusion.volume import VolumeError  # noqa: PLC0415
+    from dicomnode.output import OutputError  # noqa: PLC0415
     from dicomnode.runner.batch import fuse_dicom_dirs  # noqa: PLC0415
 
-    written = fuse_dicom_dirs(
-        Path(args.ref_dir),
-        Path(args.moving_dir),
-        Path(args.out_dir),
-        method=args.method,
-        device=args.device,
-        batch_size=args.batch_size,
-    )
+    try:
+        written = fuse_dicom_dirs(
+            Path(args.ref_dir),
+            Path(args.moving_dir),
+            Path(args.out_dir),
+            method=args.method,
+            device=args.device,
+            batch_size=args.batch_size,
+        )
+    except (VolumeError, FusionError, OutputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # unknown fusion method
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
     print(f"wrote {len(written)} Secondary Capture instances to {args.out_dir}")
     return 0
 

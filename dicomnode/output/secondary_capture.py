@@ -152,6 +152,10 @@ def _image_ref(ds: Dataset, purpose: bool) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = ds.SOPClassUID
     item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    # A per-frame header of a multi-frame source (fusion.multiframe.FrameHeader) names its frame.
+    frame = getattr(ds, "frame_number", None) if purpose else None
+    if isinstance(frame, int):
+        item.ReferencedFrameNumber = frame
     if purpose:
         code = codes.DCM.SourceImageForImageProcessingOperation
         c = Dataset()
@@ -166,7 +170,8 @@ def _series_ref(datasets: Sequence[Dataset]) -> Dataset:
     """A Referenced Series Sequence item listing ``datasets`` (all of one series)."""
     item = Dataset()
     item.SeriesInstanceUID = datasets[0].SeriesInstanceUID
-    item.ReferencedInstanceSequence = [_image_ref(ds, purpose=False) for ds in datasets]
+    unique = {str(ds.SOPInstanceUID): ds for ds in datasets}  # a multi-frame instance is listed once
+    item.ReferencedInstanceSequence = [_image_ref(ds, purpose=False) for ds in unique.values()]
     return item
 
 
