@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import DicomnodeReceiver, OrthancReceiver, StoreScp, fresh_dir, send_folder  # noqa: E402
+from receivers import DicomnodeReceiver, OrthancReceiver, StoreScp, fresh_dir, send_folder  # noqa: E402
 
 from dicomnode.testing import generate_ct_series  # noqa: E402
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from peers import free_port, start_orthanc, start_status_scp, start_storescp
 from pydicom.uid import JPEGLSLossless
 from sqlalchemy import select
 from test_output_sc import make_headers
@@ -21,6 +20,7 @@ from dicomnode.dispatch import DispatchOutbox, classify_status
 from dicomnode.dispatch.scu import FileInfo, presentation_contexts
 from dicomnode.output import build_fused_series
 from dicomnode.spool import Spool, outgoing_path
+from dicomnode.testing.peers import free_port, start_orthanc, start_status_scp, start_storescp
 
 N_SLICES = 4
 

@@ -1,79 +1,45 @@
 """Receivers for the ingest benchmark, each in its own process on a free loopback port.
 
-dcmtk ``storescp`` (no fsync), Orthanc (via dicomnode.testing.peers.Orthanc) and the dicomnode
-receive stage (``python -m dicomnode.receive``), plus a timed ``storescu`` sender.
+dcmtk ``storescp`` and Orthanc (both started by dicomnode.testing.peers) and the dicomnode receive
+stage (``python -m dicomnode.receive``), all with ``start()``/``count()``/``stop()``, plus a timed sender.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from dicomnode.testing.peers import Orthanc, free_port, peer_env
+from dicomnode.testing.peers import Orthanc, Storescp, start_storescp, stop_process, storescu
 
-__all__ = [
-    "DicomnodeReceiver", "Orthanc", "OrthancReceiver", "StoreScp", "fresh_dir", "send_folder", "wait_port",
-]
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
-    """Block until something accepts TCP connections on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"receiver exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+__all__ = ["DicomnodeReceiver", "OrthancReceiver", "StoreScp", "fresh_dir", "send_folder"]
 
 
 class StoreScp:
-    """dcmtk storescp writing into a fresh folder (no fsync), accepting all transfer syntaxes."""
+    """dcmtk storescp writing into a fresh folder under ``workdir`` (no fsync), all transfer syntaxes."""
 
     name = "storescp"
     aet = "STORESCP"
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.out = workdir / "out"
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.scp: Storescp | None = None
 
     def start(self) -> StoreScp:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        log = open(self.workdir / "storescp.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["storescp", "-aet", self.aet, "+xa", "-od", str(self.out), str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=peer_env(),
-        )
-        wait_port(self.port, self.proc)
+        self.scp = start_storescp(self.workdir, aet=self.aet)
+        self.port = self.scp.port
         return self
 
     def count(self) -> int:
-        return sum(1 for _ in self.out.iterdir())
+        return len(self.scp.files()) if self.scp is not None else 0
 
     def stop(self) -> None:
-        _stop(self.proc)
+        if self.scp is not None:
+            self.scp.stop()
 
 
 class OrthancReceiver:
@@ -83,13 +49,12 @@ class OrthancReceiver:
     aet = "ORTHANC"
 
     def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
         self.orthanc = Orthanc(workdir, aet=self.aet)
         self.port = 0
 
     def start(self) -> OrthancReceiver:
-        self.orthanc.start()
-        self.port = self.orthanc.dicom_port
-        wait_port(self.port)
+        self.port = self.orthanc.start().dicom_port
         return self
 
     def count(self) -> int:
@@ -119,15 +84,15 @@ class DicomnodeReceiver:
             f"storage: {{spool_dir: '{self.workdir / 'spool'}', "
             f"database_url: 'sqlite:///{self.workdir / 'dicomnode.db'}', fsync: {str(self.fsync).lower()}}}\n"
         )
-        log = open(self.workdir / "receive.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicomnode.receive", "--config", str(cfg), "--port", "0"],
-            stdout=subprocess.PIPE, stderr=log,
-        )
+        with open(self.workdir / "receive.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicomnode.receive", "--config", str(cfg), "--port", "0"],
+                stdout=subprocess.PIPE, stderr=log,
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode().strip()
         if not line.startswith("LISTENING "):
-            _stop(self.proc)
+            stop_process(self.proc)
             raise RuntimeError(f"dicomnode receiver did not start; see {self.workdir / 'receive.log'}")
         self.port = int(line.split()[1])
         return self
@@ -137,14 +102,13 @@ class DicomnodeReceiver:
             return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def send_folder(folder: Path, port: int, called_aet: str, calling_aet: str = "SCANNER") -> float:
     """Send every file of ``folder`` with one storescu association; returns the wall time in s."""
-    args = ["storescu", "-aet", calling_aet, "-aec", called_aet, "+sd", "127.0.0.1", str(port), str(folder)]
     t0 = time.perf_counter()
-    result = subprocess.run(args, capture_output=True, text=True, env=peer_env(), timeout=1800)
+    result = storescu([folder], port, called_aet=called_aet, calling_aet=calling_aet, timeout=1800)
     elapsed = time.perf_counter() - t0
     if result.returncode != 0:
         raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr.strip()[-500:]}")
@@ -152,6 +116,7 @@ def send_folder(folder: Path, port: int, called_aet: str, calling_aet: str = "SC
 
 
 def fresh_dir(path: Path) -> Path:
+    """``path`` as a new empty folder (whatever was there is removed)."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
