@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from dicomnode.db import Job, Series, make_sessionmaker
 from dicomnode.testing import Grid, default_grids, generate_study
-from dicomnode.testing.peers import Orthanc, free_port, peer_env, storescu
+from dicomnode.testing.peers import Orthanc, echoscu, free_port, peer_env, storescu, wait_until
 
 STABLE_SECONDS = 1.0
 
@@ -54,15 +54,8 @@ def one_round(tmp: Path, study_dir: Path, n_mr: int, method: str) -> dict[str, f
             stderr=open(tmp / "node.log", "wb"),  # noqa: SIM115
         )
         try:
-            for _ in range(200):
-                if (
-                    subprocess.run(
-                        ["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(port)], env=env, capture_output=True
-                    ).returncode
-                    == 0
-                ):
-                    break
-                time.sleep(0.1)
+            if not wait_until(lambda: echoscu(port).returncode == 0, node, timeout=60, interval=0.1):
+                raise RuntimeError(f"the node did not answer C-ECHO; see {tmp / 'node.log'}")
             t_send = time.monotonic()
             res = storescu([study_dir], port)
             assert res.returncode == 0, res.stderr
