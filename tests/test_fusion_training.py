@@ -75,6 +75,18 @@ def test_select_best_rule() -> None:
     assert B.select_best(tie) == "p"
 
 
+def test_select_best_prefers_beating_pixel_max() -> None:
+    base = {m: 1.0 for m in B.METRIC_NAMES}
+    scores = {
+        "max": dict(base),
+        "huge_on_two": {**base, "SD": 9.0, "SF": 9.0},  # larger normalised sum, beats max twice
+        "better_on_five": {**base, **{m: 1.1 for m in ("EN", "AG", "SCD", "VIF", "Qabf")}},
+        "worse": {m: 0.5 for m in B.METRIC_NAMES},
+    }
+    assert B.select_best(scores) == "better_on_five"
+    assert B.select_best({"max": dict(base), "worse": {m: 0.5 for m in B.METRIC_NAMES}}) == "max"
+
+
 def test_build_db_deterministic_and_complete(tmp_path: Path) -> None:
     root = _make_eval(tmp_path / "eval")
     m1 = B.build_db(root, tmp_path / "db1", ("MRI-PET",), progress=False)

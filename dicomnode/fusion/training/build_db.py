@@ -3,10 +3,10 @@
 For every ``train``/``val`` pair of ``<eval>/harvard/<type>/manifest.csv`` run every candidate
 fuser, score each result with the nine metrics, and keep the best one as the pair's target.
 
-Selection rule (documented in MODEL.md): within one pair, each metric is min-max normalised over
-the candidates (best = 1, worst = 0) and the normalised values are summed with equal weights; the
-candidate with the largest sum wins (ties: the earlier candidate in :func:`candidate_set` order).
-Every metric of the benchmark therefore counts equally, as in the benchmark's rank-per-column.
+Selection rule (documented in MODEL.md): within one pair, the candidate that beats pixel max on
+the most of the nine metrics wins -- a "successful" result must improve on the trivial baseline;
+ties go to the largest sum of per-metric min-max normalised values (best = 1, worst = 0, equal
+weights), then to the earlier candidate of :func:`candidate_set`.
 
 Output folder: ``pairs/<type>/<name>_a.png`` (MRI), ``_b.png`` (CT or luma), ``targets/<type>/<name>.png``,
 ``scores.csv`` (every candidate's nine metrics, ``selected`` flag) and ``manifest.json`` (splits,
@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 DB_VERSION = 1
 SCORE_FIELDS = ["pair_type", "name", "split", "candidate", *METRIC_NAMES, "selected"]
-SELECTION_RULE = "argmax over candidates of the sum over the 9 metrics of per-pair min-max normalised values"
+SELECTION_RULE = (
+    "most of the 9 metrics better than pixel max on the pair; ties: largest sum of per-pair min-max "
+    "normalised metrics; then candidate order"
+)
 
 
 class LeakError(RuntimeError):
@@ -64,14 +67,25 @@ def benchmark_hashes(eval_root: Path) -> set[str]:
     return hashes
 
 
-def select_best(scores: dict[str, dict[str, float]]) -> str:
-    """Apply the selection rule to ``{candidate: {metric: value}}`` of one pair."""
+def select_best(scores: dict[str, dict[str, float]], baseline: str = "max") -> str:
+    """Apply the selection rule to ``{candidate: {metric: value}}`` of one pair.
+
+    A successful fusion result must improve on the trivial baseline (pixel max): the winner beats
+    ``baseline`` on the most of the nine metrics; ties go to the largest sum of per-metric min-max
+    normalised values, then to the earlier candidate. Without the baseline only the sum counts.
+    """
     names = list(scores)
     mat = np.array([[scores[c][m] for m in METRIC_NAMES] for c in names], dtype=np.float64)
     lo, hi = mat.min(0), mat.max(0)
     span = np.where(hi > lo, hi - lo, 1.0)
     total = ((mat - lo) / span).sum(1)
-    return names[int(np.argmax(total))]
+    if baseline in scores:
+        ref = np.array([scores[baseline][m] for m in METRIC_NAMES])
+        wins = (mat > ref[None]).sum(1)
+    else:
+        wins = np.zeros(len(names), dtype=np.int64)
+    order = sorted(range(len(names)), key=lambda k: (-wins[k], -total[k], k))
+    return names[order[0]]
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:

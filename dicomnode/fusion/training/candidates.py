@@ -37,19 +37,36 @@ def _gain(fn: Candidate, gain: float) -> Candidate:
     return lambda a, b: fn(a, b) * gain
 
 
+def _soft_gain(fn: Candidate, alpha: float) -> Candidate:
+    """f + alpha f (1 - f): more contrast in the dark and mid tones, no clipping of bright spots."""
+
+    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        f = fn(a, b).clamp(0.0, 1.0)
+        return f + alpha * f * (1.0 - f)
+
+    return run
+
+
 def candidate_set() -> dict[str, Candidate]:
     """Name -> function of (N,1,H,W) tensors in [0,1]; outputs are clipped to [0,1] by the caller."""
     lpmax = LaplacianPyramidFuser(base="max")
-    lpmax_act = LaplacianPyramidFuser(base="max", activity_radius=1)
+    lpwin = LaplacianPyramidFuser(base="max", activity_radius=1)
+    lpwin_sharp = LaplacianPyramidFuser(base="max", activity_radius=1, detail_gain=1.3)
     gff = GuidedFilterFuser()
-    base: dict[str, Candidate] = {
+
+    def bg(f: LaplacianPyramidFuser | GuidedFilterFuser) -> Candidate:
+        return lambda a, b: keep_background(f.fuse_tensors(a, b), a, b)
+
+    return {
         "max": torch.maximum,
-        "lp-maxbase": lambda a, b: keep_background(lpmax.fuse_tensors(a, b), a, b),
-        "lp-maxbase-window": lambda a, b: keep_background(lpmax_act.fuse_tensors(a, b), a, b),
-        "guided-filter": lambda a, b: keep_background(gff.fuse_tensors(a, b), a, b),
-        "max-unsharp": lambda a, b: keep_background(unsharp(torch.maximum(a, b), 0.5), a, b),
+        "lp-maxbase-window": bg(lpwin),
+        "guided-filter": bg(gff),
+        "lp-maxbase-x1.15": _gain(bg(lpmax), 1.15),
+        "lp-maxbase-window-x1.15": _gain(bg(lpwin), 1.15),
+        "lp-maxbase-window-soft0.3": _soft_gain(bg(lpwin), 0.3),
+        "lp-maxbase-window-detail1.3-x1.1": _gain(bg(lpwin_sharp), 1.1),
+        "guided-filter-x1.15": _gain(bg(gff), 1.15),
+        "max-unsharp-x1.15": _gain(
+            lambda a, b: keep_background(unsharp(torch.maximum(a, b), 0.5), a, b), 1.15
+        ),
     }
-    out = {k: v for k, v in base.items() if k != "max-unsharp"}
-    for name in ("max", "lp-maxbase", "lp-maxbase-window", "max-unsharp"):
-        out[f"{name}-x1.15"] = _gain(base[name], 1.15)
-    return out

@@ -32,6 +32,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     db.add_argument("--out", type=Path, default=DEFAULT_DB_DIR, help="database folder to write")
     db.add_argument("--types", nargs="+", default=list(PAIR_TYPES), choices=list(PAIR_TYPES))
     db.add_argument("--limit", type=int, default=None, help="at most this many pairs per type (smoke runs)")
+    db.add_argument("--train-every", type=int, default=3, help="keep every k-th train row (all val rows)")
     db.add_argument("--device", default="cpu")
     db.set_defaults(func=_cmd_build_db)
 
@@ -53,7 +54,10 @@ def _cmd_build_db(args: argparse.Namespace) -> int:
     from dicomnode.fusion.training.build_db import LeakError, build_db  # noqa: PLC0415
 
     try:
-        m = build_db(args.eval_root, args.out, tuple(args.types), limit=args.limit, device=args.device)
+        m = build_db(
+            args.eval_root, args.out, tuple(args.types), limit=args.limit, device=args.device,
+            train_every=args.train_every,
+        )
     except (FileNotFoundError, LeakError) as exc:
         print(f"build-db: {exc}", file=sys.stderr)
         return 2
