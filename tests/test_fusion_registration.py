@@ -189,3 +189,15 @@ def test_euler_round_trip() -> None:
     m = rigid_matrix(angles, np.array([1.0, 2.0, 3.0]), np.array([10.0, 0.0, -5.0]))
     np.testing.assert_allclose(m @ np.array([10.0, 0.0, -5.0, 1.0]), [11.0, 2.0, -2.0, 1.0])
     assert abs(rotation_angle_deg(euler_matrix(np.radians([0.0, 0.0, 20.0]))) - 20.0) < 1e-9
+
+
+def test_cpu_threads_is_restored(mr: Volume) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    truth = _truth((5.0, 0.0, 0.0), (5.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    pet = _moving("PT", truth)
+    result = register_rigid(mr, pet, device="cpu", finest_mm=4.0, levels=2, cpu_threads=1)
+    assert torch.get_num_threads() == before
+    rot_err, trans_err, _ = _errors(result, truth)
+    assert rot_err < 1.0 and trans_err < 1.0, result
