@@ -18,9 +18,11 @@ from dicomnode.fusion.resample import resample_to, resolve_device
 from dicomnode.fusion.volume import Volume
 
 FUNCTIONAL_MODALITIES = {"PT", "NM"}
-# CT display window for fusion (HU): bone bright, brain dark-gray, as in the Harvard atlas pairs.
-CT_WINDOW = (-100.0, 1600.0)
+# CT window for fusion (HU): the brain window (W 80, L 40) of the Harvard atlas CT slices the
+# model was trained on: brain mid-gray, CSF dark, bone saturated white.
+CT_WINDOW = (0.0, 80.0)
 AIR_HU = -1000.0
+MR_BRAIN_LEVEL = 0.6  # MR window: the head's 75th percentile (mostly brain) maps to this gray level
 
 
 class FusionError(ValueError):
@@ -66,7 +68,12 @@ def intensity_window(array: np.ndarray, modality: str) -> tuple[float, float]:
         return 0.0, 1.0
     if modality in FUNCTIONAL_MODALITIES:
         return 0.0, float(np.percentile(positive, 99.9))
-    return 0.0, float(np.percentile(positive, 99.5))
+    # Anatomy (MR): put the brain (upper quartile of the head) at mid-gray, as in the training data,
+    # so bright fat and dark bone/CSF keep their contrast (the window may reach past the maximum).
+    top = float(np.percentile(positive, 99.9))
+    head = positive[positive > 0.05 * top]
+    hi = float(np.percentile(head, 75)) / MR_BRAIN_LEVEL if head.size else top
+    return 0.0, max(hi, 1e-6)
 
 
 def fuse_pair(
