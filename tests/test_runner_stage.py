@@ -243,3 +243,29 @@ def test_superseded_generation_and_recovery(env, tmp_path: Path):
     stage.run_once()
     with sm() as s:
         assert s.get(Job, dead_id).state == "done"
+
+
+def test_different_frames_without_reg_are_registered(env, tmp_path: Path):
+    """No REG object: rigid MI registration aligns the CT; the job records it, the series says REG."""
+    sm, spool, stage = env
+    st = generate_study(tmp_path / "st", modalities=("MR", "CT"), scale=0.4, seed=2)
+    _shift_to_other_frame(st.series["CT"].paths, generate_uid())
+    index(sm, spool, st.series["MR"].paths + st.series["CT"].paths)
+    job_id = add_job(
+        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
+    )
+    stage.run_once()
+    with sm() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "done", job.error
+        details = json.loads(job.details)
+        outs = s.scalars(select(Output).where(Output.job_id == job_id)).all()
+        ev = s.scalars(select(Event).where(Event.entity == "job", Event.new_state == "done")).one()
+    assert "rigid registration" in details["alignment"] and "rigid registration" in ev.reason
+    reg = details["registration"]
+    assert reg["plausible"] is True
+    # recovered translation: the CT frame is the MR frame shifted by SHIFT
+    matrix = np.array(reg["matrix"])
+    np.testing.assert_allclose(matrix[:3, :3], np.eye(3), atol=0.02)
+    np.testing.assert_allclose(matrix[:3, 3], SHIFT, atol=1.5)
+    assert "REG" in pydicom.dcmread(spool.abspath(outs[0].path)).SeriesDescription
