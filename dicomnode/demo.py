@@ -48,7 +48,7 @@ def _fused_series_in_orthanc(orthanc) -> list[dict]:  # type: ignore[no-untyped-
 
 
 def _preview(orthanc, series: dict, study_dir: Path, out_png: Path) -> None:  # type: ignore[no-untyped-def]
-    """Middle fused slice from Orthanc beside its MR source and the moving source on the same slice."""
+    """A fused slice from Orthanc beside its MR source and the moving source on the same slice."""
     import pydicom  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
@@ -56,12 +56,16 @@ def _preview(orthanc, series: dict, study_dir: Path, out_png: Path) -> None:  # 
     from dicomnode.fusion.resample import resample_to  # noqa: PLC0415
     from dicomnode.runner.batch import read_series_dir  # noqa: PLC0415
 
-    instances = sorted(
-        (orthanc.rest(f"/instances/{i}/simplified-tags") | {"id": i} for i in series["instance_ids"]),
-        key=lambda t: int(t.get("InstanceNumber", 0)),
-    )
-    mid = instances[len(instances) // 2]
-    fused = pydicom.dcmread(io.BytesIO(orthanc.rest(f"/instances/{mid['id']}/file", raw=True)))
+    # show the slice with the most to see (hot lesion, structure), not just the middle one
+    best, best_std = None, -1.0
+    for iid in series["instance_ids"]:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.rest(f"/instances/{iid}/file", raw=True)))
+        px = np.asarray(ds.pixel_array, dtype=np.float32)
+        # RGB (PET/SPECT): most high-uptake pixels (Hot Iron turns yellow only for hot spots)
+        std = float((px[..., 1] > 128).sum()) if px.ndim == 3 else float(px.std())
+        if std > best_std:
+            best, best_std = ds, std
+    fused = best
     fused_px = fused.pixel_array
     ref_uid = str(fused.SourceImageSequence[0].ReferencedSOPInstanceUID)
     moving_mod = series["series_description"].split("+")[1].split()[0]
