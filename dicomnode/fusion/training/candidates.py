@@ -66,6 +66,9 @@ def candidate_set() -> dict[str, Candidate]:
         "lp-maxbase-window-soft0.3": _soft_gain(bg(lpwin), 0.3),
         "lp-maxbase-window-detail1.3-x1.1": _gain(bg(lpwin_sharp), 1.1),
         "guided-filter-x1.15": _gain(bg(gff), 1.15),
+        "guided-filter-x1.05": _gain(bg(gff), 1.05),
+        "lp-maxbase-window-x1.05": _gain(bg(lpwin), 1.05),
+        "lp-maxbase-window-detail1.3-soft0.3": _soft_gain(bg(lpwin_sharp), 0.3),
         "max-unsharp-x1.15": _gain(
             lambda a, b: keep_background(unsharp(torch.maximum(a, b), 0.5), a, b), 1.15
         ),

@@ -39,7 +39,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     fit = sub.add_parser("fit", help="train the CNN on the database, keep the best checkpoint on val")
     fit.add_argument("--db", type=Path, default=DEFAULT_DB_DIR)
     fit.add_argument("--out", type=Path, default=WEIGHTS_FILE, help="weights file to write")
-    fit.add_argument("--steps", type=int, default=800)
+    fit.add_argument("--steps", type=int, default=1000)
     fit.add_argument("--batch-size", type=int, default=12)
     fit.add_argument("--crop", type=int, default=112)
     fit.add_argument("--lr", type=float, default=3e-3)

@@ -102,7 +102,7 @@ def _augment(
 def fit(
     db_dir: Path,
     out_path: Path = WEIGHTS_FILE,
-    steps: int = 800,
+    steps: int = 1000,
     batch_size: int = 12,
     crop: int = 112,
     lr: float = 3e-3,
