@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import SCHEMA_VERSION, Base, SchemaInfo
@@ -40,8 +42,23 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def init_db(engine: Engine) -> None:
-    """Create missing tables and check the schema version."""
+def init_db(engine: Engine, attempts: int = 10) -> None:
+    """Create missing tables and check the schema version.
+
+    Stages started together as separate processes race to create the schema; the loser of a
+    race sees "already exists" / a duplicate key and simply tries again.
+    """
+    for attempt in range(attempts):
+        try:
+            _create(engine)
+            return
+        except (OperationalError, IntegrityError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def _create(engine: Engine) -> None:
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         info = s.scalar(select(SchemaInfo))
