@@ -39,11 +39,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     fit = sub.add_parser("fit", help="train the CNN on the database, keep the best checkpoint on val")
     fit.add_argument("--db", type=Path, default=DEFAULT_DB_DIR)
     fit.add_argument("--out", type=Path, default=WEIGHTS_FILE, help="weights file to write")
-    fit.add_argument("--steps", type=int, default=1000)
+    fit.add_argument("--steps", type=int, default=2000)
     fit.add_argument("--batch-size", type=int, default=12)
     fit.add_argument("--crop", type=int, default=112)
     fit.add_argument("--lr", type=float, default=3e-3)
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--width", type=int, default=24, help="channels of the coefficient network")
     fit.add_argument("--val-every", type=int, default=100)
     fit.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     fit.set_defaults(func=_cmd_fit)
@@ -72,7 +73,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     try:
         meta = fit(
             args.db, args.out, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-            seed=args.seed, device=args.device, val_every=args.val_every, command=command,
+            seed=args.seed, device=args.device, val_every=args.val_every, width=args.width, command=command,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"fit: {exc}", file=sys.stderr)

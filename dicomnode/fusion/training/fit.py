@@ -102,14 +102,14 @@ def _augment(
 def fit(
     db_dir: Path,
     out_path: Path = WEIGHTS_FILE,
-    steps: int = 1000,
+    steps: int = 2000,
     batch_size: int = 12,
     crop: int = 112,
     lr: float = 3e-3,
     seed: int = 0,
     device: str = "auto",
     val_every: int = 100,
-    width: int = 16,
+    width: int = 24,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
