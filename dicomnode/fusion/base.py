@@ -32,6 +32,13 @@ class Fuser(ABC):
     def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Fuse ``a`` (N,H,W) with ``b`` (N,H,W), both float32 in [0,1]; return (N,H,W) in [0,1]."""
 
+    def for_modality(self, moving_modality: str) -> Fuser:
+        """The fuser to use when ``b`` comes from ``moving_modality`` (CT, PT, NM); default: self.
+
+        A learned fuser with per-modality weights returns its specialised variant here.
+        """
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, device={self.device!r})"
 

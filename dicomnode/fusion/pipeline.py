@@ -104,6 +104,7 @@ def fuse_pair(
             f"the {moving.modality} series does not overlap the {reference.modality} series in patient space"
         )
     functional = moving.modality in FUNCTIONAL_MODALITIES
+    fuser = fuser.for_modality(moving.modality)
     n = a.shape[0]
     out = np.empty(a.shape + ((3,) if functional else ()), dtype=np.uint8)
     t1 = time.perf_counter()
