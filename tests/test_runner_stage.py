@@ -262,6 +262,7 @@ def test_different_frames_without_reg_are_registered(env, tmp_path: Path):
         outs = s.scalars(select(Output).where(Output.job_id == job_id)).all()
         ev = s.scalars(select(Event).where(Event.entity == "job", Event.new_state == "done")).one()
     assert "rigid registration" in details["alignment"] and "rigid registration" in ev.reason
+    assert "translation (" in ev.reason and "iterations" in ev.reason and "mutual information" in ev.reason
     reg = details["registration"]
     assert reg["plausible"] is True
     # recovered translation: the CT frame is the MR frame shifted by SHIFT
@@ -269,3 +270,25 @@ def test_different_frames_without_reg_are_registered(env, tmp_path: Path):
     np.testing.assert_allclose(matrix[:3, :3], np.eye(3), atol=0.02)
     np.testing.assert_allclose(matrix[:3, 3], SHIFT, atol=1.5)
     assert "REG" in pydicom.dcmread(spool.abspath(outs[0].path)).SeriesDescription
+
+
+def test_implausible_registration_fails_the_job_with_reason(env, tmp_path: Path):
+    """A moving series with nothing to register on is refused, never fused wrongly."""
+    sm, spool, stage = env
+    st = generate_study(tmp_path / "st", modalities=("MR", "CT"), scale=0.25, seed=2)
+    rng = np.random.default_rng(0)
+    for p in st.series["CT"].paths:
+        ds = pydicom.dcmread(p)
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.999"
+        ds.PixelData = rng.integers(0, 2000, size=(ds.Rows, ds.Columns), dtype=np.int16).tobytes()
+        ds.save_as(p)
+    index(sm, spool, st.series["MR"].paths + st.series["CT"].paths)
+    job_id = add_job(
+        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
+    )
+    stage.run_once()
+    with sm() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "failed"
+        assert "registration result implausible" in job.error
+        assert s.scalars(select(Output)).all() == []

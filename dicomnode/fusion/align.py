@@ -42,10 +42,16 @@ def align(
             "series are in different frames of reference and registration is not available"
         ) from None
     result = register_rigid(reference, moving, device=device)
+    rot = ", ".join(f"{v:.2f}" for v in np.asarray(result.rotation_deg))
+    trans = ", ".join(f"{v:.1f}" for v in np.asarray(result.translation_mm))
+    summary = (
+        f"rotation ({rot}) deg, translation ({trans}) mm, mutual information "
+        f"{result.initial_similarity:.3f} -> {result.similarity:.3f}, {result.iterations} iterations"
+    )
     info = {
-        "alignment": "different frames of reference: rigid registration (mutual information)",
+        "alignment": f"different frames of reference: rigid registration (mutual information): {summary}",
         "registration": json.loads(result.to_json()),
     }
     if not result.plausible:
-        raise FusionError(f"registration result implausible: {result.reason}")
+        raise FusionError(f"registration result implausible ({summary}): {result.reason}")
     return np.asarray(result.matrix), info
