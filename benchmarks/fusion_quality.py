@@ -26,8 +26,11 @@ PEERS = ("IFCNN", "MATR", "U2Fusion", "EMFusion")
 BASELINES = ("average", "max", "laplacian-pyramid")
 
 
-def _fuse8(method: str, a8: np.ndarray, b8: np.ndarray, device: str) -> np.ndarray:
-    fuser = get_fuser(method, device=device)
+MODALITY = {"MRI-CT": "CT", "MRI-PET": "PT", "MRI-SPECT": "NM"}  # moving modality of each pair type
+
+
+def _fuse8(method: str, a8: np.ndarray, b8: np.ndarray, device: str, modality: str) -> np.ndarray:
+    fuser = get_fuser(method, device=device).for_modality(modality)
     out = fuser.fuse(a8.astype(np.float32) / 255.0, b8.astype(np.float32) / 255.0)
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
@@ -57,10 +60,10 @@ def run(eval_root: Path, method: str, device: str, sheet: Path | None, per_type_
         ps = load_pairs(folder, t)
         fused: dict[str, np.ndarray] = {}
         t0 = time.perf_counter()
-        fused[f"ours ({ours_name})"] = _fuse8(method, ps.a, ps.b, device)
+        fused[f"ours ({ours_name})"] = _fuse8(method, ps.a, ps.b, device, MODALITY[t])
         ours_s = time.perf_counter() - t0
         for m in BASELINES:
-            fused[m] = _fuse8(m, ps.a, ps.b, device)
+            fused[m] = _fuse8(m, ps.a, ps.b, device, MODALITY[t])
         for p in PEERS:
             d = eval_root / "peers" / p / "harvard-cddfuse" / t
             if d.is_dir():

@@ -90,3 +90,39 @@ def test_shipped_weights_are_small() -> None:
     if not M.weights_available():
         pytest.skip("no weights shipped in this checkout")
     assert M.WEIGHTS_FILE.stat().st_size < 5 * 1024 * 1024
+
+
+def test_mix_with_max_is_the_blend() -> None:
+    """Rescaling the head gives exactly alpha * net + (1 - alpha) * max."""
+    torch.manual_seed(0)
+    net = M.FusionNet(width=8)
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.1)
+    a, b = _pair(2, 24, 20)
+    with torch.no_grad():
+        ref = 0.7 * net(a, b) + 0.3 * torch.maximum(a, b)
+        out = M.mix_with_max(net, 0.7)(a, b)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_for_modality_uses_per_modality_weights(tmp_path) -> None:
+    """A checkpoint with per_modality entries: CT gets its own net, unknown modalities the general one."""
+    general = M.FusionNet(width=8)
+    ct = M.FusionNet(width=8)
+    with torch.no_grad():
+        ct.head.bias.zero_()
+        ct.head.bias[M.BASIS_NAMES.index("a")] = 1.0  # CT specialisation: returns the MRI
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": general.state_dict(), "config": {"width": 8}, "meta": {"version": "g"},
+                "per_modality": {"CT": {"state_dict": ct.state_dict(), "config": {"width": 8},
+                                        "meta": {"version": "c"}}}}, path)
+    f = M.CNNFuser(device="cpu", weights=path)
+    a = np.random.default_rng(0).random((2, 16, 16), dtype=np.float32) * 0.5 + 0.1
+    b = np.random.default_rng(1).random((2, 16, 16), dtype=np.float32) * 0.5 + 0.1
+    assert f.modalities == ["CT"]
+    assert f.for_modality("PT") is f and f.for_modality("NM") is f
+    fct = f.for_modality("ct")
+    assert fct is not f and fct.version == "g-CT-c"
+    np.testing.assert_allclose(fct.fuse(a, b), a, atol=1e-6)
+    np.testing.assert_allclose(f.fuse(a, b), np.maximum(a, b), atol=1e-6)  # the general net is untouched
+    assert fct.for_modality("CT") is fct

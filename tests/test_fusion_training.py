@@ -192,3 +192,24 @@ def test_harvard_benchmark_rows_are_excluded_by_split() -> None:
     for t in PAIR_TYPES:
         ps = load_pairs(SHARED_EVAL / "harvard" / t, t, ("train", "val"))
         assert "benchmark" not in ps.splits
+
+
+def test_select_best_prefer_ranks_first() -> None:
+    """A per-type rule: the candidate beating max on the preferred metric wins over more overall wins."""
+    base = {m: 1.0 for m in B.METRIC_NAMES}
+    scores = {
+        "max": dict(base),
+        "many": {**base, **{m: 1.1 for m in ("EN", "SD", "SF", "AG")}},
+        "qabf": {**base, "Qabf": 1.1},
+    }
+    assert B.select_best(scores) == "many"
+    assert B.select_best(scores, prefer=("Qabf",)) == "qabf"
+
+
+def test_fuse_png_dirs_rejects_unknown_modality(tmp_path: Path) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    _save(a_dir / "x.png", _blob(1))
+    _save(b_dir / "x.png", _blob(2))
+    with pytest.raises(ValueError, match="modality"):
+        fuse_png_dirs(a_dir, b_dir, tmp_path / "o", method="max", progress=False, modality="MR")
+    assert fuse_png_dirs(a_dir, b_dir, tmp_path / "o", method="max", progress=False, modality="MRI-CT") == 1

@@ -27,6 +27,8 @@ DEFAULT_MODEL_NAME = "li2021-cnn"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.pt"
 BASIS_NAMES = ("a", "b", "max", "min", "detail_fine", "detail_coarse", "one")
+# pair type of the training data -> DICOM modality of the moving (b) image
+MODALITY_OF_TYPE = {"MRI-CT": "CT", "MRI-PET": "PT", "MRI-SPECT": "NM"}
 
 
 def weights_available(path: Path | None = None) -> bool:
@@ -106,6 +108,15 @@ class FusionNet(nn.Module):
         return torch.where(torch.maximum(a, b) <= 0.5 / 255, torch.zeros_like(fused), fused)
 
 
+def mix_with_max(net: FusionNet, alpha: float) -> FusionNet:
+    """Make ``net`` output ``alpha * net + (1 - alpha) * max(a, b)``: rescale its linear head (no cost)."""
+    with torch.no_grad():
+        net.head.weight.mul_(alpha)
+        net.head.bias.mul_(alpha)
+        net.head.bias[BASIS_NAMES.index("max")] += 1.0 - alpha
+    return net
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a weights file (a dict with ``state_dict``, ``config`` and ``meta``)."""
     if not path.is_file():
@@ -132,15 +143,41 @@ class CNNFuser(TorchFuser):
     version = "1"
     batch_size = 16
 
-    def __init__(self, device: str = "cpu", weights: str | Path | None = None) -> None:
+    def __init__(
+        self, device: str = "cpu", weights: str | Path | None = None, modality: str | None = None
+    ) -> None:
         super().__init__(device)
         path = Path(weights) if weights is not None else WEIGHTS_FILE
-        ckpt = load_checkpoint(path)
-        self.meta = dict(ckpt.get("meta", {}))
+        self._ckpt = load_checkpoint(path)
+        self.modality: str | None = None
+        self.meta = dict(self._ckpt.get("meta", {}))
         self.version = str(self.meta.get("version", "1"))
-        self.net = build_net(ckpt.get("config"))
-        self.net.load_state_dict(ckpt["state_dict"])
+        self.net = build_net(self._ckpt.get("config"))
+        self.net.load_state_dict(self._ckpt["state_dict"])
         self.net.eval().to(self.torch_device)
+        if modality is not None:
+            spec = self.for_modality(modality)
+            self.modality, self.version, self.net = spec.modality, spec.version, spec.net
+
+    @property
+    def modalities(self) -> list[str]:
+        """Moving modalities with their own specialised weights in the checkpoint."""
+        return sorted(self._ckpt.get("per_modality", {}))
+
+    def for_modality(self, moving_modality: str) -> CNNFuser:
+        """The weights trained for MRI + ``moving_modality`` (CT, PT, NM) when shipped, else self."""
+        m = (moving_modality or "").upper()
+        if m == (self.modality or "").upper() or m not in self._ckpt.get("per_modality", {}):
+            return self
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.modality = m
+        entry = self._ckpt["per_modality"][m]
+        clone.version = f"{self.meta.get('version', '1')}-{m}-{entry.get('meta', {}).get('version', '1')}"
+        clone.net = build_net(entry.get("config"))
+        clone.net.load_state_dict(entry["state_dict"])
+        clone.net.eval().to(self.torch_device)
+        return clone
 
     def fuse_tensors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.net(a, b)

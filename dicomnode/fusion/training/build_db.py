@@ -67,12 +67,15 @@ def benchmark_hashes(eval_root: Path) -> set[str]:
     return hashes
 
 
-def select_best(scores: dict[str, dict[str, float]], baseline: str = "max") -> str:
+def select_best(
+    scores: dict[str, dict[str, float]], baseline: str = "max", prefer: tuple[str, ...] = ()
+) -> str:
     """Apply the selection rule to ``{candidate: {metric: value}}`` of one pair.
 
     A successful fusion result must improve on the trivial baseline (pixel max): the winner beats
     ``baseline`` on the most of the nine metrics; ties go to the largest sum of per-metric min-max
     normalised values, then to the earlier candidate. Without the baseline only the sum counts.
+    ``prefer`` (a per-pair-type rule) ranks first by how many of those metrics beat the baseline.
     """
     names = list(scores)
     mat = np.array([[scores[c][m] for m in METRIC_NAMES] for c in names], dtype=np.float64)
@@ -81,10 +84,13 @@ def select_best(scores: dict[str, dict[str, float]], baseline: str = "max") -> s
     total = ((mat - lo) / span).sum(1)
     if baseline in scores:
         ref = np.array([scores[baseline][m] for m in METRIC_NAMES])
-        wins = (mat > ref[None]).sum(1)
+        beats = mat > ref[None]
+        wins = beats.sum(1)
+        pref = beats[:, [METRIC_NAMES.index(m) for m in prefer]].sum(1)
     else:
         wins = np.zeros(len(names), dtype=np.int64)
-    order = sorted(range(len(names)), key=lambda k: (-wins[k], -total[k], k))
+        pref = wins
+    order = sorted(range(len(names)), key=lambda k: (-pref[k], -wins[k], -total[k], k))
     return names[order[0]]
 
 

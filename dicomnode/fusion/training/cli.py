@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.colour import fuse_colour
-from dicomnode.fusion.model import WEIGHTS_FILE
+from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE
 from dicomnode.fusion.training.data import PAIR_TYPES, read_gray_or_rgb
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,13 @@ def fuse_png_dirs(
     device: str = "auto",
     batch_size: int = 16,
     progress: bool = True,
+    modality: str | None = None,
 ) -> int:
     """Fuse PNGs of ``a_dir`` (MRI) with same-named PNGs of ``b_dir``; write to ``out_dir``; return the count.
+
+    ``modality`` (CT, PT, NM, or a pair type MRI-CT/MRI-PET/MRI-SPECT) picks the fuser's
+    specialisation (:meth:`Fuser.for_modality`); when None, gray ``b`` images count as CT and
+    colour ones use the general model (PET and SPECT pseudo-colour cannot be told apart).
 
     A colour ``b`` is fused on its luma and keeps its chroma (RGB out); gray stays gray. Files without
     a partner are skipped with a warning; pairs of different sizes raise ValueError naming the file.
@@ -106,7 +111,13 @@ def fuse_png_dirs(
         log.warning("%d file(s) of %s have no partner in %s; skipped", len(missing), a_dir, b_dir)
     names = [n for n in names if (b_dir / n).is_file()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    fuser = get_fuser(method, device=device)
+    base_fuser = get_fuser(method, device=device)
+    mod = MODALITY_OF_TYPE.get(modality, modality) if modality else None
+    if mod is not None and mod.upper() not in ("CT", "PT", "NM"):
+        raise ValueError(f"unknown modality {modality!r}; use CT, PT, NM or MRI-CT, MRI-PET, MRI-SPECT")
+    gray_fuser = base_fuser.for_modality(mod or "CT")
+    colour_fuser = base_fuser.for_modality(mod) if mod else base_fuser
+    fuser = base_fuser
     done = 0
     bar = tqdm(total=len(names), desc=f"fuse ({fuser.name})", disable=not progress, unit="slice")
     for i in range(0, len(names), batch_size):
@@ -136,10 +147,10 @@ def fuse_png_dirs(
             for ks in by_shape.values():
                 a01 = np.stack([group_a[k] for k in ks]).astype(np.float32) / 255.0
                 if colour:
-                    out = fuse_colour(fuser, a01, np.stack([group_b[k] for k in ks]))
+                    out = fuse_colour(colour_fuser, a01, np.stack([group_b[k] for k in ks]))
                 else:
                     b01 = np.stack([group_b[k] for k in ks]).astype(np.float32) / 255.0
-                    out = np.clip(np.rint(fuser.fuse(a01, b01) * 255.0), 0, 255).astype(np.uint8)
+                    out = np.clip(np.rint(gray_fuser.fuse(a01, b01) * 255.0), 0, 255).astype(np.uint8)
                 for j, k in enumerate(ks):
                     Image.fromarray(out[j]).save(out_dir / group_n[k])
                     done += 1
@@ -162,11 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     png.add_argument("--method", default="default")
     png.add_argument("--device", default="auto")
     png.add_argument("--batch-size", type=int, default=16)
+    png.add_argument("--modality", default=None, help="CT, PT or NM (or MRI-CT/MRI-PET/MRI-SPECT)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(["train", *argv] if argv and argv[0] in ("build-db", "fit") else argv)
     if args.command == "fuse-png":
         try:
-            n = fuse_png_dirs(args.a_dir, args.b_dir, args.out_dir, args.method, args.device, args.batch_size)
+            n = fuse_png_dirs(
+                args.a_dir, args.b_dir, args.out_dir, args.method, args.device, args.batch_size,
+                modality=args.modality,
+            )
         except (FileNotFoundError, ValueError, KeyError) as exc:
             print(f"fuse-png: {exc}", file=sys.stderr)
             return 2

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dicomnode.fusion.model import DEFAULT_MODEL_NAME, WEIGHTS_FILE, build_net
+from dicomnode.fusion.model import DEFAULT_MODEL_NAME, WEIGHTS_FILE, build_net, load_checkpoint
 from dicomnode.fusion.resample import resolve_device
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def fit(
     width: int = 24,
     progress: bool = True,
     command: str = "",
+    init: Path | None = None,
 ) -> dict[str, Any]:
     """Train, keep the best checkpoint on ``val``, write it to ``out_path``; returns its metadata."""
     torch.manual_seed(seed)
@@ -123,7 +124,13 @@ def fit(
     a_va, b_va, t_va, e_va = load_db(db_dir, "val")
     crop = min(crop, a_tr.shape[-1], a_tr.shape[-2])
     config = {"width": width, "dilations": [1, 2, 4, 8]}
-    net = build_net(config).to(dev)
+    net = build_net(config)
+    if init is not None:  # fine-tune (e.g. a per-modality specialisation of the general model)
+        ck = load_checkpoint(Path(init))
+        config = dict(ck.get("config") or config)
+        net = build_net(config)
+        net.load_state_dict(ck["state_dict"])
+    net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -177,6 +184,7 @@ def fit(
         "db_rule": manifest.get("rule", ""),
         "db_candidates": manifest.get("candidates", []),
         "command": command,
+        "init": str(init) if init is not None else "",
         # content hashes of every image the model saw: the leak test checks them against the benchmark
         "train_hashes": sorted(
             {e[k] for e in e_tr + e_va for k in ("hash_a", "hash_b", "hash_pair_a", "hash_pair_b")}
