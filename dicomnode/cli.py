@@ -92,6 +92,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             method=args.method,
             device=args.device,
             batch_size=args.batch_size,
+            modality=args.modality,
         )
         print(f"fused {n} PNG pairs into {args.out_dir}")
         return 0
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("moving_dir", help="moving (CT/PT/NM) series folder, or PNG folder with --png")
     sp.add_argument("out_dir")
     sp.add_argument("--png", action="store_true", help="fuse folders of registered PNG pairs instead")
+    sp.add_argument("--modality", default=None, help="with --png: CT, PT or NM (which specialisation to use)")
     sp.add_argument("--method", default="default", help="fuser name (default: the shipped model)")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     sp.add_argument("--batch-size", type=int, default=16)

@@ -56,3 +56,23 @@ def test_fuse_cli_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtur
     args = ["fuse", str(st.series["MR"].directory), str(st.series["CT"].directory), str(tmp_path / "o")]
     assert cli_main([*args, "--method", "no-such-fuser"]) == 2
     assert "unknown fusion method 'no-such-fuser'" in capsys.readouterr().err
+
+
+def test_fuse_png_mode_from_the_cli(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    src = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "harvard-cddfuse" / "MRI-PET"
+    if not src.is_dir():
+        pytest.skip("../shared/eval is absent")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for n in ("0001", "0002"):
+        shutil.copy(src / f"{n}_a.png", a / f"{n}.png")
+        shutil.copy(src / f"{n}_b.png", b / f"{n}.png")
+    assert cli_main(["fuse", "--png", str(a), str(b), str(tmp_path / "out"), "--modality", "PT"]) == 0
+    out = np.asarray(Image.open(tmp_path / "out" / "0001.png"))
+    pet = np.asarray(Image.open(b / "0001.png").convert("RGB"))
+    assert out.shape == pet.shape  # colour in, colour out
+    assert not np.array_equal(out, pet)  # the MRI contributed
