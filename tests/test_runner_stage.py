@@ -73,6 +73,13 @@ def add_job(sm, ref_uid: str, mov_uid: str, patient: str, rule="mr-ct") -> int:
         return job.id
 
 
+def add_study_job(sm, st) -> int:
+    """The MR+CT job of a generated study."""
+    return add_job(
+        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
+    )
+
+
 @pytest.fixture()
 def env(tmp_path: Path):
     sm = make_sessionmaker(f"sqlite:///{tmp_path}/n.db")
@@ -92,9 +99,7 @@ def test_job_to_outputs_and_deliveries(env, tmp_path: Path):
     sm, spool, stage = env
     st = generate_study(tmp_path / "st", modalities=("MR", "CT"), scale=0.2, seed=1)
     index(sm, spool, st.series["MR"].paths + st.series["CT"].paths)
-    job_id = add_job(
-        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
-    )
+    job_id = add_study_job(sm, st)
     assert stage.run_once() == 1
     n = len(st.series["MR"].paths)
     with sm() as s:
@@ -164,9 +169,7 @@ def test_spatial_registration_object_aligns_other_frame(env, tmp_path: Path):
     to_mr[:3, 3] = -SHIFT  # CT frame -> MR frame
     reg = _reg_object(tmp_path / "reg.dcm", st, st.frame_of_reference_uid, other_for, to_mr)
     index(sm, spool, st.series["MR"].paths + st.series["CT"].paths + [reg])
-    job_id = add_job(
-        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
-    )
+    job_id = add_study_job(sm, st)
     stage.run_once()
     with sm() as s:
         job = s.get(Job, job_id)
@@ -200,9 +203,7 @@ def test_unreadable_series_fails_job_with_reason(env, tmp_path: Path):
     with sm() as s:
         victim = s.scalars(select(Instance).where(Instance.modality == "CT")).first()
         spool.abspath(victim.path).write_bytes(b"not dicom at all")
-    job_id = add_job(
-        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
-    )
+    job_id = add_study_job(sm, st)
     stage.run_once()
     with sm() as s:
         job = s.get(Job, job_id)
@@ -251,9 +252,7 @@ def test_different_frames_without_reg_are_registered(env, tmp_path: Path):
     st = generate_study(tmp_path / "st", modalities=("MR", "CT"), scale=0.4, seed=2)
     _shift_to_other_frame(st.series["CT"].paths, generate_uid())
     index(sm, spool, st.series["MR"].paths + st.series["CT"].paths)
-    job_id = add_job(
-        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
-    )
+    job_id = add_study_job(sm, st)
     stage.run_once()
     with sm() as s:
         job = s.get(Job, job_id)
@@ -283,9 +282,7 @@ def test_implausible_registration_fails_the_job_with_reason(env, tmp_path: Path)
         ds.PixelData = rng.integers(0, 2000, size=(ds.Rows, ds.Columns), dtype=np.int16).tobytes()
         ds.save_as(p)
     index(sm, spool, st.series["MR"].paths + st.series["CT"].paths)
-    job_id = add_job(
-        sm, st.series["MR"].series_instance_uid, st.series["CT"].series_instance_uid, st.patient_id
-    )
+    job_id = add_study_job(sm, st)
     stage.run_once()
     with sm() as s:
         job = s.get(Job, job_id)

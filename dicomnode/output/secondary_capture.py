@@ -148,6 +148,15 @@ class _MovingIndex:
         return sorted(hits, key=lambda ds: float(_geometry(ds)[0] @ self.normal))  # type: ignore[index]
 
 
+def _code_item(code: object) -> Dataset:
+    """A code sequence item (value, scheme, meaning) from a pydicom ``Code``."""
+    item = Dataset()
+    item.CodeValue = code.value  # type: ignore[attr-defined]
+    item.CodingSchemeDesignator = code.scheme_designator  # type: ignore[attr-defined]
+    item.CodeMeaning = code.meaning  # type: ignore[attr-defined]
+    return item
+
+
 def _image_ref(ds: Dataset, purpose: bool) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = ds.SOPClassUID
@@ -157,12 +166,7 @@ def _image_ref(ds: Dataset, purpose: bool) -> Dataset:
     if isinstance(frame, int):
         item.ReferencedFrameNumber = frame
     if purpose:
-        code = codes.DCM.SourceImageForImageProcessingOperation
-        c = Dataset()
-        c.CodeValue = code.value
-        c.CodingSchemeDesignator = code.scheme_designator
-        c.CodeMeaning = code.meaning
-        item.PurposeOfReferenceCodeSequence = [c]
+        item.PurposeOfReferenceCodeSequence = [_code_item(codes.DCM.SourceImageForImageProcessingOperation)]
     return item
 
 
@@ -300,12 +304,7 @@ def build_fused_series(
         sc.LossyImageCompression = "00"
         sc.ImageComments = f"{RESEARCH_NOTICE}. {description}"[:10240]
         sc.DerivationDescription = derivation
-        code = codes.DCM.SpatialResampling
-        dc = Dataset()
-        dc.CodeValue = code.value
-        dc.CodingSchemeDesignator = code.scheme_designator
-        dc.CodeMeaning = code.meaning
-        sc.DerivationCodeSequence = [dc]
+        sc.DerivationCodeSequence = [_code_item(codes.DCM.SpatialResampling)]
         sources = moving_index.contributing(ref)
         sc.SourceImageSequence = [_image_ref(ref, purpose=True)] + [
             _image_ref(m, purpose=True) for m in sources
