@@ -48,7 +48,91 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     fit.add_argument("--val-every", type=int, default=100)
     fit.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     fit.set_defaults(func=_cmd_fit)
+
+    ref = sub.add_parser(
+        "refine", help="metric-aware fine-tuning of the model for one pair type (val-picked)"
+    )
+    ref.add_argument("--type", dest="pair_type", required=True, choices=list(PAIR_TYPES))
+    ref.add_argument("--eval-root", type=Path, default=DEFAULT_EVAL_ROOT, help="folder holding harvard/")
+    ref.add_argument("--init", type=Path, default=WEIGHTS_FILE, help="stage-1 weights (the general model)")
+    ref.add_argument("--out", type=Path, required=True, help="weights file to write")
+    ref.add_argument("--steps", type=int, default=300)
+    ref.add_argument("--lr", type=float, default=None, help="learning rate (default: per pair type)")
+    ref.add_argument(
+        "--lam",
+        type=float,
+        default=None,
+        help="weight of the metric reward against supervision (default: per type)",
+    )
+    ref.add_argument(
+        "--cap",
+        type=float,
+        default=None,
+        help="relative gain above which a metric stops paying (default: per type)",
+    )
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--device", default="auto")
+    ref.set_defaults(func=_cmd_refine)
+
+    pk = sub.add_parser("pack", help="write a weights file: the general model plus per-modality refinements")
+    pk.add_argument("--base", type=Path, default=WEIGHTS_FILE, help="the general model")
+    pk.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        metavar="MODALITY=PATH",
+        help="a refined model for a moving modality (CT, PT, NM); repeatable",
+    )
+    pk.add_argument("--out", type=Path, default=WEIGHTS_FILE)
+    pk.set_defaults(func=_cmd_pack)
     return train
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from dicomnode.fusion.training.refine import refine  # noqa: PLC0415
+
+    command = " ".join(["dicomnode", "train", "refine", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
+    try:
+        meta = refine(
+            args.eval_root,
+            args.pair_type,
+            args.out,
+            init=args.init,
+            steps=args.steps,
+            lr=args.lr,
+            lam=args.lam,
+            cap=args.cap,
+            seed=args.seed,
+            device=args.device,
+            command=command,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"refine: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: first on {meta['val_firsts']}/9 on val (step {meta['best_step']})")
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from dicomnode.fusion.training.specialise import pack  # noqa: PLC0415
+
+    specs = {}
+    for item in args.spec:
+        modality, sep, path = item.partition("=")
+        if not sep or modality.upper() not in MODALITY_OF_TYPE.values():
+            print(
+                f"pack: --spec {item!r}: expected MODALITY=PATH with MODALITY one of CT, PT, NM",
+                file=sys.stderr,
+            )
+            return 2
+        specs[modality.upper()] = (Path(path), 1.0, {})
+    try:
+        pack(args.base, specs, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pack: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} with per-modality weights for {sorted(specs) or 'none'}")
+    return 0
 
 
 def _cmd_build_db(args: argparse.Namespace) -> int:
@@ -56,7 +140,11 @@ def _cmd_build_db(args: argparse.Namespace) -> int:
 
     try:
         m = build_db(
-            args.eval_root, args.out, tuple(args.types), limit=args.limit, device=args.device,
+            args.eval_root,
+            args.out,
+            tuple(args.types),
+            limit=args.limit,
+            device=args.device,
             train_every=args.train_every,
         )
     except (FileNotFoundError, LeakError) as exc:
@@ -72,8 +160,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     command = " ".join(["dicomnode", "train", "fit", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
     try:
         meta = fit(
-            args.db, args.out, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-            seed=args.seed, device=args.device, val_every=args.val_every, width=args.width, command=command,
+            args.db,
+            args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            crop=args.crop,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            val_every=args.val_every,
+            width=args.width,
+            command=command,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"fit: {exc}", file=sys.stderr)
@@ -175,11 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     png.add_argument("--batch-size", type=int, default=16)
     png.add_argument("--modality", default=None, help="CT, PT or NM (or MRI-CT/MRI-PET/MRI-SPECT)")
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["train", *argv] if argv and argv[0] in ("build-db", "fit") else argv)
+    args = parser.parse_args(
+        ["train", *argv] if argv and argv[0] in ("build-db", "fit", "refine", "pack") else argv
+    )
     if args.command == "fuse-png":
         try:
             n = fuse_png_dirs(
-                args.a_dir, args.b_dir, args.out_dir, args.method, args.device, args.batch_size,
+                args.a_dir,
+                args.b_dir,
+                args.out_dir,
+                args.method,
+                args.device,
+                args.batch_size,
                 modality=args.modality,
             )
         except (FileNotFoundError, ValueError, KeyError) as exc:

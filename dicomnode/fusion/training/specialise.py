@@ -139,7 +139,9 @@ def pack(base: Path, specialised: dict[str, tuple[Path, float, dict]], out: Path
         mix_with_max(net, alpha)
         meta = {k: v for k, v in sk["meta"].items() if k != "train_hashes"}
         firsts = info.get("val_by_alpha", {}).get(alpha, {}).get("firsts")
-        meta.update(alpha_max_blend=alpha, val_firsts=firsts)
+        meta["alpha_max_blend"] = alpha
+        if firsts is not None:
+            meta["val_firsts"] = firsts
         hashes |= set(sk["meta"].get("train_hashes", []))
         per[modality] = {"state_dict": net.state_dict(), "config": sk.get("config"), "meta": meta}
     ck["per_modality"] = per

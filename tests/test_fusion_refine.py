@@ -1,0 +1,101 @@
+"""Metric-aware refinement: the torch metrics match the reference ones, the reward, `train refine`/`pack`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.fusion import metrics as M
+from dicomnode.fusion import model as FM
+from dicomnode.fusion.training import metric_loss as L
+from dicomnode.fusion.training.cli import add_train_parser
+from dicomnode.fusion.training.fit import fit
+from dicomnode.fusion.training.refine import refine, val_score
+from tests.test_fusion_training import _blob, _make_eval
+
+
+def _images(n: int = 3, size: int = 48) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = np.stack([_blob(7 * k + 1, size) for k in range(n)]).astype(np.float64)
+    b = np.stack([_blob(7 * k + 2, size) for k in range(n)]).astype(np.float64)
+    rng = np.random.default_rng(5)
+    f = np.clip(np.maximum(a, b) * 0.9 + rng.normal(0, 6, a.shape), 0, 255).round()
+    return f, a, b
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x / 255.0).float()[:, None]
+
+
+def test_torch_metrics_match_the_reference_metrics() -> None:
+    f, a, b = _images()
+    ref = {
+        "SD": M.sd(f), "SF": M.sf(f), "AG": M.ag(f), "SCD": M.scd(f, a, b),
+        "VIF": M.vif(f, a, b), "Qabf": M.qabf(f, a, b), "SSIM": M.ssim(f, a, b),
+    }  # fmt: skip
+    got = L.metric_values(_t(f), _t(a), _t(b))
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        np.testing.assert_allclose(got[k].double().numpy(), v, rtol=2e-4, atol=2e-4, err_msg=k)
+
+
+def test_reward_is_zero_at_the_reference_saturates_and_has_gradients() -> None:
+    f, a, b = _images()
+    ta, tb = _t(a), _t(b)
+    mx = torch.maximum(ta, tb)
+    w = {"SD": 1.0, "SF": 1.0, "Qabf": 1.0, "SSIM": 1.0, "VIF": 1.0}
+    assert abs(float(L.metric_reward(mx, ta, tb, [mx], w))) < 1e-5
+    # noise buys SF without limit; the reward for it cannot pass the cap
+    noisy = (mx + torch.rand(mx.shape, generator=torch.Generator().manual_seed(0)) * 0.5).clamp(0, 1)
+    sf_only = float(L.metric_reward(noisy, ta, tb, [mx], {"SF": 1.0}, cap=0.05))
+    assert 0.04 < sf_only <= 0.05 + 1e-6
+    # worse than the reference counts linearly (negative)
+    assert float(L.metric_reward(mx * 0.5, ta, tb, [mx], {"SD": 1.0})) == pytest.approx(-0.5, abs=1e-3)
+    x = _t(f).requires_grad_(True)
+    L.metric_reward(x, ta, tb, [mx], w).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_val_score_counts_strict_wins() -> None:
+    refs = {"max": {k: 1.0 for k in M.METRIC_NAMES}}
+    ours = {k: (1.1 if i < 4 else 1.0) for i, k in enumerate(M.METRIC_NAMES)}
+    firsts, margin = val_score(ours, refs)
+    assert firsts == 4 and margin == pytest.approx(0.4)
+
+
+def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
+    root = _make_eval(tmp_path / "eval", leak=True)  # train row 0002 holds a benchmark MRI
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    kw = dict(init=base, steps=3, batch_size=2, val_every=1, progress=False, device="cpu")
+    m1 = refine(root, "MRI-PET", tmp_path / "r1.pt", **kw)
+    refine(root, "MRI-PET", tmp_path / "r2.pt", **kw)
+    s1 = torch.load(tmp_path / "r1.pt", weights_only=True)["state_dict"]
+    s2 = torch.load(tmp_path / "r2.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert m1["n_train"] == 2 and m1["n_val"] == 2  # the leaked row is left out
+    assert not set(m1["train_hashes"]) & B.benchmark_hashes(root)
+    assert set(m1["val_references"]) == {"max", "average", "laplacian-pyramid", "guided-filter"}
+    assert 0 <= m1["val_firsts"] <= 9
+
+    parser = argparse.ArgumentParser(prog="dicomnode")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "packed.pt"
+    args = parser.parse_args(["train", "pack", "--base", str(base), "--spec", f"PT={tmp_path / 'r1.pt'}",
+                              "--out", str(out)])  # fmt: skip
+    assert args.func(args) == 0
+    fuser = FM.CNNFuser(weights=out)
+    assert fuser.modalities == ["PT"]
+    pt = fuser.for_modality("PT")
+    assert pt is not fuser and "-PT-" in pt.version
+    assert fuser.for_modality("CT") is fuser
+    packed_meta = torch.load(out, weights_only=True)["meta"]
+    assert set(m1["train_hashes"]) <= set(packed_meta["train_hashes"])
+    bad = parser.parse_args(["train", "pack", "--base", str(base), "--spec", "MR=x.pt", "--out", str(out)])
+    assert bad.func(bad) == 2
