@@ -8,9 +8,11 @@ measured against the *sources*. Loss per batch of ``train`` pairs of one type:
 
 - ``supervised`` is the stage-1 model (frozen): its output is the learned database target, so
   the supervision covers every ``train`` row, not only the rows the database scored;
-- ``metric_reward`` (:mod:`.metric_loss`) is the weighted relative gain over the better of pixel
-  max and a Laplacian pyramid per differentiable metric (SD, SF, AG, SCD, VIF, Qabf, SSIM), linear
-  below them, saturating ``cap`` above them, so no metric can be bought without limit.
+- ``metric_reward`` (:mod:`.metric_loss`) is the weighted relative gain over the best of pixel
+  max, a Laplacian pyramid and the stage-1 model itself, per differentiable metric (SD, SF, AG,
+  SCD, VIF, Qabf, SSIM): linear below them, saturating at ``cap`` above them, so no metric can be
+  bought without limit, and a metric the stage-1 model already leads on cannot be sold off for
+  another one (it costs as soon as it drops below the stage-1 value).
 
 The checkpoint is picked on the type's ``val`` rows: the most metrics (of nine, MI/EN included,
 8-bit as stored) on which it beats every classical fuser (max, average, Laplacian pyramid, guided
@@ -182,7 +184,7 @@ def refine(
         a, b, t = x[:, 0:1], x[:, 1:2], x[:, 2:3]
         pred = net(a, b).clamp(0, 1)
         with torch.no_grad():
-            ref_fusions = [torch.maximum(a, b), lp.fuse_tensors(a, b).clamp(0, 1)]
+            ref_fusions = [torch.maximum(a, b), lp.fuse_tensors(a, b).clamp(0, 1), t]
         reward = metric_reward(pred, a, b, ref_fusions, weights, cap)
         loss = fusion_loss(pred, t) - lam * reward
         opt.zero_grad(set_to_none=True)
