@@ -83,6 +83,11 @@ def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
     assert not set(m1["train_hashes"]) & B.benchmark_hashes(root)
     assert set(m1["val_references"]) == {"max", "average", "laplacian-pyramid", "guided-filter"}
     assert 0 <= m1["val_firsts"] <= 9
+    assert m1["reward_references"] == ["max", "laplacian-pyramid", "stage1"]  # the PET default
+    with pytest.raises(ValueError, match="reward references"):
+        refine(root, "MRI-PET", tmp_path / "r3.pt", references=("median",), **kw)
+    with pytest.raises(ValueError, match="unknown pair type"):
+        refine(root, "MRI-XR", tmp_path / "r3.pt", **kw)
 
     parser = argparse.ArgumentParser(prog="dicomnode")
     add_train_parser(parser.add_subparsers(dest="command"))

@@ -70,6 +70,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=None,
         help="relative gain above which a metric stops paying (default: per type)",
     )
+    ref.add_argument(
+        "--references",
+        nargs="+",
+        default=None,
+        choices=["max", "laplacian-pyramid", "stage1"],
+        help="fusions the metric reward measures gains against (default: per type)",
+    )
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--device", default="auto")
     ref.set_defaults(func=_cmd_refine)
@@ -102,6 +109,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             lr=args.lr,
             lam=args.lam,
             cap=args.cap,
+            references=tuple(args.references) if args.references else None,
             seed=args.seed,
             device=args.device,
             command=command,

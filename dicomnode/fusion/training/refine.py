@@ -8,8 +8,9 @@ measured against the *sources*. Loss per batch of ``train`` pairs of one type:
 
 - ``supervised`` is the stage-1 model (frozen): its output is the learned database target, so
   the supervision covers every ``train`` row, not only the rows the database scored;
-- ``metric_reward`` (:mod:`.metric_loss`) is the weighted relative gain over the best of pixel
-  max, a Laplacian pyramid and the stage-1 model itself, per differentiable metric (SD, SF, AG,
+- ``metric_reward`` (:mod:`.metric_loss`) is the weighted relative gain over the best of the
+  reference fusions (:data:`REWARD_REFERENCES`: pixel max, a Laplacian pyramid, and for PET/SPECT
+  the stage-1 model itself), per differentiable metric (SD, SF, AG,
   SCD, VIF, Qabf, SSIM): linear below them, saturating at ``cap`` above them, so no metric can be
   bought without limit, and a metric the stage-1 model already leads on cannot be sold off for
   another one (it costs as soon as it drops below the stage-1 value).
@@ -54,6 +55,13 @@ HYPERPARAMETERS: dict[str, dict[str, float]] = {
     "MRI-CT": {"lam": 3.0, "cap": 0.03, "lr": 5e-4},
     "MRI-PET": {"lam": 1.0, "cap": 0.05, "lr": 1e-3},
     "MRI-SPECT": {"lam": 1.0, "cap": 0.05, "lr": 1e-3},
+}
+# per pair type: the fusions whose metric values the reward measures gains against ("stage1" =
+# the frozen stage-1 model, which keeps metrics it already leads on from being sold off)
+REWARD_REFERENCES: dict[str, tuple[str, ...]] = {
+    "MRI-CT": ("max", "laplacian-pyramid"),
+    "MRI-PET": ("max", "laplacian-pyramid", "stage1"),
+    "MRI-SPECT": ("max", "laplacian-pyramid", "stage1"),
 }
 VAL_REFERENCES = ("max", "average", "laplacian-pyramid", "guided-filter")
 
@@ -106,6 +114,7 @@ def refine(
     lam: float | None = None,
     cap: float | None = None,
     weights: dict[str, float] | None = None,
+    references: tuple[str, ...] | None = None,
     seed: int = 0,
     device: str = "auto",
     val_every: int = 50,
@@ -120,6 +129,10 @@ def refine(
         raise ValueError(f"unknown pair type {pair_type!r}; one of {sorted(MODALITY_OF_TYPE)}")
     weights = dict(weights or REWARD_WEIGHTS[pair_type])
     hp = HYPERPARAMETERS[pair_type]
+    references = tuple(references or REWARD_REFERENCES[pair_type])
+    unknown = set(references) - {"max", "laplacian-pyramid", "stage1"}
+    if unknown or not references:
+        raise ValueError(f"reward references must be among max, laplacian-pyramid, stage1; got {references}")
     lr = hp["lr"] if lr is None else lr
     lam = hp["lam"] if lam is None else lam
     cap = hp["cap"] if cap is None else cap
@@ -184,7 +197,13 @@ def refine(
         a, b, t = x[:, 0:1], x[:, 1:2], x[:, 2:3]
         pred = net(a, b).clamp(0, 1)
         with torch.no_grad():
-            ref_fusions = [torch.maximum(a, b), lp.fuse_tensors(a, b).clamp(0, 1), t]
+            ref_fusions = []
+            if "max" in references:
+                ref_fusions.append(torch.maximum(a, b))
+            if "laplacian-pyramid" in references:
+                ref_fusions.append(lp.fuse_tensors(a, b).clamp(0, 1))
+            if "stage1" in references:
+                ref_fusions.append(t)
         reward = metric_reward(pred, a, b, ref_fusions, weights, cap)
         loss = fusion_loss(pred, t) - lam * reward
         opt.zero_grad(set_to_none=True)
@@ -213,6 +232,7 @@ def refine(
         "val_metrics": best["val"],
         "val_references": refs,
         "reward_weights": weights,
+        "reward_references": list(references),
         "steps": steps,
         "lr": lr,
         "lam": lam,
