@@ -311,8 +311,14 @@ def test_orthanc_down_while_dispatching_then_delivered(tmp_path: Path):
             60,
             "delivery after the PACS came back",
         )
-        with node.sessionmaker() as s:
-            assert all(d.state == "sent" for d in s.scalars(select(Delivery)).all())
+
+        def all_sent():  # type: ignore[no-untyped-def]
+            # Orthanc lists an instance before the node has committed the C-STORE response it got
+            with node.sessionmaker() as s:
+                rows = s.scalars(select(Delivery)).all()
+                return len(rows) == n_mr and all(d.state == "sent" for d in rows)
+
+        wait_for(all_sent, 30, "every delivery recorded as sent")
     finally:
         node.stop()
         orthanc.stop()
