@@ -209,9 +209,14 @@ def _sobel(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return g, ang
 
 
+# Xydeas-Petrovic sigmoid constants (T, k, D) for edge strength and orientation
+QABF_STRENGTH = (0.9994, -15.0, 0.5)
+QABF_ORIENTATION = (0.9879, -22.0, 0.8)
+
+
 def _q_edge(ga: np.ndarray, aa: np.ndarray, gf: np.ndarray, af: np.ndarray) -> np.ndarray:
-    tg, kg, dg = 0.9994, -15.0, 0.5
-    ta, ka, da = 0.9879, -22.0, 0.8
+    tg, kg, dg = QABF_STRENGTH
+    ta, ka, da = QABF_ORIENTATION
     gaf = np.where(ga == gf, gf, np.minimum(ga, gf) / np.maximum(np.maximum(ga, gf), 1e-300))
     aaf = 1 - np.abs(aa - af) / (math.pi / 2)
     qg = tg / (1 + np.exp(kg * (gaf - dg)))

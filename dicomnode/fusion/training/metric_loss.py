@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dicomnode.fusion import metrics as ref
+
 _EPS = 1e-10
 
 
@@ -76,11 +78,7 @@ def ssim(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _gauss1d(n: int, device: torch.device) -> torch.Tensor:
-    s = n / 5.0
-    m = (n - 1) / 2.0
-    x = torch.arange(n, dtype=torch.float32, device=device) - m
-    g = torch.exp(-(x * x) / (2 * s * s))
-    return g / g.sum()
+    return torch.from_numpy(ref._gauss1d(n)).float().to(device)
 
 
 def _filt_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -128,14 +126,10 @@ def vif(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _vif_single(_s(a), tf) + _vif_single(_s(b), tf)
 
 
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-_SOBEL_Y = torch.tensor([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]])
-
-
 def _sobel(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # scipy's convolve flips the kernel; conv2d correlates: flip to match the reference
-    kx = _SOBEL_X.flip(0, 1).to(t.device).view(1, 1, 3, 3)
-    ky = _SOBEL_Y.flip(0, 1).to(t.device).view(1, 1, 3, 3)
+    kx = torch.from_numpy(ref._SOBEL_X[::-1, ::-1].copy()).float().to(t.device).view(1, 1, 3, 3)
+    ky = torch.from_numpy(ref._SOBEL_Y[::-1, ::-1].copy()).float().to(t.device).view(1, 1, 3, 3)
     sx = F.conv2d(t[:, None], kx, padding=1)[:, 0]
     sy = F.conv2d(t[:, None], ky, padding=1)[:, 0]
     g = (sx * sx + sy * sy + _EPS).sqrt()
@@ -148,8 +142,10 @@ def _sobel(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _q_edge(ga: torch.Tensor, aa: torch.Tensor, gf: torch.Tensor, af: torch.Tensor) -> torch.Tensor:
     gaf = torch.minimum(ga, gf) / torch.maximum(ga, gf).clamp_min(1e-6)
     aaf = 1 - (aa - af).abs() / (math.pi / 2)
-    qg = 0.9994 / (1 + torch.exp(-15.0 * (gaf - 0.5)))
-    qa = 0.9879 / (1 + torch.exp(-22.0 * (aaf - 0.8)))
+    tg, kg, dg = ref.QABF_STRENGTH
+    ta, ka, da = ref.QABF_ORIENTATION
+    qg = tg / (1 + torch.exp(kg * (gaf - dg)))
+    qa = ta / (1 + torch.exp(ka * (aaf - da)))
     return qg * qa
 
 
