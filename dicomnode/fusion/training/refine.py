@@ -41,6 +41,7 @@ from dicomnode.fusion.training.build_db import benchmark_hashes
 from dicomnode.fusion.training.data import load_pairs, pixel_hash
 from dicomnode.fusion.training.fit import fusion_loss
 from dicomnode.fusion.training.metric_loss import metric_reward
+from dicomnode.fusion.training.specialise import to_u8
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,8 @@ def load_split(eval_root: Path, pair_type: str, split: str) -> tuple[torch.Tenso
     return as_t(ps.a), as_t(ps.b), hashes
 
 
-def _u8(x: torch.Tensor) -> np.ndarray:
-    return np.clip(np.rint(x[:, 0].detach().cpu().numpy() * 255.0), 0, 255)
-
-
 def _means(f: torch.Tensor, a8: np.ndarray, b8: np.ndarray) -> dict[str, float]:
-    return {k: float(v.mean()) for k, v in evaluate(_u8(f), a8, b8).items()}
+    return {k: float(v.mean()) for k, v in evaluate(to_u8(f), a8, b8).items()}
 
 
 def val_score(ours: dict[str, float], refs: dict[str, dict[str, float]]) -> tuple[int, float]:
@@ -158,7 +155,7 @@ def refine(
                 for i in range(0, a_tr.shape[0], 16)
             ]
         )
-    a8, b8 = _u8(a_va), _u8(b_va)
+    a8, b8 = to_u8(a_va), to_u8(b_va)
     refs = {}
     for m in VAL_REFERENCES:
         fused = get_fuser(m).fuse(a_va[:, 0].numpy(), b_va[:, 0].numpy())

@@ -90,8 +90,9 @@ def retarget(db_dir: Path, out_dir: Path, pair_type: str, prefer: tuple[str, ...
     return out
 
 
-def _u8(x: torch.Tensor) -> np.ndarray:
-    return np.clip(np.rint(x[:, 0].numpy() * 255.0), 0, 255).astype(np.uint8)
+def to_u8(x: torch.Tensor) -> np.ndarray:
+    """(N,1,H,W) tensor in [0,1] -> (N,H,W) uint8, rounded and clipped as the fused image is stored."""
+    return np.clip(np.rint(x[:, 0].detach().cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
 
 
 def pick_alpha(weights: Path, db_dir: Path, alphas: tuple[float, ...] = ALPHAS) -> tuple[float, dict]:
@@ -102,8 +103,8 @@ def pick_alpha(weights: Path, db_dir: Path, alphas: tuple[float, ...] = ALPHAS) 
     from dicomnode.fusion.base import get_fuser  # noqa: PLC0415
 
     a, b, _, _ = load_db(db_dir, "val")
-    a8 = _u8(a)
-    b8 = _u8(b)
+    a8 = to_u8(a)
+    b8 = to_u8(b)
     ref = {}
     for m in ("max", "average", "laplacian-pyramid"):
         f = get_fuser(m).fuse(a[:, 0].numpy(), b[:, 0].numpy())
@@ -117,7 +118,7 @@ def pick_alpha(weights: Path, db_dir: Path, alphas: tuple[float, ...] = ALPHAS) 
         net.load_state_dict(ck["state_dict"])
         mix_with_max(net.eval(), al)
         with torch.inference_mode():
-            f8 = _u8(net(a, b).clamp(0, 1))
+            f8 = to_u8(net(a, b).clamp(0, 1))
         ours = {k: float(v.mean()) for k, v in evaluate(f8, a8, b8).items()}
         firsts = sum(all(ours[m] > r[m] for r in ref.values()) for m in METRIC_NAMES)
         report[al] = {"firsts": firsts, **ours}
