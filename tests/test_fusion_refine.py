@@ -14,7 +14,7 @@ from dicomnode.fusion import model as FM
 from dicomnode.fusion.training import metric_loss as L
 from dicomnode.fusion.training.cli import add_train_parser
 from dicomnode.fusion.training.fit import fit
-from dicomnode.fusion.training.refine import refine, val_score
+from dicomnode.fusion.training.refine import case_of, load_split, refine, val_score
 from tests.test_fusion_training import _blob, _make_eval
 
 
@@ -104,3 +104,55 @@ def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
     assert set(m1["train_hashes"]) <= set(packed_meta["train_hashes"])
     bad = parser.parse_args(["train", "pack", "--base", str(base), "--spec", "MR=x.pt", "--out", str(out)])
     assert bad.func(bad) == 2
+
+
+def test_case_of_reads_the_atlas_case() -> None:
+    assert case_of("25015") == "25" and case_of("3008") == "3"
+    for bad in ("", "12", "ab123"):
+        with pytest.raises(ValueError, match="aanlib_id"):
+            case_of(bad)
+
+
+def test_refine_holds_out_a_whole_case_and_keeps_history(tmp_path: Path) -> None:
+    root = _make_eval(tmp_path / "eval", leak=True)  # row 0002 (case 7) holds a benchmark MRI
+    a7, _, h7 = load_split(root, "MRI-PET", ("train", "val"), case_in={"7"})
+    a8, _, h8 = load_split(root, "MRI-PET", ("train", "val"), case_out={"7"})
+    assert a7.shape[0] == 2 and a8.shape[0] == 2 and not set(h7) & set(h8)  # 0001+0004 | 0003+0005
+    with pytest.raises(ValueError, match="never used"):
+        load_split(root, "MRI-PET", ("train", "benchmark"))
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    kw = dict(init=base, steps=3, batch_size=2, val_every=1, progress=False, device="cpu")
+    m = refine(root, "MRI-PET", tmp_path / "h.pt", holdout_case="8", pick="last", **kw)
+    assert m["holdout_case"] == "8" and m["n_train"] == 2 and m["n_val"] == 2
+    assert m["best_step"] == 3 and [h["step"] for h in m["val_history"]] == [0, 1, 2, 3]
+    assert all(set(M.METRIC_NAMES) <= set(h) for h in m["val_history"])
+    with pytest.raises(ValueError, match="no atlas case '9'"):  # the benchmark row's case
+        refine(root, "MRI-PET", tmp_path / "x.pt", holdout_case="9", **kw)
+    with pytest.raises(ValueError, match="pick"):
+        refine(root, "MRI-PET", tmp_path / "x.pt", pick="best", **kw)
+
+
+def test_extra_bases_start_as_the_same_function_and_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = FM.build_net({"width": 8})
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.1)
+    wide = FM.with_bases(net, FM.BASIS_NAMES + FM.EXTRA_BASIS_NAMES)
+    a, b = torch.rand(2, 1, 40, 36), torch.rand(2, 1, 40, 36)
+    torch.testing.assert_close(wide(a, b), net(a, b), atol=1e-5, rtol=0)
+    cfg = FM.net_config(wide)
+    assert cfg["bases"][-2:] == list(FM.EXTRA_BASIS_NAMES) and "bases" not in FM.net_config(net)
+    with torch.no_grad():
+        wide.head.weight[-1].normal_(0, 0.1)  # the new coefficients now matter
+    again = FM.build_net(cfg)
+    again.load_state_dict(wide.state_dict())
+    torch.testing.assert_close(again(a, b), wide(a, b))
+    assert not torch.allclose(again(a, b), net(a, b))
+    with pytest.raises(ValueError, match="bases"):
+        FM.FusionNet(bases=("a", "b"))
+    with pytest.raises(ValueError, match="cannot drop"):
+        FM.with_bases(wide, FM.BASIS_NAMES)

@@ -41,6 +41,7 @@ def _make_eval(root: Path, leak: bool = False) -> Path:
     folder = root / "harvard" / "MRI-PET"
     rows = []
     splits = ["train", "train", "train", "val", "val", "benchmark"]
+    case_of_row = ["7", "7", "8", "7", "8", "9"]  # atlas case (aanlib_id = case + 3-digit slice)
     for k, split in enumerate(splits, start=1):
         name = f"{k:04d}"
         a = _blob(10 * k)
@@ -48,14 +49,14 @@ def _make_eval(root: Path, leak: bool = False) -> Path:
         rgb = np.stack([g, (g * 0.6).astype(np.uint8), (g * 0.2).astype(np.uint8)], axis=-1)
         _save(folder / f"{name}_a.png", a)
         _save(folder / f"{name}_b.png", rgb)
-        rows.append({"name": name, "split": split})
+        rows.append({"name": name, "split": split, "aanlib_id": f"{case_of_row[k - 1]}{k:03d}"})
     bench = root / "harvard-cddfuse" / "MRI-PET"
     _save(bench / "0001_a.png", read_gray_or_rgb(folder / "0006_a.png"))
     _save(bench / "0001_b.png", read_gray_or_rgb(folder / "0006_b.png"))
     if leak:  # a benchmark slice hiding under a train row's name
         _save(folder / "0002_a.png", read_gray_or_rgb(bench / "0001_a.png"))
     with (folder / "manifest.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["name", "split"])
+        w = csv.DictWriter(fh, fieldnames=["name", "split", "aanlib_id"])
         w.writeheader()
         w.writerows(rows)
     return root

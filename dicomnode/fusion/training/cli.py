@@ -77,6 +77,24 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         choices=["max", "laplacian-pyramid", "stage1"],
         help="fusions the metric reward measures gains against (default: per type)",
     )
+    ref.add_argument(
+        "--holdout-case",
+        default=None,
+        help="validate on every row of this atlas case and train on the other cases (e.g. 25)",
+    )
+    ref.add_argument(
+        "--pick",
+        choices=["val", "last"],
+        default="val",
+        help="keep the checkpoint best on validation (default) or the last one",
+    )
+    ref.add_argument(
+        "--extra-bases",
+        nargs="+",
+        default=[],
+        choices=["maxsel_fine", "maxsel_coarse"],
+        help="add these bases to the refined model (detail bands of the source pixel max selects)",
+    )
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--device", default="auto")
     ref.set_defaults(func=_cmd_refine)
@@ -112,6 +130,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             references=tuple(args.references) if args.references else None,
             seed=args.seed,
             device=args.device,
+            holdout_case=args.holdout_case,
+            pick=args.pick,
+            extra_bases=tuple(args.extra_bases),
             command=command,
         )
     except (FileNotFoundError, ValueError) as exc:

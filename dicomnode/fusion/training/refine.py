@@ -17,8 +17,13 @@ measured against the *sources*. Loss per batch of ``train`` pairs of one type:
 
 The checkpoint is picked on the type's ``val`` rows: the most metrics (of nine, MI/EN included,
 8-bit as stored) on which it beats every classical fuser (max, average, Laplacian pyramid, guided
-filter), then the largest summed relative margin. Leak guard: rows with a benchmark image are
-dropped (same pixel-hash rule as the database). Nothing here reads a benchmark row.
+filter), then the largest summed relative margin (``pick="last"`` keeps the last step instead).
+``holdout_case`` validates across patients instead: it trains on the ``train`` and ``val`` rows of
+the other atlas cases and scores every row of the held-out case. The ``val`` rows are slices of
+the same few cases as the ``train`` rows (MRI-PET: three cases), so a model picked on them can
+fit those patients; a held-out case says how a setting carries over to a new patient, which is
+what the node meets (the benchmark's PET slices come from another case). Leak guard: rows with
+a benchmark image are dropped (same pixel-hash rule as the database). Nothing here reads a benchmark row.
 """
 
 from __future__ import annotations
@@ -35,10 +40,18 @@ from tqdm import tqdm
 from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.classical import LaplacianPyramidFuser
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
-from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, build_net, load_checkpoint
+from dicomnode.fusion.model import (
+    EXTRA_BASIS_NAMES,
+    MODALITY_OF_TYPE,
+    WEIGHTS_FILE,
+    build_net,
+    load_checkpoint,
+    net_config,
+    with_bases,
+)
 from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.training.build_db import benchmark_hashes
-from dicomnode.fusion.training.data import load_pairs, pixel_hash
+from dicomnode.fusion.training.data import load_pairs, pixel_hash, read_manifest
 from dicomnode.fusion.training.fit import fusion_loss
 from dicomnode.fusion.training.metric_loss import metric_reward
 from dicomnode.fusion.training.specialise import to_u8
@@ -67,11 +80,46 @@ REWARD_REFERENCES: dict[str, tuple[str, ...]] = {
 VAL_REFERENCES = ("max", "average", "laplacian-pyramid", "guided-filter")
 
 
-def load_split(eval_root: Path, pair_type: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(a, b) (N,1,H,W) in [0,1] of one split of ``harvard/<pair_type>``, benchmark images left out."""
-    ps = load_pairs(Path(eval_root) / "harvard" / pair_type, pair_type, (split,))
+def case_of(aanlib_id: str) -> str:
+    """The atlas case of a slice id (``25015`` -> ``25``: case number, then a 3-digit slice number)."""
+    aid = str(aanlib_id).strip()
+    if not aid.isdigit() or len(aid) < 4:
+        raise ValueError(f"cannot read a case from aanlib_id {aanlib_id!r}")
+    return aid[:-3]
+
+
+def cases(eval_root: Path, pair_type: str) -> dict[str, str]:
+    """Pair name -> atlas case, from ``harvard/<pair_type>/manifest.csv`` (benchmark rows left out)."""
+    rows = read_manifest(Path(eval_root) / "harvard" / pair_type)
+    return {r["name"]: case_of(r["aanlib_id"]) for r in rows if r.get("split") != "benchmark"}
+
+
+def load_split(
+    eval_root: Path,
+    pair_type: str,
+    split: str | tuple[str, ...],
+    case_in: set[str] | None = None,
+    case_out: set[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(a, b) (N,1,H,W) in [0,1] of split(s) of ``harvard/<pair_type>``, benchmark images left out.
+
+    ``case_in`` / ``case_out`` keep only / drop the rows of those atlas cases (:func:`case_of`).
+    """
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    if "benchmark" in splits:
+        raise ValueError("benchmark rows are never used for training or validation")
+    ps = load_pairs(Path(eval_root) / "harvard" / pair_type, pair_type, splits)
+    if case_in is not None or case_out is not None:
+        case = cases(eval_root, pair_type)
+        sel = [
+            i
+            for i, n in enumerate(ps.names)
+            if (case_in is None or case[n] in case_in) and (case_out is None or case[n] not in case_out)
+        ]
+        ps.names, ps.splits = [ps.names[i] for i in sel], [ps.splits[i] for i in sel]
+        ps.a, ps.b = ps.a[sel], ps.b[sel]
     if not ps.names:
-        raise ValueError(f"no {split!r} rows for {pair_type} under {eval_root}/harvard")
+        raise ValueError(f"no {'/'.join(splits)} rows for {pair_type} under {eval_root}/harvard")
     bench = benchmark_hashes(Path(eval_root))
     keep = [
         i
@@ -115,6 +163,9 @@ def refine(
     seed: int = 0,
     device: str = "auto",
     val_every: int = 50,
+    holdout_case: str | None = None,
+    pick: str = "val",
+    extra_bases: tuple[str, ...] = (),
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -137,8 +188,17 @@ def refine(
     torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     dev = resolve_device(device)
-    a_tr, b_tr, h_tr = load_split(eval_root, pair_type, "train")
-    a_va, b_va, h_va = load_split(eval_root, pair_type, "val")
+    if pick not in ("val", "last"):
+        raise ValueError(f"pick must be 'val' or 'last', got {pick!r}")
+    if holdout_case is None:
+        a_tr, b_tr, h_tr = load_split(eval_root, pair_type, "train")
+        a_va, b_va, h_va = load_split(eval_root, pair_type, "val")
+    else:  # case-held-out validation: train on the other atlas cases, validate on every row of this one
+        known = sorted(set(cases(eval_root, pair_type).values()), key=int)
+        if holdout_case not in known:
+            raise ValueError(f"no atlas case {holdout_case!r} in {pair_type}; cases: {', '.join(known)}")
+        a_tr, b_tr, h_tr = load_split(eval_root, pair_type, ("train", "val"), case_out={holdout_case})
+        a_va, b_va, h_va = load_split(eval_root, pair_type, ("train", "val"), case_in={holdout_case})
     ck = load_checkpoint(Path(init))
     config = ck.get("config")
     teacher = build_net(config)
@@ -146,6 +206,11 @@ def refine(
     teacher.eval().to(dev)
     net = build_net(config)
     net.load_state_dict(ck["state_dict"])
+    if extra_bases:
+        if not set(extra_bases) <= set(EXTRA_BASIS_NAMES):
+            raise ValueError(f"extra bases must be among {EXTRA_BASIS_NAMES}, got {extra_bases}")
+        net = with_bases(net, net.basis_names + tuple(b for b in extra_bases if b not in net.basis_names))
+        config = net_config(net)
     net.to(dev)
     lp = LaplacianPyramidFuser()
     with torch.inference_mode():
@@ -180,6 +245,7 @@ def refine(
         "val": first,
         "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
     }
+    history = [{"step": 0, "firsts": best["score"][0], "margin": round(best["score"][1], 4), **first}]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
@@ -209,7 +275,8 @@ def refine(
         if step % val_every == 0 or step == steps:
             vals = evaluate_val()
             score = val_score(vals, refs)
-            if score > best["score"]:
+            history.append({"step": step, "firsts": score[0], "margin": round(score[1], 4), **vals})
+            if score > best["score"] or (pick == "last" and step == steps):
                 best = {
                     "score": score,
                     "step": step,
@@ -228,6 +295,9 @@ def refine(
         "val_margin": round(best["score"][1], 4),
         "val_metrics": best["val"],
         "val_references": refs,
+        "val_history": history,
+        "holdout_case": holdout_case,
+        "pick": pick,
         "reward_weights": weights,
         "reward_references": list(references),
         "steps": steps,
