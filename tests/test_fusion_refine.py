@@ -14,7 +14,15 @@ from dicomnode.fusion import model as FM
 from dicomnode.fusion.training import metric_loss as L
 from dicomnode.fusion.training.cli import add_train_parser
 from dicomnode.fusion.training.fit import fit
-from dicomnode.fusion.training.refine import case_of, load_split, refine, val_score
+from dicomnode.fusion.training.refine import (
+    INTENSITY_CONDITIONS,
+    apply_condition,
+    case_of,
+    load_split,
+    random_intensity,
+    refine,
+    val_score,
+)
 from tests.test_fusion_training import _blob, _make_eval
 
 
@@ -156,3 +164,48 @@ def test_extra_bases_start_as_the_same_function_and_round_trip(tmp_path: Path) -
         FM.FusionNet(bases=("a", "b"))
     with pytest.raises(ValueError, match="cannot drop"):
         FM.with_bases(wide, FM.BASIS_NAMES)
+
+
+def test_intensity_conditions_and_augmentation() -> None:
+    a = (torch.arange(256, dtype=torch.float32) / 255).reshape(1, 1, 16, 16)  # 8-bit levels
+    b = a.flip(-1)
+    sa, sb = apply_condition(a, b, "stored")
+    assert sa is a and sb is b
+    da, db = apply_condition(a, b, "mri-x0.7")
+    assert torch.equal(db, b) and float(da.max()) == pytest.approx(round(0.7 * 255) / 255)
+    assert torch.equal(da * 255, torch.round(da * 255))  # requantised to 8 bits
+    ga, gb = apply_condition(a, b, "moving-gamma1.5")
+    assert torch.equal(ga, a) and bool((gb <= b + 1e-6).all()) and float(gb.max()) == 1.0
+    assert set(INTENSITY_CONDITIONS) >= {"stored", "mri-x0.7", "moving-x0.7"}
+    with pytest.raises(ValueError, match="intensity condition"):
+        apply_condition(a, b, "MRI x0.7")
+    x = torch.rand(64, 2, 8, 8)
+    y = random_intensity(x, 0.4, torch.Generator().manual_seed(1))
+    ratio = (y.amax((2, 3)) / x.clamp(min=1e-3).amax((2, 3)))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert float(ratio.min()) < 0.8 and float(ratio.max()) <= 1.0 + 1e-5  # gains in [0.6, 1]
+    assert torch.equal(y, random_intensity(x, 0.4, torch.Generator().manual_seed(1)))  # seeded
+
+
+def test_refine_picks_over_intensity_conditions_with_augmentation(tmp_path: Path) -> None:
+    root = _make_eval(tmp_path / "eval")
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    conds = ("stored", "mri-x0.7")
+    kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu")
+    kw["val_conditions"] = conds
+    m = refine(root, "MRI-PET", tmp_path / "a.pt", intensity_augment=0.3, **kw)
+    assert m["val_conditions"] == list(conds) and m["intensity_augment"] == 0.3
+    assert set(m["val_by_condition"]) == set(conds)
+    assert m["val_firsts_all"] == sum(m["val_by_condition"][c]["firsts"] for c in conds)
+    assert m["val_firsts"] == m["val_by_condition"]["stored"]["firsts"]
+    assert all(set(h["by_condition"]) == set(conds) for h in m["val_history"])
+    m2 = refine(root, "MRI-PET", tmp_path / "b.pt", intensity_augment=0.3, **kw)
+    assert m2["val_by_condition"] == m["val_by_condition"]  # seeded, augmentation included
+    with pytest.raises(ValueError, match="intensity augmentation"):
+        refine(root, "MRI-PET", tmp_path / "c.pt", intensity_augment=1.5, **kw)
+    with pytest.raises(ValueError, match="intensity condition"):
+        refine(root, "MRI-PET", tmp_path / "c.pt", **{**kw, "val_conditions": ("dim",)})

@@ -15,6 +15,7 @@ from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.colour import fuse_colour
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE
 from dicomnode.fusion.training.data import PAIR_TYPES, read_gray_or_rgb
+from dicomnode.fusion.training.refine import INTENSITY_CONDITIONS
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,19 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         choices=["maxsel_fine", "maxsel_coarse"],
         help="add these bases to the refined model (detail bands of the source pixel max selects)",
     )
+    ref.add_argument(
+        "--intensity-augment",
+        type=float,
+        default=None,
+        help="random per-source gain/gamma strength in [0, 1) while training (default: per type)",
+    )
+    ref.add_argument(
+        "--val-conditions",
+        nargs="+",
+        default=None,
+        choices=list(INTENSITY_CONDITIONS),
+        help="intensity conditions the checkpoint is picked over (default: per type)",
+    )
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--device", default="auto")
     ref.set_defaults(func=_cmd_refine)
@@ -133,6 +147,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             holdout_case=args.holdout_case,
             pick=args.pick,
             extra_bases=tuple(args.extra_bases),
+            intensity_augment=args.intensity_augment,
+            val_conditions=tuple(args.val_conditions) if args.val_conditions else None,
             command=command,
         )
     except (FileNotFoundError, ValueError) as exc:

@@ -78,6 +78,47 @@ REWARD_REFERENCES: dict[str, tuple[str, ...]] = {
     "MRI-SPECT": ("max", "laplacian-pyramid", "stage1"),
 }
 VAL_REFERENCES = ("max", "average", "laplacian-pyramid", "guided-filter")
+# intensity conditions, (gain, gamma) of the MRI and of the moving image: x -> gain * x ** gamma.
+# A DICOM series reaches the node under another window, gain or display curve than the atlas
+# PNGs; a refinement that wins only at the atlas's own intensities is fragile (seen: a PET
+# refinement first on 7/9 on val fell below pixel max's SD once the MRI was at 70 % of its level).
+INTENSITY_CONDITIONS: dict[str, tuple[float, float, float, float]] = {
+    "stored": (1.0, 1.0, 1.0, 1.0),
+    "mri-x0.7": (0.7, 1.0, 1.0, 1.0),
+    "moving-x0.7": (1.0, 1.0, 0.7, 1.0),
+    "mri-gamma1.5": (1.0, 1.5, 1.0, 1.0),
+    "moving-gamma1.5": (1.0, 1.0, 1.0, 1.5),
+}
+# per pair type: the conditions the checkpoint is picked over, and the training-time intensity
+# augmentation (0: none; x: per-image gain in [1-x, 1] and gamma in [1/(1+x), 1+x] per source)
+VAL_CONDITIONS: dict[str, tuple[str, ...]] = {
+    "MRI-CT": ("stored",),
+    "MRI-PET": tuple(INTENSITY_CONDITIONS),
+    "MRI-SPECT": tuple(INTENSITY_CONDITIONS),
+}
+INTENSITY_AUGMENT: dict[str, float] = {"MRI-CT": 0.0, "MRI-PET": 0.4, "MRI-SPECT": 0.4}
+
+
+def apply_condition(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources under intensity condition ``name`` (:data:`INTENSITY_CONDITIONS`), requantised to 8 bits."""
+    if name not in INTENSITY_CONDITIONS:
+        raise ValueError(f"unknown intensity condition {name!r}; one of {list(INTENSITY_CONDITIONS)}")
+    ga, pa, gb, pb = INTENSITY_CONDITIONS[name]
+    if (ga, pa, gb, pb) == (1.0, 1.0, 1.0, 1.0):
+        return a, b
+
+    def q(x: torch.Tensor, gain: float, gamma: float) -> torch.Tensor:
+        return torch.round((gain * x.clamp(0, 1) ** gamma) * 255.0) / 255.0
+
+    return q(a, ga, pa), q(b, gb, pb)
+
+
+def random_intensity(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Per image and channel: gain in [1 - strength, 1], gamma in [1/(1+strength), 1+strength]."""
+    n, c = x.shape[:2]
+    gain = 1.0 - strength * torch.rand(n, c, 1, 1, generator=gen)
+    gamma = torch.exp((2 * torch.rand(n, c, 1, 1, generator=gen) - 1) * np.log1p(strength))
+    return gain * x.clamp(0, 1) ** gamma
 
 
 def case_of(aanlib_id: str) -> str:
@@ -166,12 +207,16 @@ def refine(
     holdout_case: str | None = None,
     pick: str = "val",
     extra_bases: tuple[str, ...] = (),
+    intensity_augment: float | None = None,
+    val_conditions: tuple[str, ...] | None = None,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
     """Fine-tune ``init`` for ``pair_type``; write the val-picked checkpoint to ``out_path``; return its meta.
 
-    ``lr``, ``lam`` and ``cap`` default to :data:`HYPERPARAMETERS` of the pair type.
+    ``lr``, ``lam`` and ``cap`` default to :data:`HYPERPARAMETERS` of the pair type,
+    ``intensity_augment`` to :data:`INTENSITY_AUGMENT`, ``val_conditions`` to :data:`VAL_CONDITIONS`
+    (the val score is summed over them).
     """
     if pair_type not in MODALITY_OF_TYPE:
         raise ValueError(f"unknown pair type {pair_type!r}; one of {sorted(MODALITY_OF_TYPE)}")
@@ -184,6 +229,12 @@ def refine(
     lr = hp["lr"] if lr is None else lr
     lam = hp["lam"] if lam is None else lam
     cap = hp["cap"] if cap is None else cap
+    aug = INTENSITY_AUGMENT[pair_type] if intensity_augment is None else float(intensity_augment)
+    if not 0.0 <= aug < 1.0:
+        raise ValueError(f"intensity augmentation must be in [0, 1), got {aug}")
+    conditions = tuple(val_conditions or VAL_CONDITIONS[pair_type])
+    for c in conditions:
+        apply_condition(torch.zeros(1), torch.zeros(1), c)  # names checked before any work
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -213,39 +264,58 @@ def refine(
         config = net_config(net)
     net.to(dev)
     lp = LaplacianPyramidFuser()
-    with torch.inference_mode():
-        sup = torch.cat(
+    with torch.inference_mode():  # with intensity augmentation the supervision is made per batch
+        sup = torch.zeros_like(a_tr) if aug > 0 else torch.cat(
             [
                 teacher(a_tr[i : i + 16].to(dev), b_tr[i : i + 16].to(dev)).clamp(0, 1).cpu()
                 for i in range(0, a_tr.shape[0], 16)
             ]
         )
-    a8, b8 = to_u8(a_va), to_u8(b_va)
-    refs = {}
-    for m in VAL_REFERENCES:
-        fused = get_fuser(m).fuse(a_va[:, 0].numpy(), b_va[:, 0].numpy())
-        refs[m] = _means(torch.from_numpy(np.asarray(fused, dtype=np.float32))[:, None].clamp(0, 1), a8, b8)
+    val_sets: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]] = {}
+    refs_by: dict[str, dict[str, dict[str, float]]] = {}
+    for c in conditions:
+        ac, bc = apply_condition(a_va, b_va, c)
+        a8, b8 = to_u8(ac), to_u8(bc)
+        val_sets[c] = (ac, bc, a8, b8)
+        refs_by[c] = {}
+        for m in VAL_REFERENCES:
+            fused = get_fuser(m).fuse(ac[:, 0].numpy(), bc[:, 0].numpy())
+            fused_t = torch.from_numpy(np.asarray(fused, dtype=np.float32))[:, None].clamp(0, 1)
+            refs_by[c][m] = _means(fused_t, a8, b8)
+    refs = refs_by[conditions[0]]
 
-    def evaluate_val() -> dict[str, float]:
+    def evaluate_val() -> tuple[tuple[int, float], dict[str, dict[str, float]]]:
+        """(score summed over the conditions, metrics per condition)."""
         net.eval()
+        per: dict[str, dict[str, float]] = {}
+        firsts, margin = 0, 0.0
         with torch.inference_mode():
-            f = torch.cat(
-                [
-                    net(a_va[i : i + 16].to(dev), b_va[i : i + 16].to(dev)).clamp(0, 1).cpu()
-                    for i in range(0, a_va.shape[0], 16)
-                ]
-            )
+            for c, (ac, bc, a8, b8) in val_sets.items():
+                f = torch.cat(
+                    [
+                        net(ac[i : i + 16].to(dev), bc[i : i + 16].to(dev)).clamp(0, 1).cpu()
+                        for i in range(0, ac.shape[0], 16)
+                    ]
+                )
+                per[c] = _means(f, a8, b8)
+                k, g = val_score(per[c], refs_by[c])
+                per[c]["firsts"] = k
+                firsts, margin = firsts + k, margin + g
         net.train()
-        return _means(f, a8, b8)
+        return (firsts, margin), per
 
-    first = evaluate_val()
+    def record(step: int, score: tuple[int, float], per: dict[str, dict[str, float]]) -> dict[str, Any]:
+        main = {k: v for k, v in per[conditions[0]].items() if k != "firsts"}
+        return {"step": step, "firsts": score[0], "margin": round(score[1], 4), **main, "by_condition": per}
+
+    score0, per0 = evaluate_val()
     best: dict[str, Any] = {
-        "score": val_score(first, refs),
+        "score": score0,
         "step": 0,
-        "val": first,
+        "val": per0,
         "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
     }
-    history = [{"step": 0, "firsts": best["score"][0], "margin": round(best["score"][1], 4), **first}]
+    history = [record(0, score0, per0)]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
@@ -258,6 +328,11 @@ def refine(
             x = x.flip(-1)
         x = torch.rot90(x, int(torch.randint(0, 4, (1,), generator=gen)), dims=(-2, -1)).to(dev)
         a, b, t = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+        if aug > 0:  # the supervision follows the sources: stage 1 on the re-lit pair
+            ab = random_intensity(x[:, 0:2], aug, gen)
+            a, b = ab[:, 0:1], ab[:, 1:2]
+            with torch.no_grad():
+                t = teacher(a, b).clamp(0, 1)
         pred = net(a, b).clamp(0, 1)
         with torch.no_grad():
             ref_fusions = []
@@ -273,9 +348,8 @@ def refine(
         loss.backward()
         opt.step()
         if step % val_every == 0 or step == steps:
-            vals = evaluate_val()
-            score = val_score(vals, refs)
-            history.append({"step": step, "firsts": score[0], "margin": round(score[1], 4), **vals})
+            score, vals = evaluate_val()
+            history.append(record(step, score, vals))
             if score > best["score"] or (pick == "last" and step == steps):
                 best = {
                     "score": score,
@@ -283,7 +357,8 @@ def refine(
                     "val": vals,
                     "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
                 }
-            bar.set_postfix(val_first=f"{score[0]}/9", best=f"{best['score'][0]}/9@{best['step']}")
+            n9 = 9 * len(conditions)
+            bar.set_postfix(val_first=f"{score[0]}/{n9}", best=f"{best['score'][0]}/{n9}@{best['step']}")
         elif step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", reward=f"{reward.item():.4f}")
     meta = {
@@ -291,9 +366,13 @@ def refine(
         "version": f"r-{pair_type}-s{seed}-{best['step']}",
         "pair_type": pair_type,
         "best_step": best["step"],
-        "val_firsts": best["score"][0],
+        "val_firsts": best["val"][conditions[0]]["firsts"],
+        "val_firsts_all": best["score"][0],
         "val_margin": round(best["score"][1], 4),
-        "val_metrics": best["val"],
+        "val_metrics": {k: v for k, v in best["val"][conditions[0]].items() if k != "firsts"},
+        "val_by_condition": best["val"],
+        "val_conditions": list(conditions),
+        "intensity_augment": aug,
         "val_references": refs,
         "val_history": history,
         "holdout_case": holdout_case,
