@@ -1,0 +1,103 @@
+"""Fusion quality under other intensities: the model against classical fusers when the sources are re-lit.
+
+A DICOM series reaches the node under another window, gain or display curve than the atlas PNGs
+the model was trained on. This benchmark takes the ``val`` rows of ``harvard/<type>`` (never a
+benchmark row), applies each intensity condition of
+:data:`dicomnode.fusion.training.refine.INTENSITY_CONDITIONS` (MRI or moving image at 70 % of its
+level, or through gamma 1.5; requantised to 8 bits) and counts, per condition, the metrics (of
+nine) on which each model beats every classical fuser (max, average, Laplacian pyramid, guided
+filter). Models: the general (stage-1) network and, where the weights file has one, the
+per-modality refinement, plus any extra weights files given with ``--weights``.
+
+    .venv/bin/python benchmarks/fusion_robustness.py [--types MRI-CT MRI-PET] [--weights build/x.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicomnode.fusion.base import get_fuser
+from dicomnode.fusion.metrics import evaluate
+from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
+from dicomnode.fusion.training.data import PAIR_TYPES
+from dicomnode.fusion.training.refine import (
+    INTENSITY_CONDITIONS,
+    VAL_REFERENCES,
+    apply_condition,
+    load_split,
+    val_score,
+)
+from dicomnode.fusion.training.specialise import to_u8
+
+
+def _means(f: torch.Tensor, a8: np.ndarray, b8: np.ndarray) -> dict[str, float]:
+    return {k: float(v.mean()) for k, v in evaluate(to_u8(f), a8, b8).items()}
+
+
+def models(pair_type: str, extra: list[Path]) -> dict[str, torch.nn.Module]:
+    general = CNNFuser(weights=WEIGHTS_FILE)
+    out: dict[str, torch.nn.Module] = {"general (stage 1)": general.net}
+    spec = general.for_modality(MODALITY_OF_TYPE[pair_type])
+    if spec is not general:
+        out[f"shipped {spec.modality} refinement"] = spec.net
+    for path in extra:
+        ck = load_checkpoint(path)
+        if ck.get("meta", {}).get("pair_type", pair_type) != pair_type:
+            continue
+        net = build_net(ck.get("config"))
+        net.load_state_dict(ck["state_dict"])
+        out[path.name] = net.eval()
+    return out
+
+
+def run(eval_root: Path, types: list[str], extra: list[Path]) -> dict[str, dict[str, dict[str, int]]]:
+    """Print one table per pair type; return {type: {model: {condition: firsts}}}."""
+    results: dict[str, dict[str, dict[str, int]]] = {}
+    conds = list(INTENSITY_CONDITIONS)
+    for t in types:
+        a, b, _ = load_split(eval_root, t, "val")
+        nets = models(t, extra)
+        table: dict[str, dict[str, int]] = {name: {} for name in nets}
+        for c in conds:
+            ac, bc = apply_condition(a, b, c)
+            a8, b8 = to_u8(ac), to_u8(bc)
+            refs = {}
+            for m in VAL_REFERENCES:
+                fused = np.asarray(get_fuser(m).fuse(ac[:, 0].numpy(), bc[:, 0].numpy()), dtype=np.float32)
+                refs[m] = _means(torch.from_numpy(fused)[:, None].clamp(0, 1), a8, b8)
+            for name, net in nets.items():
+                with torch.inference_mode():
+                    f = torch.cat(
+                        [net(ac[i : i + 16], bc[i : i + 16]).clamp(0, 1) for i in range(0, len(ac), 16)]
+                    )
+                table[name][c] = val_score(_means(f, a8, b8), refs)[0]
+        results[t] = table
+        print(
+            f"\n{t} ({a.shape[0]} val pairs): metrics (of 9) on which the model beats every classical fuser"
+        )
+        width = max(len(n) for n in table) + 2
+        print(" " * width + "".join(f"{c:>17}" for c in conds) + f"{'total':>8}")
+        for name, row in table.items():
+            print(f"{name:<{width}}" + "".join(f"{row[c]:>17d}" for c in conds) + f"{sum(row.values()):>8d}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "eval")
+    ap.add_argument("--types", nargs="+", default=list(PAIR_TYPES), choices=list(PAIR_TYPES))
+    ap.add_argument(
+        "--weights", nargs="*", type=Path, default=[], help="more refined weights files to compare"
+    )
+    args = ap.parse_args(argv)
+    torch.set_flush_denormal(True)
+    run(args.eval_root.resolve(), args.types, args.weights)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
