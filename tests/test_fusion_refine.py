@@ -144,28 +144,6 @@ def test_refine_holds_out_a_whole_case_and_keeps_history(tmp_path: Path) -> None
         refine(root, "MRI-PET", tmp_path / "x.pt", pick="best", **kw)
 
 
-def test_extra_bases_start_as_the_same_function_and_round_trip(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    net = FM.build_net({"width": 8})
-    with torch.no_grad():
-        net.head.weight.normal_(0, 0.1)
-    wide = FM.with_bases(net, FM.BASIS_NAMES + FM.EXTRA_BASIS_NAMES)
-    a, b = torch.rand(2, 1, 40, 36), torch.rand(2, 1, 40, 36)
-    torch.testing.assert_close(wide(a, b), net(a, b), atol=1e-5, rtol=0)
-    cfg = FM.net_config(wide)
-    assert cfg["bases"][-2:] == list(FM.EXTRA_BASIS_NAMES) and "bases" not in FM.net_config(net)
-    with torch.no_grad():
-        wide.head.weight[-1].normal_(0, 0.1)  # the new coefficients now matter
-    again = FM.build_net(cfg)
-    again.load_state_dict(wide.state_dict())
-    torch.testing.assert_close(again(a, b), wide(a, b))
-    assert not torch.allclose(again(a, b), net(a, b))
-    with pytest.raises(ValueError, match="bases"):
-        FM.FusionNet(bases=("a", "b"))
-    with pytest.raises(ValueError, match="cannot drop"):
-        FM.with_bases(wide, FM.BASIS_NAMES)
-
-
 def test_intensity_conditions_and_augmentation() -> None:
     a = (torch.arange(256, dtype=torch.float32) / 255).reshape(1, 1, 16, 16)  # 8-bit levels
     b = a.flip(-1)

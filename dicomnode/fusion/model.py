@@ -27,9 +27,6 @@ DEFAULT_MODEL_NAME = "li2021-cnn"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.pt"
 BASIS_NAMES = ("a", "b", "max", "min", "detail_fine", "detail_coarse", "one")
-# optional bases: the detail bands of the source that pixel max selects (so a sharpening term
-# does not mix the other source's texture into a region)
-EXTRA_BASIS_NAMES = ("maxsel_fine", "maxsel_coarse")
 # pair type of the training data -> DICOM modality of the moving (b) image
 MODALITY_OF_TYPE = {"MRI-CT": "CT", "MRI-PET": "PT", "MRI-SPECT": "NM"}
 
@@ -64,23 +61,14 @@ def coarse_blur(x: torch.Tensor) -> torch.Tensor:
 class FusionNet(nn.Module):
     """Two inputs (N,1,H,W) in [0,1] -> fused (N,1,H,W); coefficient net at 1/8 res over full-res bases."""
 
-    def __init__(
-        self,
-        width: int = 16,
-        dilations: tuple[int, ...] = (1, 2, 4, 8),
-        bases: tuple[str, ...] = BASIS_NAMES,
-    ) -> None:
+    def __init__(self, width: int = 16, dilations: tuple[int, ...] = (1, 2, 4, 8)) -> None:
         super().__init__()
-        base, extra = tuple(bases[: len(BASIS_NAMES)]), set(bases[len(BASIS_NAMES) :])
-        if base != BASIS_NAMES or not extra <= set(EXTRA_BASIS_NAMES):
-            raise ValueError(f"bases must be {BASIS_NAMES} then any of {EXTRA_BASIS_NAMES}, got {bases}")
         self.width = width
         self.dilations = tuple(dilations)
-        self.basis_names = tuple(bases)
         self.stem = nn.Conv2d(4, width, 3, stride=2, padding=1)  # on the 1/2-res input: 1/4 res
         self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)  # 1/8 res
         self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=d, dilation=d) for d in self.dilations)
-        self.head = nn.Conv2d(width, len(self.basis_names), 1)
+        self.head = nn.Conv2d(width, len(BASIS_NAMES), 1)
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():  # start as pixel max: a strong, safe prior
             self.head.bias.zero_()
@@ -90,23 +78,18 @@ class FusionNet(nn.Module):
         """(N, len(BASIS_NAMES), H, W) full-resolution bases."""
         fa, fb = binomial_blur(a), binomial_blur(b)
         ca, cb = coarse_blur(fa), coarse_blur(fb)
-        out = [
-            a,
-            b,
-            torch.maximum(a, b),
-            torch.minimum(a, b),
-            _select_detail(a - fa, b - fb),
-            _select_detail(fa - ca, fb - cb),
-            torch.ones_like(a),
-        ]
-        if len(self.basis_names) > len(BASIS_NAMES):
-            a_wins = a >= b
-            extra = {
-                "maxsel_fine": torch.where(a_wins, a - fa, b - fb),
-                "maxsel_coarse": torch.where(a_wins, fa - ca, fb - cb),
-            }
-            out += [extra[n] for n in self.basis_names[len(BASIS_NAMES) :]]
-        return torch.cat(out, dim=1)
+        return torch.cat(
+            [
+                a,
+                b,
+                torch.maximum(a, b),
+                torch.minimum(a, b),
+                _select_detail(a - fa, b - fb),
+                _select_detail(fa - ca, fb - cb),
+                torch.ones_like(a),
+            ],
+            dim=1,
+        )
 
     def coefficients(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-pixel blend coefficients at full resolution."""
@@ -149,36 +132,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def build_net(config: dict[str, Any] | None = None) -> FusionNet:
     cfg = dict(config or {})
-    return FusionNet(
-        width=int(cfg.get("width", 16)),
-        dilations=tuple(cfg.get("dilations", (1, 2, 4, 8))),
-        bases=tuple(cfg.get("bases", BASIS_NAMES)),
-    )
-
-
-def with_bases(net: FusionNet, bases: tuple[str, ...]) -> FusionNet:
-    """A copy of ``net`` over ``bases`` (a superset of its own): same output, new coefficients start at 0."""
-    if not set(net.basis_names) <= set(bases):
-        raise ValueError(f"cannot drop bases: {net.basis_names} -> {bases}")
-    out = FusionNet(width=net.width, dilations=net.dilations, bases=tuple(bases))
-    state = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
-    out.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        out.head.weight.zero_()
-        out.head.bias.zero_()
-        for i, name in enumerate(net.basis_names):
-            j = out.basis_names.index(name)
-            out.head.weight[j] = net.head.weight[i]
-            out.head.bias[j] = net.head.bias[i]
-    return out.to(next(net.parameters()).device)
-
-
-def net_config(net: FusionNet) -> dict[str, Any]:
-    """The ``config`` a weights file stores for ``net`` (read back by :func:`build_net`)."""
-    cfg: dict[str, Any] = {"width": net.width, "dilations": list(net.dilations)}
-    if net.basis_names != BASIS_NAMES:
-        cfg["bases"] = list(net.basis_names)
-    return cfg
+    return FusionNet(width=int(cfg.get("width", 16)), dilations=tuple(cfg.get("dilations", (1, 2, 4, 8))))
 
 
 @register_fuser(DEFAULT_MODEL_NAME)

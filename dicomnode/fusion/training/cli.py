@@ -90,13 +90,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="keep the checkpoint best on validation (default) or the last one",
     )
     ref.add_argument(
-        "--extra-bases",
-        nargs="+",
-        default=[],
-        choices=["maxsel_fine", "maxsel_coarse"],
-        help="add these bases to the refined model (detail bands of the source pixel max selects)",
-    )
-    ref.add_argument(
         "--intensity-augment",
         type=float,
         default=None,
@@ -146,7 +139,6 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             device=args.device,
             holdout_case=args.holdout_case,
             pick=args.pick,
-            extra_bases=tuple(args.extra_bases),
             intensity_augment=args.intensity_augment,
             val_conditions=tuple(args.val_conditions) if args.val_conditions else None,
             command=command,

@@ -40,15 +40,7 @@ from tqdm import tqdm
 from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.classical import LaplacianPyramidFuser
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
-from dicomnode.fusion.model import (
-    EXTRA_BASIS_NAMES,
-    MODALITY_OF_TYPE,
-    WEIGHTS_FILE,
-    build_net,
-    load_checkpoint,
-    net_config,
-    with_bases,
-)
+from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, build_net, load_checkpoint
 from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.training.build_db import benchmark_hashes
 from dicomnode.fusion.training.data import load_pairs, pixel_hash, read_manifest
@@ -206,7 +198,6 @@ def refine(
     val_every: int = 50,
     holdout_case: str | None = None,
     pick: str = "val",
-    extra_bases: tuple[str, ...] = (),
     intensity_augment: float | None = None,
     val_conditions: tuple[str, ...] | None = None,
     progress: bool = True,
@@ -257,11 +248,6 @@ def refine(
     teacher.eval().to(dev)
     net = build_net(config)
     net.load_state_dict(ck["state_dict"])
-    if extra_bases:
-        if not set(extra_bases) <= set(EXTRA_BASIS_NAMES):
-            raise ValueError(f"extra bases must be among {EXTRA_BASIS_NAMES}, got {extra_bases}")
-        net = with_bases(net, net.basis_names + tuple(b for b in extra_bases if b not in net.basis_names))
-        config = net_config(net)
     net.to(dev)
     lp = LaplacianPyramidFuser()
     with torch.inference_mode():  # with intensity augmentation the supervision is made per batch
