@@ -91,7 +91,8 @@ def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
     assert not set(m1["train_hashes"]) & B.benchmark_hashes(root)
     assert set(m1["val_references"]) == {"max", "average", "laplacian-pyramid", "guided-filter"}
     assert 0 <= m1["val_firsts"] <= 9
-    assert m1["reward_references"] == ["max", "laplacian-pyramid", "stage1"]  # the PET default
+    assert m1["reward_references"] == ["max", "laplacian-pyramid"]  # the PET default
+    assert m1["val_conditions"] == list(INTENSITY_CONDITIONS) and m1["intensity_augment"] == 0.0
     with pytest.raises(ValueError, match="reward references"):
         refine(root, "MRI-PET", tmp_path / "r3.pt", references=("median",), **kw)
     with pytest.raises(ValueError, match="unknown pair type"):
