@@ -184,6 +184,14 @@ def test_refine_picks_over_intensity_conditions_with_augmentation(tmp_path: Path
     assert all(set(h["by_condition"]) == set(conds) for h in m["val_history"])
     m2 = refine(root, "MRI-PET", tmp_path / "b.pt", intensity_augment=0.3, **kw)
     assert m2["val_by_condition"] == m["val_by_condition"]  # seeded, augmentation included
+    floored = refine(root, "MRI-PET", tmp_path / "f.pt", stage1_floor=("SF", "AG"), pick="last", **kw)
+    assert floored["stage1_floor"] == ["SF", "AG"] and m["stage1_floor"] == []
+    refine(root, "MRI-PET", tmp_path / "p.pt", pick="last", **kw)
+    sf_ = torch.load(tmp_path / "f.pt", weights_only=True)["state_dict"]
+    sp = torch.load(tmp_path / "p.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(sf_[k], sp[k]) for k in sp)  # the floor changes the reward
+    with pytest.raises(ValueError, match="stage-1 floor"):
+        refine(root, "MRI-PET", tmp_path / "c.pt", stage1_floor=("MI",), **kw)
     with pytest.raises(ValueError, match="intensity augmentation"):
         refine(root, "MRI-PET", tmp_path / "c.pt", intensity_augment=1.5, **kw)
     with pytest.raises(ValueError, match="intensity condition"):

@@ -90,6 +90,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="keep the checkpoint best on validation (default) or the last one",
     )
     ref.add_argument(
+        "--stage1-floor",
+        nargs="*",
+        default=None,
+        choices=["SD", "SF", "AG", "SCD", "VIF", "Qabf", "SSIM"],
+        help="metrics whose reward also measures against the stage-1 model (default: per type)",
+    )
+    ref.add_argument(
         "--intensity-augment",
         type=float,
         default=None,
@@ -140,6 +147,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             holdout_case=args.holdout_case,
             pick=args.pick,
             intensity_augment=args.intensity_augment,
+            stage1_floor=tuple(args.stage1_floor) if args.stage1_floor is not None else None,
             val_conditions=tuple(args.val_conditions) if args.val_conditions else None,
             command=command,
         )

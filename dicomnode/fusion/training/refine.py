@@ -73,6 +73,9 @@ REWARD_REFERENCES: dict[str, tuple[str, ...]] = {
     "MRI-PET": ("max", "laplacian-pyramid"),
     "MRI-SPECT": ("max", "laplacian-pyramid"),
 }
+# per pair type: metrics whose reward also counts the stage-1 model as a reference (a floor: the
+# refinement may not sell them off), without making it a reference for the others
+STAGE1_FLOOR: dict[str, tuple[str, ...]] = {"MRI-CT": (), "MRI-PET": (), "MRI-SPECT": ()}
 VAL_REFERENCES = ("max", "average", "laplacian-pyramid", "guided-filter")
 # intensity conditions, (gain, gamma) of the MRI and of the moving image: x -> gain * x ** gamma.
 # A DICOM series reaches the node under another window, gain or display curve than the atlas
@@ -201,6 +204,7 @@ def refine(
     cap: float | None = None,
     weights: dict[str, float] | None = None,
     references: tuple[str, ...] | None = None,
+    stage1_floor: tuple[str, ...] | None = None,
     seed: int = 0,
     device: str = "auto",
     val_every: int = 50,
@@ -225,6 +229,9 @@ def refine(
     unknown = set(references) - {"max", "laplacian-pyramid", "stage1"}
     if unknown or not references:
         raise ValueError(f"reward references must be among max, laplacian-pyramid, stage1; got {references}")
+    floors = tuple(STAGE1_FLOOR[pair_type] if stage1_floor is None else stage1_floor)
+    if set(floors) - set(weights):
+        raise ValueError(f"stage-1 floor metrics must be rewarded metrics {sorted(weights)}; got {floors}")
     lr = hp["lr"] if lr is None else lr
     lam = hp["lam"] if lam is None else lam
     cap = hp["cap"] if cap is None else cap
@@ -336,7 +343,12 @@ def refine(
                 ref_fusions.append(lp.fuse_tensors(a, b).clamp(0, 1))
             if "stage1" in references:
                 ref_fusions.append(t)
-        reward = metric_reward(pred, a, b, ref_fusions, weights, cap)
+        floor_w = {k: w for k, w in weights.items() if k in floors}
+        rest_w = {k: w for k, w in weights.items() if k not in floors}
+        reward = metric_reward(pred, a, b, ref_fusions, rest_w, cap) if rest_w else pred.new_zeros(())
+        if floor_w:  # these metrics must not fall below the stage-1 model's either
+            extra = [] if "stage1" in references else [t]
+            reward = reward + metric_reward(pred, a, b, ref_fusions + extra, floor_w, cap)
         loss = fusion_loss(pred, t) - lam * reward
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -373,6 +385,7 @@ def refine(
         "pick": pick,
         "reward_weights": weights,
         "reward_references": list(references),
+        "stage1_floor": list(floors),
         "steps": steps,
         "lr": lr,
         "lam": lam,
