@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dicomnode.fusion import metrics as M
 from dicomnode.fusion import model as FM
@@ -190,9 +191,29 @@ def test_refine_picks_over_intensity_conditions_with_augmentation(tmp_path: Path
     sf_ = torch.load(tmp_path / "f.pt", weights_only=True)["state_dict"]
     sp = torch.load(tmp_path / "p.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(sf_[k], sp[k]) for k in sp)  # the floor changes the reward
+    refine(root, "MRI-PET", tmp_path / "d.pt", down_stride=1, **kw)
+    fine = torch.load(tmp_path / "d.pt", weights_only=True)
+    assert fine["config"]["down_stride"] == 1 and FM.build_net(fine["config"]).down_stride == 1
     with pytest.raises(ValueError, match="stage-1 floor"):
         refine(root, "MRI-PET", tmp_path / "c.pt", stage1_floor=("MI",), **kw)
     with pytest.raises(ValueError, match="intensity augmentation"):
         refine(root, "MRI-PET", tmp_path / "c.pt", intensity_augment=1.5, **kw)
     with pytest.raises(ValueError, match="intensity condition"):
         refine(root, "MRI-PET", tmp_path / "c.pt", **{**kw, "val_conditions": ("dim",)})
+
+
+def test_down_stride_one_reads_the_same_weights_at_a_finer_coefficient_grid() -> None:
+    torch.manual_seed(0)
+    coarse = FM.build_net({"width": 8})
+    with torch.no_grad():
+        coarse.head.weight.normal_(0, 0.2)
+    fine = FM.build_net({"width": 8, "down_stride": 1})
+    fine.load_state_dict(coarse.state_dict())  # same parameters, no new ones
+    a, b = torch.rand(2, 1, 64, 48), torch.rand(2, 1, 64, 48)
+    full = (2, len(FM.BASIS_NAMES), 64, 48)
+    assert fine.coefficients(a, b).shape == coarse.coefficients(a, b).shape == full
+    h_fine = F.relu(fine.down(F.relu(fine.stem(torch.zeros(1, 4, 32, 24)))))
+    assert h_fine.shape[-2:] == (16, 12)  # 1/4 of the input instead of 1/8
+    assert not torch.allclose(fine(a, b), coarse(a, b))
+    with pytest.raises(ValueError, match="down_stride"):
+        FM.build_net({"down_stride": 4})

@@ -61,12 +61,17 @@ def coarse_blur(x: torch.Tensor) -> torch.Tensor:
 class FusionNet(nn.Module):
     """Two inputs (N,1,H,W) in [0,1] -> fused (N,1,H,W); coefficient net at 1/8 res over full-res bases."""
 
-    def __init__(self, width: int = 16, dilations: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+    def __init__(
+        self, width: int = 16, dilations: tuple[int, ...] = (1, 2, 4, 8), down_stride: int = 2
+    ) -> None:
         super().__init__()
+        if down_stride not in (1, 2):
+            raise ValueError(f"down_stride must be 1 (coefficients at 1/4 res) or 2 (1/8), got {down_stride}")
         self.width = width
         self.dilations = tuple(dilations)
+        self.down_stride = down_stride
         self.stem = nn.Conv2d(4, width, 3, stride=2, padding=1)  # on the 1/2-res input: 1/4 res
-        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)  # 1/8 res
+        self.down = nn.Conv2d(width, width, 3, stride=down_stride, padding=1)  # 1/8 res (stride 2)
         self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=d, dilation=d) for d in self.dilations)
         self.head = nn.Conv2d(width, len(BASIS_NAMES), 1)
         nn.init.zeros_(self.head.weight)
@@ -132,7 +137,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def build_net(config: dict[str, Any] | None = None) -> FusionNet:
     cfg = dict(config or {})
-    return FusionNet(width=int(cfg.get("width", 16)), dilations=tuple(cfg.get("dilations", (1, 2, 4, 8))))
+    return FusionNet(
+        width=int(cfg.get("width", 16)),
+        dilations=tuple(cfg.get("dilations", (1, 2, 4, 8))),
+        down_stride=int(cfg.get("down_stride", 2)),
+    )
 
 
 @register_fuser(DEFAULT_MODEL_NAME)

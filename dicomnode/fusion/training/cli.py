@@ -97,6 +97,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="metrics whose reward also measures against the stage-1 model (default: per type)",
     )
     ref.add_argument(
+        "--down-stride",
+        type=int,
+        choices=[1, 2],
+        default=None,
+        help="coefficient resolution of the refined model: 2 = 1/8 (stage 1), 1 = 1/4",
+    )
+    ref.add_argument(
         "--intensity-augment",
         type=float,
         default=None,
@@ -147,6 +154,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             holdout_case=args.holdout_case,
             pick=args.pick,
             intensity_augment=args.intensity_augment,
+            down_stride=args.down_stride,
             stage1_floor=tuple(args.stage1_floor) if args.stage1_floor is not None else None,
             val_conditions=tuple(args.val_conditions) if args.val_conditions else None,
             command=command,

@@ -205,6 +205,7 @@ def refine(
     weights: dict[str, float] | None = None,
     references: tuple[str, ...] | None = None,
     stage1_floor: tuple[str, ...] | None = None,
+    down_stride: int | None = None,
     seed: int = 0,
     device: str = "auto",
     val_every: int = 50,
@@ -261,6 +262,8 @@ def refine(
     teacher = build_net(config)
     teacher.load_state_dict(ck["state_dict"])
     teacher.eval().to(dev)
+    if down_stride is not None:  # same weights, coefficients at another resolution
+        config = {**(config or {}), "down_stride": int(down_stride)}
     net = build_net(config)
     net.load_state_dict(ck["state_dict"])
     net.to(dev)
