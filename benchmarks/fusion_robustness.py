@@ -17,25 +17,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.metrics import evaluate
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
 from dicomnode.fusion.training.data import PAIR_TYPES
 from dicomnode.fusion.training.refine import (
     INTENSITY_CONDITIONS,
-    VAL_REFERENCES,
     apply_condition,
     load_split,
+    mean_metrics,
+    reference_means,
     val_score,
 )
 from dicomnode.fusion.training.specialise import to_u8
-
-
-def _means(f: torch.Tensor, a8: np.ndarray, b8: np.ndarray) -> dict[str, float]:
-    return {k: float(v.mean()) for k, v in evaluate(to_u8(f), a8, b8).items()}
 
 
 def models(pair_type: str, extra: list[Path]) -> dict[str, torch.nn.Module]:
@@ -65,16 +59,13 @@ def run(eval_root: Path, types: list[str], extra: list[Path]) -> dict[str, dict[
         for c in conds:
             ac, bc = apply_condition(a, b, c)
             a8, b8 = to_u8(ac), to_u8(bc)
-            refs = {}
-            for m in VAL_REFERENCES:
-                fused = np.asarray(get_fuser(m).fuse(ac[:, 0].numpy(), bc[:, 0].numpy()), dtype=np.float32)
-                refs[m] = _means(torch.from_numpy(fused)[:, None].clamp(0, 1), a8, b8)
+            refs = reference_means(ac, bc, a8, b8)
             for name, net in nets.items():
                 with torch.inference_mode():
                     f = torch.cat(
                         [net(ac[i : i + 16], bc[i : i + 16]).clamp(0, 1) for i in range(0, len(ac), 16)]
                     )
-                table[name][c] = val_score(_means(f, a8, b8), refs)[0]
+                table[name][c] = val_score(mean_metrics(f, a8, b8), refs)[0]
         results[t] = table
         print(
             f"\n{t} ({a.shape[0]} val pairs): metrics (of 9) on which the model beats every classical fuser"

@@ -178,8 +178,20 @@ def load_split(
     return as_t(ps.a), as_t(ps.b), hashes
 
 
-def _means(f: torch.Tensor, a8: np.ndarray, b8: np.ndarray) -> dict[str, float]:
+def mean_metrics(f: torch.Tensor, a8: np.ndarray, b8: np.ndarray) -> dict[str, float]:
+    """Mean of each of the nine metrics of fused ``f`` (N,1,H,W) in [0,1], scored as stored (8 bits)."""
     return {k: float(v.mean()) for k, v in evaluate(to_u8(f), a8, b8).items()}
+
+
+def reference_means(
+    a: torch.Tensor, b: torch.Tensor, a8: np.ndarray, b8: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Mean metrics of every classical fuser of :data:`VAL_REFERENCES` on sources (N,1,H,W)."""
+    out = {}
+    for m in VAL_REFERENCES:
+        fused = np.asarray(get_fuser(m).fuse(a[:, 0].numpy(), b[:, 0].numpy()), dtype=np.float32)
+        out[m] = mean_metrics(torch.from_numpy(fused)[:, None].clamp(0, 1), a8, b8)
+    return out
 
 
 def val_score(ours: dict[str, float], refs: dict[str, dict[str, float]]) -> tuple[int, float]:
@@ -281,11 +293,7 @@ def refine(
         ac, bc = apply_condition(a_va, b_va, c)
         a8, b8 = to_u8(ac), to_u8(bc)
         val_sets[c] = (ac, bc, a8, b8)
-        refs_by[c] = {}
-        for m in VAL_REFERENCES:
-            fused = get_fuser(m).fuse(ac[:, 0].numpy(), bc[:, 0].numpy())
-            fused_t = torch.from_numpy(np.asarray(fused, dtype=np.float32))[:, None].clamp(0, 1)
-            refs_by[c][m] = _means(fused_t, a8, b8)
+        refs_by[c] = reference_means(ac, bc, a8, b8)
     refs = refs_by[conditions[0]]
 
     def evaluate_val() -> tuple[tuple[int, float], dict[str, dict[str, float]]]:
@@ -301,7 +309,7 @@ def refine(
                         for i in range(0, ac.shape[0], 16)
                     ]
                 )
-                per[c] = _means(f, a8, b8)
+                per[c] = mean_metrics(f, a8, b8)
                 k, g = val_score(per[c], refs_by[c])
                 per[c]["firsts"] = k
                 firsts, margin = firsts + k, margin + g
