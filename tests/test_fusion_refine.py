@@ -217,3 +217,27 @@ def test_down_stride_one_reads_the_same_weights_at_a_finer_coefficient_grid() ->
     assert not torch.allclose(fine(a, b), coarse(a, b))
     with pytest.raises(ValueError, match="down_stride"):
         FM.build_net({"down_stride": 4})
+
+
+def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _make_eval(tmp_path / "eval")
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    parser = argparse.ArgumentParser(prog="dicomnode")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "r.pt"
+    common = ["train", "refine", "--type", "MRI-PET", "--eval-root", str(root), "--init", str(base)]
+    args = parser.parse_args(
+        [*common, "--out", str(out), "--steps", "1", "--holdout-case", "8", "--pick", "last",
+         "--val-conditions", "stored", "mri-x0.7", "--stage1-floor", "SF", "--down-stride", "1",
+         "--device", "cpu"]
+    )  # fmt: skip
+    assert args.func(args) == 0 and "first on" in capsys.readouterr().out
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["holdout_case"] == "8" and meta["pick"] == "last" and meta["stage1_floor"] == ["SF"]
+    assert meta["val_conditions"] == ["stored", "mri-x0.7"]
+    bad = parser.parse_args([*common, "--out", str(out), "--holdout-case", "99"])
+    assert bad.func(bad) == 2 and "no atlas case '99'" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.colour import fuse_colour
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE
 from dicomnode.fusion.training.data import PAIR_TYPES, read_gray_or_rgb
-from dicomnode.fusion.training.refine import INTENSITY_CONDITIONS
+from dicomnode.fusion.training.refine import INTENSITY_CONDITIONS, refine
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from dicomnode.fusion.training.refine import refine  # noqa: PLC0415
-
     command = " ".join(["dicomnode", "train", "refine", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
     try:
         meta = refine(
