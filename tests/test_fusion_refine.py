@@ -241,3 +241,9 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["val_conditions"] == ["stored", "mri-x0.7"]
     bad = parser.parse_args([*common, "--out", str(out), "--holdout-case", "99"])
     assert bad.func(bad) == 2 and "no atlas case '99'" in capsys.readouterr().err
+    bad = parser.parse_args([*common, "--out", str(out), "--val-conditions", "stored", "dim"])
+    assert bad.func(bad) == 2 and "unknown intensity condition 'dim'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "refine", "--help"])
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    assert all(name in shown for name in INTENSITY_CONDITIONS)  # the help lists every condition

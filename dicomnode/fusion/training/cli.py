@@ -15,7 +15,6 @@ from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.colour import fuse_colour
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE
 from dicomnode.fusion.training.data import PAIR_TYPES, read_gray_or_rgb
-from dicomnode.fusion.training.refine import INTENSITY_CONDITIONS, refine
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +112,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--val-conditions",
         nargs="+",
         default=None,
-        choices=list(INTENSITY_CONDITIONS),
-        help="intensity conditions the checkpoint is picked over (default: per type)",
+        help="intensity conditions the checkpoint is picked over: stored, mri-x0.7, moving-x0.7, "
+        "mri-gamma1.5, moving-gamma1.5 (default: per type)",
     )
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--device", default="auto")
@@ -135,6 +134,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
+    from dicomnode.fusion.training.refine import refine  # noqa: PLC0415
+
     command = " ".join(["dicomnode", "train", "refine", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
     try:
         meta = refine(
