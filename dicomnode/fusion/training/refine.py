@@ -102,11 +102,16 @@ VAL_CONDITIONS: dict[str, tuple[str, ...]] = {
 INTENSITY_AUGMENT: dict[str, float] = {"MRI-CT": 0.0, "MRI-PET": 0.0, "MRI-SPECT": 0.0}
 
 
-def apply_condition(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sources under intensity condition ``name`` (:data:`INTENSITY_CONDITIONS`), requantised to 8 bits."""
+def condition(name: str) -> tuple[float, float, float, float]:
+    """(MRI gain, MRI gamma, moving gain, moving gamma) of intensity condition ``name``."""
     if name not in INTENSITY_CONDITIONS:
         raise ValueError(f"unknown intensity condition {name!r}; one of {list(INTENSITY_CONDITIONS)}")
-    ga, pa, gb, pb = INTENSITY_CONDITIONS[name]
+    return INTENSITY_CONDITIONS[name]
+
+
+def apply_condition(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources under intensity condition ``name`` (:data:`INTENSITY_CONDITIONS`), requantised to 8 bits."""
+    ga, pa, gb, pb = condition(name)
     if (ga, pa, gb, pb) == (1.0, 1.0, 1.0, 1.0):
         return a, b
 
@@ -253,7 +258,7 @@ def refine(
         raise ValueError(f"intensity augmentation must be in [0, 1), got {aug}")
     conditions = tuple(val_conditions or VAL_CONDITIONS[pair_type])
     for c in conditions:
-        apply_condition(torch.zeros(1), torch.zeros(1), c)  # names checked before any work
+        condition(c)  # names checked before any work
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
