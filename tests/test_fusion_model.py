@@ -43,6 +43,25 @@ def test_background_stays_zero() -> None:
     assert float(out[..., 8:, :].min()) > 0.0
 
 
+def test_keep_saturated_keeps_full_scale_pixels_at_full_scale() -> None:
+    torch.manual_seed(0)
+    plain = M.FusionNet()
+    with torch.no_grad():
+        plain.head.weight.normal_(0, 0.3)  # a net that paints texture everywhere
+    kept = M.build_net({"keep_saturated": True})
+    kept.load_state_dict(plain.state_dict())  # a flag, no new parameters
+    a, b = _pair(1, 32, 32)
+    b[..., 10:20, 10:20] = 1.0  # bone clipped by the CT window
+    a[..., 0:4, :] = 1.0  # a saturated MRI band
+    sat = torch.maximum(a, b) >= 1.0 - 0.5 / 255  # 255 of 8 bits
+    with torch.inference_mode():
+        out_plain, out_kept = plain(a, b), kept(a, b)
+    assert float((out_plain[sat] - 1).abs().max()) > 0.05  # without the flag: not full scale there
+    assert bool((out_kept[sat] == 1.0).all())
+    torch.testing.assert_close(out_kept[~sat], out_plain[~sat])  # everywhere else unchanged
+    assert M.build_net({}).keep_saturated is False  # old weights files behave as before
+
+
 def test_gradients_flow() -> None:
     net = M.FusionNet()
     a, b = _pair(2, 32, 32)

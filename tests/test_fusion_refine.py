@@ -22,6 +22,7 @@ from dicomnode.fusion.training.refine import (
     load_split,
     random_intensity,
     refine,
+    reward_weights,
     val_score,
 )
 from tests.test_fusion_training import _blob, _make_eval
@@ -202,6 +203,33 @@ def test_refine_picks_over_intensity_conditions_with_augmentation(tmp_path: Path
         refine(root, "MRI-PET", tmp_path / "c.pt", **{**kw, "val_conditions": ("dim",)})
 
 
+def test_reward_weight_overrides() -> None:
+    w = reward_weights("MRI-PET", ["VIF=4", "SD=0"])
+    assert w["VIF"] == 4 and "SD" not in w and w["SSIM"] == 4  # the rest stay as the type's defaults
+    cases = [("VIF", "METRIC=W"), ("EN=1", "METRIC=W"), ("VIF=x", "not a number"), ("VIF=-1", ">= 0")]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            reward_weights("MRI-PET", [bad])
+    with pytest.raises(ValueError, match="every reward weight is 0"):
+        reward_weights("MRI-CT", [f"{k}=0" for k in ("SD", "SF", "AG", "SCD", "VIF", "Qabf", "SSIM")])
+
+
+def test_val_against_stage1_makes_step_zero_win_nothing(tmp_path: Path) -> None:
+    root = _make_eval(tmp_path / "eval")
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    kw = dict(init=base, steps=1, batch_size=2, val_every=1, progress=False, device="cpu")
+    m = refine(root, "MRI-PET", tmp_path / "a.pt", val_against_stage1=True, val_conditions=("stored",), **kw)
+    assert m["val_against_stage1"] and "stage1" in m["val_references"]
+    step0 = m["val_history"][0]
+    assert step0["firsts"] == 0  # step 0 is the stage-1 model itself: it beats itself on nothing
+    for k in M.METRIC_NAMES:  # ... and its metrics are the stage1 reference's
+        assert step0[k] == pytest.approx(m["val_references"]["stage1"][k])
+
+
 def test_down_stride_one_reads_the_same_weights_at_a_finer_coefficient_grid() -> None:
     torch.manual_seed(0)
     coarse = FM.build_net({"width": 8})
@@ -238,7 +266,17 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert args.func(args) == 0 and "first on" in capsys.readouterr().out
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["holdout_case"] == "8" and meta["pick"] == "last" and meta["stage1_floor"] == ["SF"]
-    assert meta["val_conditions"] == ["stored", "mri-x0.7"]
+    assert meta["val_conditions"] == ["stored", "mri-x0.7"] and meta["val_against_stage1"] is False
+    args = parser.parse_args(
+        [*common, "--out", str(out), "--steps", "1", "--val-against-stage1", "--reward-weight", "VIF=5",
+         "--reward-weight", "SD=0", "--device", "cpu"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["val_against_stage1"] is True and "stage1" in meta["val_references"]
+    assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]
+    bad = parser.parse_args([*common, "--out", str(out), "--reward-weight", "MI=2"])
+    assert bad.func(bad) == 2 and "METRIC=W" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--holdout-case", "99"])
     assert bad.func(bad) == 2 and "no atlas case '99'" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--val-conditions", "stored", "dim"])

@@ -62,7 +62,11 @@ class FusionNet(nn.Module):
     """Two inputs (N,1,H,W) in [0,1] -> fused (N,1,H,W); coefficient net at 1/8 res over full-res bases."""
 
     def __init__(
-        self, width: int = 16, dilations: tuple[int, ...] = (1, 2, 4, 8), down_stride: int = 2
+        self,
+        width: int = 16,
+        dilations: tuple[int, ...] = (1, 2, 4, 8),
+        down_stride: int = 2,
+        keep_saturated: bool = False,
     ) -> None:
         super().__init__()
         if down_stride not in (1, 2):
@@ -70,6 +74,9 @@ class FusionNet(nn.Module):
         self.width = width
         self.dilations = tuple(dilations)
         self.down_stride = down_stride
+        # a pixel at full scale in either source (bone clipped by the CT window, a saturated MRI)
+        # stays at full scale, as in that source, instead of taking texture from the other one
+        self.keep_saturated = bool(keep_saturated)
         self.stem = nn.Conv2d(4, width, 3, stride=2, padding=1)  # on the 1/2-res input: 1/4 res
         self.down = nn.Conv2d(width, width, 3, stride=down_stride, padding=1)  # 1/8 res (stride 2)
         self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=d, dilation=d) for d in self.dilations)
@@ -110,7 +117,10 @@ class FusionNet(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fused = (self.coefficients(a, b) * self.bases(a, b)).sum(1, keepdim=True)
-        return torch.where(torch.maximum(a, b) <= 0.5 / 255, torch.zeros_like(fused), fused)
+        top = torch.maximum(a, b)
+        if self.keep_saturated:
+            fused = torch.where(top >= 1.0 - 0.5 / 255, torch.ones_like(fused), fused)
+        return torch.where(top <= 0.5 / 255, torch.zeros_like(fused), fused)
 
 
 def mix_with_max(net: FusionNet, alpha: float) -> FusionNet:
@@ -141,6 +151,7 @@ def build_net(config: dict[str, Any] | None = None) -> FusionNet:
         width=int(cfg.get("width", 16)),
         dilations=tuple(cfg.get("dilations", (1, 2, 4, 8))),
         down_stride=int(cfg.get("down_stride", 2)),
+        keep_saturated=bool(cfg.get("keep_saturated", False)),
     )
 
 

@@ -103,6 +103,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="coefficient resolution of the refined model: 2 = 1/8 (stage 1), 1 = 1/4",
     )
     ref.add_argument(
+        "--keep-saturated",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the refined model keeps a pixel at full scale where either source is (default: as --init)",
+    )
+    ref.add_argument(
         "--intensity-augment",
         type=float,
         default=None,
@@ -114,6 +120,19 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=None,
         help="intensity conditions the checkpoint is picked over: stored, mri-x0.7, moving-x0.7, "
         "mri-gamma1.5, moving-gamma1.5 (default: per type)",
+    )
+    ref.add_argument(
+        "--val-against-stage1",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="count a val metric only where the checkpoint also beats the stage-1 model (default: per type)",
+    )
+    ref.add_argument(
+        "--reward-weight",
+        action="append",
+        default=[],
+        metavar="METRIC=W",
+        help="override one reward weight (SD, SF, AG, SCD, VIF, Qabf, SSIM; 0 drops it); repeatable",
     )
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--device", default="auto")
@@ -134,10 +153,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from dicomnode.fusion.training.refine import refine  # noqa: PLC0415
+    from dicomnode.fusion.training.refine import refine, reward_weights  # noqa: PLC0415
 
     command = " ".join(["dicomnode", "train", "refine", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
     try:
+        weights = reward_weights(args.pair_type, args.reward_weight) if args.reward_weight else None
         meta = refine(
             args.eval_root,
             args.pair_type,
@@ -154,8 +174,11 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             pick=args.pick,
             intensity_augment=args.intensity_augment,
             down_stride=args.down_stride,
+            keep_saturated=args.keep_saturated,
             stage1_floor=tuple(args.stage1_floor) if args.stage1_floor is not None else None,
             val_conditions=tuple(args.val_conditions) if args.val_conditions else None,
+            val_against_stage1=args.val_against_stage1,
+            weights=weights,
             command=command,
         )
     except (FileNotFoundError, ValueError) as exc:

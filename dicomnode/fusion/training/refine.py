@@ -100,6 +100,10 @@ VAL_CONDITIONS: dict[str, tuple[str, ...]] = {
     "MRI-SPECT": tuple(INTENSITY_CONDITIONS),
 }
 INTENSITY_AUGMENT: dict[str, float] = {"MRI-CT": 0.0, "MRI-PET": 0.0, "MRI-SPECT": 0.0}
+# per pair type: whether the stage-1 model joins the val references (a checkpoint then counts a
+# metric only where it beats every classical fuser *and* the model it was refined from, so it
+# cannot sell a metric stage 1 already wins for one it does not)
+VAL_AGAINST_STAGE1: dict[str, bool] = {"MRI-CT": False, "MRI-PET": False, "MRI-SPECT": False}
 
 
 def condition(name: str) -> tuple[float, float, float, float]:
@@ -127,6 +131,29 @@ def random_intensity(x: torch.Tensor, strength: float, gen: torch.Generator) -> 
     gain = 1.0 - strength * torch.rand(n, c, 1, 1, generator=gen)
     gamma = torch.exp((2 * torch.rand(n, c, 1, 1, generator=gen) - 1) * np.log1p(strength))
     return gain * x.clamp(0, 1) ** gamma
+
+
+def reward_weights(pair_type: str, overrides: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """The pair type's :data:`REWARD_WEIGHTS` with ``METRIC=W`` overrides applied (W = 0 drops the metric)."""
+    if pair_type not in REWARD_WEIGHTS:
+        raise ValueError(f"unknown pair type {pair_type!r}; one of {sorted(REWARD_WEIGHTS)}")
+    out = dict(REWARD_WEIGHTS[pair_type])
+    for item in overrides:
+        name, sep, value = str(item).partition("=")
+        if not sep or name not in REWARD_WEIGHTS["MRI-CT"]:
+            known = sorted(REWARD_WEIGHTS["MRI-CT"])
+            raise ValueError(f"reward weight must be METRIC=W with METRIC in {known}; got {item!r}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"reward weight of {name} is not a number: {value!r}") from None
+        if w < 0 or not np.isfinite(w):
+            raise ValueError(f"reward weight of {name} must be >= 0, got {value}")
+        out[name] = w
+    out = {k: w for k, w in out.items() if w > 0}
+    if not out:
+        raise ValueError("every reward weight is 0: nothing to refine for")
+    return out
 
 
 def case_of(aanlib_id: str) -> str:
@@ -223,6 +250,7 @@ def refine(
     references: tuple[str, ...] | None = None,
     stage1_floor: tuple[str, ...] | None = None,
     down_stride: int | None = None,
+    keep_saturated: bool | None = None,
     seed: int = 0,
     device: str = "auto",
     val_every: int = 50,
@@ -230,6 +258,7 @@ def refine(
     pick: str = "val",
     intensity_augment: float | None = None,
     val_conditions: tuple[str, ...] | None = None,
+    val_against_stage1: bool | None = None,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -237,7 +266,8 @@ def refine(
 
     ``lr``, ``lam`` and ``cap`` default to :data:`HYPERPARAMETERS` of the pair type,
     ``intensity_augment`` to :data:`INTENSITY_AUGMENT`, ``val_conditions`` to :data:`VAL_CONDITIONS`
-    (the val score is summed over them).
+    (the val score is summed over them), ``val_against_stage1`` to :data:`VAL_AGAINST_STAGE1` (the
+    stage-1 model joins the classical fusers the checkpoint must beat on val).
     """
     if pair_type not in MODALITY_OF_TYPE:
         raise ValueError(f"unknown pair type {pair_type!r}; one of {sorted(MODALITY_OF_TYPE)}")
@@ -259,6 +289,7 @@ def refine(
     conditions = tuple(val_conditions or VAL_CONDITIONS[pair_type])
     for c in conditions:
         condition(c)  # names checked before any work
+    vs_stage1 = VAL_AGAINST_STAGE1[pair_type] if val_against_stage1 is None else bool(val_against_stage1)
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -281,16 +312,22 @@ def refine(
     teacher.eval().to(dev)
     if down_stride is not None:  # same weights, coefficients at another resolution
         config = {**(config or {}), "down_stride": int(down_stride)}
+    if keep_saturated is not None:  # same weights, full-scale source pixels kept at full scale
+        config = {**(config or {}), "keep_saturated": bool(keep_saturated)}
     net = build_net(config)
     net.load_state_dict(ck["state_dict"])
     net.to(dev)
     lp = LaplacianPyramidFuser()
     with torch.inference_mode():  # with intensity augmentation the supervision is made per batch
-        sup = torch.zeros_like(a_tr) if aug > 0 else torch.cat(
-            [
-                teacher(a_tr[i : i + 16].to(dev), b_tr[i : i + 16].to(dev)).clamp(0, 1).cpu()
-                for i in range(0, a_tr.shape[0], 16)
-            ]
+        sup = (
+            torch.zeros_like(a_tr)
+            if aug > 0
+            else torch.cat(
+                [
+                    teacher(a_tr[i : i + 16].to(dev), b_tr[i : i + 16].to(dev)).clamp(0, 1).cpu()
+                    for i in range(0, a_tr.shape[0], 16)
+                ]
+            )
         )
     val_sets: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]] = {}
     refs_by: dict[str, dict[str, dict[str, float]]] = {}
@@ -299,6 +336,15 @@ def refine(
         a8, b8 = to_u8(ac), to_u8(bc)
         val_sets[c] = (ac, bc, a8, b8)
         refs_by[c] = reference_means(ac, bc, a8, b8)
+        if vs_stage1:  # the refinement must also beat the model it starts from
+            with torch.inference_mode():
+                f1 = torch.cat(
+                    [
+                        teacher(ac[i : i + 16].to(dev), bc[i : i + 16].to(dev)).clamp(0, 1).cpu()
+                        for i in range(0, ac.shape[0], 16)
+                    ]
+                )
+            refs_by[c]["stage1"] = mean_metrics(f1, a8, b8)
     refs = refs_by[conditions[0]]
 
     def evaluate_val() -> tuple[tuple[int, float], dict[str, dict[str, float]]]:
@@ -394,6 +440,7 @@ def refine(
         "val_metrics": {k: v for k, v in best["val"][conditions[0]].items() if k != "firsts"},
         "val_by_condition": best["val"],
         "val_conditions": list(conditions),
+        "val_against_stage1": vs_stage1,
         "intensity_augment": aug,
         "val_references": refs,
         "val_history": history,
