@@ -1,6 +1,11 @@
 """Fusion speed: slices per second of a fuser at 256x256 and 512x512, batch sizes 1..64, and peak memory.
 
     .venv/bin/python benchmarks/fusion_speed.py [--method default] [--device cpu|cuda|auto] [--threads N]
+        [--modalities general CT PT NM] [--rounds 3]
+
+With several ``--modalities`` (the model's entry per moving modality; ``general`` = the general
+model) each cell is measured for every entry in turn, ``--rounds`` times, alternating, and the
+median is printed: side by side on a shared, noisy machine.
 
 CPU peak memory is the process's peak resident set (ru_maxrss) after each size; on CUDA it is
 ``torch.cuda.max_memory_allocated``. Prints a table; asserts nothing.
@@ -12,6 +17,7 @@ import argparse
 import resource
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,34 +30,56 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench(method: str, device: str, sizes: list[int], batches: list[int], min_seconds: float) -> None:
+def _rate(fuser: Any, a: np.ndarray, b: np.ndarray, dev: torch.device, min_seconds: float) -> float:
+    """Slices per second of ``fuser`` on the batch (a, b), after one warm-up call."""
+    bs = a.shape[0]
+    fuser.batch_size = bs
+    fuser.fuse(a, b)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fuser.fuse(a, b)
+        n += bs
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        el = time.perf_counter() - t0
+        if el >= min_seconds and n >= 2 * bs:
+            return n / el
+
+
+def bench(
+    method: str,
+    device: str,
+    sizes: list[int],
+    batches: list[int],
+    min_seconds: float,
+    modalities: list[str] | None = None,
+    rounds: int = 1,
+) -> None:
     dev = resolve_device(device)
-    fuser = get_fuser(method, device=str(dev))
-    print(f"fuser {fuser.name} v{fuser.version} on {dev} ({torch.get_num_threads()} threads); "
-          f"CPU: {torch.backends.cpu.get_cpu_capability()}")
+    base = get_fuser(method, device=str(dev))
+    entries = modalities or ["general"]
+    fusers = {m: base if m == "general" else base.for_modality(m) for m in entries}
+    print(f"fuser {base.name} v{base.version} on {dev} ({torch.get_num_threads()} threads); "
+          f"CPU: {torch.backends.cpu.get_cpu_capability()}; entries {', '.join(entries)}; "
+          f"median of {rounds} alternating round(s)")
     if dev.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(dev)}")
-    print(f"{'size':>6}{'batch':>7}{'slices/s':>11}{'ms/slice':>10}{'peak MiB':>10}")
+    print(f"{'entry':>8}{'size':>6}{'batch':>7}{'slices/s':>11}{'ms/slice':>10}{'peak MiB':>10}")
     rng = np.random.default_rng(0)
     for size in sizes:
         for bs in batches:
             a = rng.random((bs, size, size), dtype=np.float32)
             b = rng.random((bs, size, size), dtype=np.float32)
-            fuser.batch_size = bs  # type: ignore[attr-defined]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            fuser.fuse(a, b)  # warm-up
-            n, t0 = 0, time.perf_counter()
-            while True:
-                fuser.fuse(a, b)
-                n += bs
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                el = time.perf_counter() - t0
-                if el >= min_seconds and n >= 2 * bs:
-                    break
+            rates: dict[str, list[float]] = {m: [] for m in entries}
+            for _ in range(max(1, rounds)):
+                for m in entries:
+                    rates[m].append(_rate(fusers[m], a, b, dev, min_seconds))
             peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mib()
-            print(f"{size:>6}{bs:>7}{n / el:>11.1f}{1000 * el / n:>10.2f}{peak:>10.0f}")
+            for m in entries:
+                r = float(np.median(rates[m]))
+                print(f"{m:>8}{size:>6}{bs:>7}{r:>11.1f}{1000 / r:>10.2f}{peak:>10.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--min-seconds", type=float, default=2.0)
+    ap.add_argument(
+        "--modalities",
+        nargs="+",
+        default=None,
+        help="model entries to time side by side: general, CT, PT, NM (default: general)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per cell (median printed)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench(args.method, args.device, args.sizes, args.batches, args.min_seconds)
+    bench(args.method, args.device, args.sizes, args.batches, args.min_seconds, args.modalities, args.rounds)
     return 0
 
 

@@ -16,7 +16,10 @@ from dicomnode.fusion.training import metric_loss as L
 from dicomnode.fusion.training.cli import add_train_parser
 from dicomnode.fusion.training.fit import fit
 from dicomnode.fusion.training.refine import (
+    DOWN_STRIDE,
     INTENSITY_CONDITIONS,
+    KEEP_SATURATED,
+    REWARD_WEIGHTS,
     apply_condition,
     case_of,
     load_split,
@@ -89,6 +92,8 @@ def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
     s1 = torch.load(tmp_path / "r1.pt", weights_only=True)["state_dict"]
     s2 = torch.load(tmp_path / "r2.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    cfg = torch.load(tmp_path / "r1.pt", weights_only=True)["config"]
+    assert cfg["down_stride"] == 2 and cfg["keep_saturated"] is False  # the PET defaults
     assert m1["n_train"] == 2 and m1["n_val"] == 2  # the leaked row is left out
     assert not set(m1["train_hashes"]) & B.benchmark_hashes(root)
     assert set(m1["val_references"]) == {"max", "average", "laplacian-pyramid", "guided-filter"}
@@ -115,6 +120,17 @@ def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
     assert set(m1["train_hashes"]) <= set(packed_meta["train_hashes"])
     bad = parser.parse_args(["train", "pack", "--base", str(base), "--spec", "MR=x.pt", "--out", str(out)])
     assert bad.func(bad) == 2
+
+
+def test_shipped_ct_entry_is_what_the_ct_refine_defaults_train() -> None:
+    """`dicomnode train refine --type MRI-CT` with no options uses the shipped CT entry's settings."""
+    ck = torch.load(FM.WEIGHTS_FILE, weights_only=True)
+    ct = ck["per_modality"]["CT"]
+    assert ct["config"]["down_stride"] == DOWN_STRIDE["MRI-CT"] == 1
+    assert ct["config"]["keep_saturated"] is KEEP_SATURATED["MRI-CT"] is True
+    assert ct["meta"]["reward_weights"] == REWARD_WEIGHTS["MRI-CT"]
+    assert ct["meta"]["pair_type"] == "MRI-CT" and ct["meta"]["val_firsts"] >= 6
+    assert set(DOWN_STRIDE) == set(KEEP_SATURATED) == set(REWARD_WEIGHTS)
 
 
 def test_case_of_reads_the_atlas_case() -> None:

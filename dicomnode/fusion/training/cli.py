@@ -100,13 +100,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=int,
         choices=[1, 2],
         default=None,
-        help="coefficient resolution of the refined model: 2 = 1/8 (stage 1), 1 = 1/4",
+        help="coefficient resolution of the refined model: 2 = 1/8 (stage 1), 1 = 1/4 (default: per type)",
     )
     ref.add_argument(
         "--keep-saturated",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the refined model keeps a pixel at full scale where either source is (default: as --init)",
+        help="the refined model keeps a pixel at full scale where either source is (default: per type)",
     )
     ref.add_argument(
         "--intensity-augment",
