@@ -48,6 +48,7 @@ from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.training.build_db import benchmark_hashes
 from dicomnode.fusion.training.data import load_pairs, pixel_hash, read_manifest
 from dicomnode.fusion.training.fit import fusion_loss
+from dicomnode.fusion.training.metric_loss import METRICS as REWARDABLE
 from dicomnode.fusion.training.metric_loss import metric_reward
 from dicomnode.fusion.training.specialise import to_u8
 
@@ -147,9 +148,8 @@ def reward_weights(pair_type: str, overrides: list[str] | tuple[str, ...]) -> di
     out = dict(REWARD_WEIGHTS[pair_type])
     for item in overrides:
         name, sep, value = str(item).partition("=")
-        if not sep or name not in REWARD_WEIGHTS["MRI-CT"]:
-            known = sorted(REWARD_WEIGHTS["MRI-CT"])
-            raise ValueError(f"reward weight must be METRIC=W with METRIC in {known}; got {item!r}")
+        if not sep or name not in REWARDABLE:
+            raise ValueError(f"reward weight must be METRIC=W, METRIC in {sorted(REWARDABLE)}; got {item!r}")
         try:
             w = float(value)
         except ValueError:
@@ -215,6 +215,17 @@ def load_split(
         return torch.from_numpy(x[keep].astype(np.float32) / 255.0)[:, None]
 
     return as_t(ps.a), as_t(ps.b), hashes
+
+
+def fuse_batched(net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``net`` on sources (N,1,H,W) in batches of 16 on ``dev``, clamped to [0, 1], on the CPU."""
+    with torch.inference_mode():
+        return torch.cat(
+            [
+                net(a[i : i + 16].to(dev), b[i : i + 16].to(dev)).clamp(0, 1).cpu()
+                for i in range(0, a.shape[0], 16)
+            ]
+        )
 
 
 def mean_metrics(f: torch.Tensor, a8: np.ndarray, b8: np.ndarray) -> dict[str, float]:
@@ -326,16 +337,7 @@ def refine(
     net.to(dev)
     lp = LaplacianPyramidFuser()
     with torch.inference_mode():  # with intensity augmentation the supervision is made per batch
-        sup = (
-            torch.zeros_like(a_tr)
-            if aug > 0
-            else torch.cat(
-                [
-                    teacher(a_tr[i : i + 16].to(dev), b_tr[i : i + 16].to(dev)).clamp(0, 1).cpu()
-                    for i in range(0, a_tr.shape[0], 16)
-                ]
-            )
-        )
+        sup = torch.zeros_like(a_tr) if aug > 0 else fuse_batched(teacher, a_tr, b_tr, dev)
     val_sets: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]] = {}
     refs_by: dict[str, dict[str, dict[str, float]]] = {}
     for c in conditions:
@@ -344,14 +346,7 @@ def refine(
         val_sets[c] = (ac, bc, a8, b8)
         refs_by[c] = reference_means(ac, bc, a8, b8)
         if vs_stage1:  # the refinement must also beat the model it starts from
-            with torch.inference_mode():
-                f1 = torch.cat(
-                    [
-                        teacher(ac[i : i + 16].to(dev), bc[i : i + 16].to(dev)).clamp(0, 1).cpu()
-                        for i in range(0, ac.shape[0], 16)
-                    ]
-                )
-            refs_by[c]["stage1"] = mean_metrics(f1, a8, b8)
+            refs_by[c]["stage1"] = mean_metrics(fuse_batched(teacher, ac, bc, dev), a8, b8)
     refs = refs_by[conditions[0]]
 
     def evaluate_val() -> tuple[tuple[int, float], dict[str, dict[str, float]]]:
@@ -359,18 +354,11 @@ def refine(
         net.eval()
         per: dict[str, dict[str, float]] = {}
         firsts, margin = 0, 0.0
-        with torch.inference_mode():
-            for c, (ac, bc, a8, b8) in val_sets.items():
-                f = torch.cat(
-                    [
-                        net(ac[i : i + 16].to(dev), bc[i : i + 16].to(dev)).clamp(0, 1).cpu()
-                        for i in range(0, ac.shape[0], 16)
-                    ]
-                )
-                per[c] = mean_metrics(f, a8, b8)
-                k, g = val_score(per[c], refs_by[c])
-                per[c]["firsts"] = k
-                firsts, margin = firsts + k, margin + g
+        for c, (ac, bc, a8, b8) in val_sets.items():
+            per[c] = mean_metrics(fuse_batched(net, ac, bc, dev), a8, b8)
+            k, g = val_score(per[c], refs_by[c])
+            per[c]["firsts"] = k
+            firsts, margin = firsts + k, margin + g
         net.train()
         return (firsts, margin), per
 
