@@ -22,6 +22,7 @@ from dicomnode.fusion.training.refine import (
     REWARD_WEIGHTS,
     apply_condition,
     case_of,
+    dim_mri,
     load_split,
     random_intensity,
     refine,
@@ -219,6 +220,36 @@ def test_refine_picks_over_intensity_conditions_with_augmentation(tmp_path: Path
         refine(root, "MRI-PET", tmp_path / "c.pt", **{**kw, "val_conditions": ("dim",)})
 
 
+def test_dim_mri_dims_each_image_by_its_own_gain_on_the_8_bit_grid() -> None:
+    a = torch.rand(64, 1, 8, 8)
+    d = dim_mri(a, 0.45, torch.Generator().manual_seed(1))
+    assert torch.equal(d, dim_mri(a, 0.45, torch.Generator().manual_seed(1)))  # seeded
+    assert torch.allclose(d * 255, (d * 255).round(), atol=1e-4)  # requantised to 8 bits
+    gain = (d.sum((1, 2, 3)) / a.sum((1, 2, 3))).numpy()
+    assert gain.min() >= 0.55 - 0.01 and gain.max() <= 1.0 + 0.01  # gain in [1 - 0.45, 1]
+    assert gain.max() - gain.min() > 0.2  # one gain per image, not one per batch
+    assert torch.equal(dim_mri(a, 0.0, torch.Generator()), torch.round(a * 255) / 255)
+
+
+def test_refine_with_mri_dimming_is_seeded_and_recorded(tmp_path: Path) -> None:
+    root = _make_eval(tmp_path / "eval")
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu", pick="last")
+    m = refine(root, "MRI-PET", tmp_path / "a.pt", mri_dim=0.45, **kw)
+    assert m["mri_dim"] == 0.45 and m["intensity_augment"] == 0.0
+    refine(root, "MRI-PET", tmp_path / "b.pt", mri_dim=0.45, **kw)
+    refine(root, "MRI-PET", tmp_path / "c.pt", **kw)
+    sa, sb, sc = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["state_dict"] for n in "abc")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # seeded, dimming included
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # the dimming changes the training
+    with pytest.raises(ValueError, match="MRI dimming"):
+        refine(root, "MRI-PET", tmp_path / "d.pt", mri_dim=1.0, **kw)
+
+
 def test_reward_weight_overrides() -> None:
     w = reward_weights("MRI-PET", ["VIF=4", "SD=0"])
     assert w["VIF"] == 4 and "SD" not in w and w["SSIM"] == 4  # the rest stay as the type's defaults
@@ -285,12 +316,15 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["val_conditions"] == ["stored", "mri-x0.7"] and meta["val_against_stage1"] is False
     args = parser.parse_args(
         [*common, "--out", str(out), "--steps", "1", "--val-against-stage1", "--reward-weight", "VIF=5",
-         "--reward-weight", "SD=0", "--device", "cpu"]
+         "--reward-weight", "SD=0", "--mri-dim", "0.3", "--device", "cpu"]
     )  # fmt: skip
     assert args.func(args) == 0
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["val_against_stage1"] is True and "stage1" in meta["val_references"]
     assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]
+    assert meta["mri_dim"] == 0.3
+    bad = parser.parse_args([*common, "--out", str(out), "--mri-dim", "1.2"])
+    assert bad.func(bad) == 2 and "MRI dimming must be in [0, 1)" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--reward-weight", "MI=2"])
     assert bad.func(bad) == 2 and "METRIC=W" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--holdout-case", "99"])

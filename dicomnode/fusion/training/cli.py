@@ -115,6 +115,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="random per-source gain/gamma strength in [0, 1) while training (default: per type)",
     )
     ref.add_argument(
+        "--mri-dim",
+        type=float,
+        default=None,
+        help="dim the MRI alone by a random per-image gain in [1-x, 1] while training, x in [0, 1) "
+        "(default: per type)",
+    )
+    ref.add_argument(
         "--val-conditions",
         nargs="+",
         default=None,
@@ -173,6 +180,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             holdout_case=args.holdout_case,
             pick=args.pick,
             intensity_augment=args.intensity_augment,
+            mri_dim=args.mri_dim,
             down_stride=args.down_stride,
             keep_saturated=args.keep_saturated,
             stage1_floor=tuple(args.stage1_floor) if args.stage1_floor is not None else None,
