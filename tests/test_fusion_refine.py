@@ -80,7 +80,9 @@ def test_val_score_counts_strict_wins() -> None:
     assert firsts == 4 and margin == pytest.approx(0.4)
 
 
-def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
+def test_refine_is_deterministic_leak_free_and_packs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = _make_eval(tmp_path / "eval", leak=True)  # train row 0002 holds a benchmark MRI
     from dicomnode.fusion.training import build_db as B
 
@@ -119,6 +121,16 @@ def test_refine_is_deterministic_leak_free_and_packs(tmp_path: Path) -> None:
     assert fuser.for_modality("CT") is fuser
     packed_meta = torch.load(out, weights_only=True)["meta"]
     assert set(m1["train_hashes"]) <= set(packed_meta["train_hashes"])
+    both, only = tmp_path / "both.pt", tmp_path / "only.pt"
+    spec_ct = ["--spec", f"CT={tmp_path / 'r1.pt'}"]
+    args = parser.parse_args(["train", "pack", "--base", str(out), *spec_ct, "--keep", "--out", str(both)])
+    assert args.func(args) == 0 and "['CT', 'PT']" in capsys.readouterr().out
+    assert sorted(FM.CNNFuser(weights=both).modalities) == ["CT", "PT"]  # PT kept, CT added
+    kept = torch.load(both, weights_only=True)["per_modality"]["PT"]["state_dict"]
+    first = torch.load(out, weights_only=True)["per_modality"]["PT"]["state_dict"]
+    assert all(torch.equal(kept[k], first[k]) for k in first)
+    args = parser.parse_args(["train", "pack", "--base", str(out), *spec_ct, "--out", str(only)])
+    assert args.func(args) == 0 and FM.CNNFuser(weights=only).modalities == ["CT"]  # without --keep
     bad = parser.parse_args(["train", "pack", "--base", str(base), "--spec", "MR=x.pt", "--out", str(out)])
     assert bad.func(bad) == 2
 

@@ -154,6 +154,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         metavar="MODALITY=PATH",
         help="a refined model for a moving modality (CT, PT, NM); repeatable",
     )
+    pk.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the per-modality entries of --base that no --spec names (default: only --spec's)",
+    )
     pk.add_argument("--out", type=Path, default=WEIGHTS_FILE)
     pk.set_defaults(func=_cmd_pack)
     return train
@@ -197,6 +202,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
     from dicomnode.fusion.training.specialise import pack  # noqa: PLC0415
 
     specs = {}
@@ -210,11 +217,12 @@ def _cmd_pack(args: argparse.Namespace) -> int:
             return 2
         specs[modality.upper()] = (Path(path), 1.0, {})
     try:
-        pack(args.base, specs, args.out)
+        pack(args.base, specs, args.out, keep=args.keep)
     except (FileNotFoundError, ValueError) as exc:
         print(f"pack: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} with per-modality weights for {sorted(specs) or 'none'}")
+    entries = sorted(torch.load(args.out, map_location="cpu", weights_only=True).get("per_modality") or {})
+    print(f"wrote {args.out} with per-modality weights for {entries or 'none'}")
     return 0
 
 

@@ -459,6 +459,7 @@ def refine(
         "intensity_augment": aug,
         "mri_dim": dim,
         "val_references": refs,
+        "val_references_by_condition": refs_by,
         "val_history": history,
         "holdout_case": holdout_case,
         "pick": pick,

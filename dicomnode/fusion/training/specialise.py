@@ -128,10 +128,14 @@ def pick_alpha(weights: Path, db_dir: Path, alphas: tuple[float, ...] = ALPHAS) 
     return best[1], {"val_by_alpha": report, "val_reference": ref}
 
 
-def pack(base: Path, specialised: dict[str, tuple[Path, float, dict]], out: Path) -> None:
-    """Write ``out``: the general model plus ``per_modality`` entries (max blend baked into the head)."""
+def pack(base: Path, specialised: dict[str, tuple[Path, float, dict]], out: Path, keep: bool = False) -> None:
+    """Write ``out``: the general model plus ``per_modality`` entries (max blend baked into the head).
+
+    ``keep``: the ``per_modality`` entries of ``base`` that ``specialised`` does not name stay
+    (adding a PT entry to a file that holds a CT entry); otherwise only ``specialised`` is written.
+    """
     ck = load_checkpoint(base)
-    per: dict[str, Any] = {}
+    per: dict[str, Any] = dict(ck.get("per_modality") or {}) if keep else {}
     hashes = set(ck["meta"].get("train_hashes", []))
     for modality, (path, alpha, info) in specialised.items():
         sk = load_checkpoint(path)
