@@ -62,6 +62,28 @@ def test_keep_saturated_keeps_full_scale_pixels_at_full_scale() -> None:
     assert M.build_net({}).keep_saturated is False  # old weights files behave as before
 
 
+def test_keep_lone_source_shows_the_only_source_with_signal_unchanged() -> None:
+    torch.manual_seed(0)
+    plain = M.FusionNet()
+    with torch.no_grad():
+        plain.head.weight.normal_(0, 0.3)  # a net that enhances and mixes everywhere
+    kept = M.build_net({"keep_lone_source": True})
+    kept.load_state_dict(plain.state_dict())  # a flag, no new parameters
+    a, b = _pair(1, 32, 32)
+    b[..., :, 16:] = 0.0  # no PET uptake on the right half
+    a[..., 0:4, :] = 0.0  # air in the MRI along the top
+    only_a, only_b = (b <= 0.5 / 255) & (a > 0.5 / 255), (a <= 0.5 / 255) & (b > 0.5 / 255)
+    both = (a > 0.5 / 255) & (b > 0.5 / 255)
+    assert only_a.any() and only_b.any() and both.any()
+    with torch.inference_mode():
+        out_plain, out_kept = plain(a, b), kept(a, b)
+    assert float((out_plain[only_a] - a[only_a]).abs().max()) > 0.05  # without the flag: changed
+    assert torch.equal(out_kept[only_a], a[only_a]) and torch.equal(out_kept[only_b], b[only_b])
+    assert bool((out_kept[(a <= 0.5 / 255) & (b <= 0.5 / 255)] == 0).all())  # no signal: black
+    torch.testing.assert_close(out_kept[both], out_plain[both])  # where both have signal: unchanged
+    assert M.build_net({}).keep_lone_source is False  # old weights files behave as before
+
+
 def test_gradients_flow() -> None:
     net = M.FusionNet()
     a, b = _pair(2, 32, 32)

@@ -71,6 +71,12 @@ def test_reward_is_zero_at_the_reference_saturates_and_has_gradients() -> None:
     x = _t(f).requires_grad_(True)
     L.metric_reward(x, ta, tb, [mx], w).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # cap 0 is a pure floor: nothing above the reference, the same linear loss below it
+    assert float(L.metric_reward(noisy, ta, tb, [mx], {"SF": 1.0}, cap=0.0)) == 0.0
+    below = float(L.metric_reward(mx * 0.5, ta, tb, [mx], {"SD": 1.0}, cap=0.0))
+    assert below == pytest.approx(-0.5, abs=1e-3)
+    with pytest.raises(ValueError, match="cap"):
+        L.metric_reward(mx, ta, tb, [mx], {"SD": 1.0}, cap=-0.1)
 
 
 def test_val_score_counts_strict_wins() -> None:
@@ -319,22 +325,26 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     common = ["train", "refine", "--type", "MRI-PET", "--eval-root", str(root), "--init", str(base)]
     args = parser.parse_args(
         [*common, "--out", str(out), "--steps", "1", "--holdout-case", "8", "--pick", "last",
-         "--val-conditions", "stored", "mri-x0.7", "--stage1-floor", "SF", "--down-stride", "1",
-         "--device", "cpu"]
+         "--val-conditions", "stored", "mri-x0.7", "--stage1-floor", "SF", "--floor-cap", "0",
+         "--down-stride", "1", "--device", "cpu"]
     )  # fmt: skip
     assert args.func(args) == 0 and "first on" in capsys.readouterr().out
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["holdout_case"] == "8" and meta["pick"] == "last" and meta["stage1_floor"] == ["SF"]
+    assert meta["floor_cap"] == 0.0 and meta["cap"] == 0.05  # PET's cap; the floor's given apart
     assert meta["val_conditions"] == ["stored", "mri-x0.7"] and meta["val_against_stage1"] is False
     args = parser.parse_args(
         [*common, "--out", str(out), "--steps", "1", "--val-against-stage1", "--reward-weight", "VIF=5",
-         "--reward-weight", "SD=0", "--mri-dim", "0.3", "--device", "cpu"]
+         "--reward-weight", "SD=0", "--mri-dim", "0.3", "--keep-lone-source", "--device", "cpu"]
     )  # fmt: skip
     assert args.func(args) == 0
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["val_against_stage1"] is True and "stage1" in meta["val_references"]
     assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]
     assert meta["mri_dim"] == 0.3
+    assert torch.load(out, weights_only=True)["config"]["keep_lone_source"] is True
+    bad = parser.parse_args([*common, "--out", str(out), "--floor-cap", "-1"])
+    assert bad.func(bad) == 2 and "floor cap >= 0" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--mri-dim", "1.2"])
     assert bad.func(bad) == 2 and "MRI dimming must be in [0, 1)" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--reward-weight", "MI=2"])

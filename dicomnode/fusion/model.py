@@ -67,6 +67,7 @@ class FusionNet(nn.Module):
         dilations: tuple[int, ...] = (1, 2, 4, 8),
         down_stride: int = 2,
         keep_saturated: bool = False,
+        keep_lone_source: bool = False,
     ) -> None:
         super().__init__()
         if down_stride not in (1, 2):
@@ -77,6 +78,9 @@ class FusionNet(nn.Module):
         # a pixel at full scale in either source (bone clipped by the CT window, a saturated MRI)
         # stays at full scale, as in that source, instead of taking texture from the other one
         self.keep_saturated = bool(keep_saturated)
+        # a pixel where only one source has signal (the other is 0: outside the PET uptake, air in
+        # the CT window) shows that source unchanged, neither enhanced nor mixed
+        self.keep_lone_source = bool(keep_lone_source)
         self.stem = nn.Conv2d(4, width, 3, stride=2, padding=1)  # on the 1/2-res input: 1/4 res
         self.down = nn.Conv2d(width, width, 3, stride=down_stride, padding=1)  # 1/8 res (stride 2)
         self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=d, dilation=d) for d in self.dilations)
@@ -120,6 +124,8 @@ class FusionNet(nn.Module):
         top = torch.maximum(a, b)
         if self.keep_saturated:
             fused = torch.where(top >= 1.0 - 0.5 / 255, torch.ones_like(fused), fused)
+        if self.keep_lone_source:
+            fused = torch.where(b <= 0.5 / 255, a, torch.where(a <= 0.5 / 255, b, fused))
         return torch.where(top <= 0.5 / 255, torch.zeros_like(fused), fused)
 
 
@@ -152,6 +158,7 @@ def build_net(config: dict[str, Any] | None = None) -> FusionNet:
         dilations=tuple(cfg.get("dilations", (1, 2, 4, 8))),
         down_stride=int(cfg.get("down_stride", 2)),
         keep_saturated=bool(cfg.get("keep_saturated", False)),
+        keep_lone_source=bool(cfg.get("keep_lone_source", False)),
     )
 
 

@@ -109,10 +109,24 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="the refined model keeps a pixel at full scale where either source is (default: per type)",
     )
     ref.add_argument(
+        "--keep-lone-source",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the refined model shows a pixel where only one source has signal (the other is 0) as "
+        "that source, unchanged (default: per type)",
+    )
+    ref.add_argument(
         "--intensity-augment",
         type=float,
         default=None,
         help="random per-source gain/gamma strength in [0, 1) while training (default: per type)",
+    )
+    ref.add_argument(
+        "--floor-cap",
+        type=float,
+        default=None,
+        help="saturation of the --stage1-floor metrics' reward above stage 1; 0 = a pure floor, no "
+        "reward above it (default: --cap)",
     )
     ref.add_argument(
         "--mri-dim",
@@ -188,7 +202,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             mri_dim=args.mri_dim,
             down_stride=args.down_stride,
             keep_saturated=args.keep_saturated,
+            keep_lone_source=args.keep_lone_source,
             stage1_floor=tuple(args.stage1_floor) if args.stage1_floor is not None else None,
+            floor_cap=args.floor_cap,
             val_conditions=tuple(args.val_conditions) if args.val_conditions else None,
             val_against_stage1=args.val_against_stage1,
             weights=weights,

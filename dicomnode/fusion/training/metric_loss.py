@@ -185,8 +185,11 @@ def metric_reward(
     For each metric k: gain_k = m_k(f) / max_r m_k(r) - 1 per image (``refs`` are e.g. pixel max
     and a Laplacian pyramid); below the reference it counts linearly, above it saturates at
     ``cap`` (``cap * tanh(gain / cap)``), so no metric can be bought without limit (sharpening
-    noise raises SF and AG forever) and the effort goes to the metrics still behind.
+    noise raises SF and AG forever) and the effort goes to the metrics still behind. ``cap`` 0 is a
+    pure floor: only a loss against the best reference counts, nothing above it.
     """
+    if cap < 0:
+        raise ValueError(f"reward cap must be >= 0, got {cap}")
     names = list(weights)
     with torch.no_grad():
         per_ref = [metric_values(r, a, b, names) for r in refs]
@@ -195,6 +198,7 @@ def metric_reward(
     total = torch.zeros((), device=f.device)
     for k, w in weights.items():
         gain = mine[k] / base[k].clamp_min(1e-3) - 1.0
-        shaped = torch.where(gain > 0, cap * torch.tanh(gain / cap), gain)
+        above = cap * torch.tanh(gain / cap) if cap > 0 else torch.zeros_like(gain)
+        shaped = torch.where(gain > 0, above, gain)
         total = total + w * shaped.mean()
     return total

@@ -84,6 +84,9 @@ STAGE1_FLOOR: dict[str, tuple[str, ...]] = {"MRI-CT": (), "MRI-PET": (), "MRI-SP
 # instead of taking MRI texture; with this convention SSIM scores a flat window exactly copied as 1)
 DOWN_STRIDE: dict[str, int] = {"MRI-CT": 1, "MRI-PET": 2, "MRI-SPECT": 2}
 KEEP_SATURATED: dict[str, bool] = {"MRI-CT": True, "MRI-PET": False, "MRI-SPECT": False}
+# per pair type: whether the refined model shows a pixel where only one source has signal (the
+# other is 0) as that source, unchanged (the model config flag ``keep_lone_source``)
+KEEP_LONE_SOURCE: dict[str, bool] = {"MRI-CT": False, "MRI-PET": False, "MRI-SPECT": False}
 VAL_REFERENCES = ("max", "average", "laplacian-pyramid", "guided-filter")
 # intensity conditions, (gain, gamma) of the MRI and of the moving image: x -> gain * x ** gamma.
 # A DICOM series reaches the node under another window, gain or display curve than the atlas
@@ -278,8 +281,10 @@ def refine(
     weights: dict[str, float] | None = None,
     references: tuple[str, ...] | None = None,
     stage1_floor: tuple[str, ...] | None = None,
+    floor_cap: float | None = None,
     down_stride: int | None = None,
     keep_saturated: bool | None = None,
+    keep_lone_source: bool | None = None,
     seed: int = 0,
     device: str = "auto",
     val_every: int = 50,
@@ -314,6 +319,9 @@ def refine(
     lr = hp["lr"] if lr is None else lr
     lam = hp["lam"] if lam is None else lam
     cap = hp["cap"] if cap is None else cap
+    floor_cap = cap if floor_cap is None else float(floor_cap)
+    if cap <= 0 or floor_cap < 0:
+        raise ValueError(f"reward cap must be > 0 and floor cap >= 0, got {cap} and {floor_cap}")
     aug = INTENSITY_AUGMENT[pair_type] if intensity_augment is None else float(intensity_augment)
     if not 0.0 <= aug < 1.0:
         raise ValueError(f"intensity augmentation must be in [0, 1), got {aug}")
@@ -348,7 +356,13 @@ def refine(
     # same weights, coefficients at another resolution / full-scale source pixels kept at full scale
     down_stride = DOWN_STRIDE[pair_type] if down_stride is None else int(down_stride)
     keep_saturated = KEEP_SATURATED[pair_type] if keep_saturated is None else bool(keep_saturated)
-    config = {**(config or {}), "down_stride": down_stride, "keep_saturated": keep_saturated}
+    keep_lone = KEEP_LONE_SOURCE[pair_type] if keep_lone_source is None else bool(keep_lone_source)
+    config = {
+        **(config or {}),
+        "down_stride": down_stride,
+        "keep_saturated": keep_saturated,
+        "keep_lone_source": keep_lone,
+    }
     net = build_net(config)
     net.load_state_dict(ck["state_dict"])
     net.to(dev)
@@ -425,7 +439,7 @@ def refine(
         reward = metric_reward(pred, a, b, ref_fusions, rest_w, cap) if rest_w else pred.new_zeros(())
         if floor_w:  # these metrics must not fall below the stage-1 model's either
             extra = [] if "stage1" in references else [t]
-            reward = reward + metric_reward(pred, a, b, ref_fusions + extra, floor_w, cap)
+            reward = reward + metric_reward(pred, a, b, ref_fusions + extra, floor_w, floor_cap)
         loss = fusion_loss(pred, t) - lam * reward
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -470,6 +484,7 @@ def refine(
         "lr": lr,
         "lam": lam,
         "cap": cap,
+        "floor_cap": floor_cap,
         "batch_size": batch_size,
         "seed": seed,
         "train_seconds": round(time.time() - t0, 1),
