@@ -57,6 +57,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     ref.add_argument("--init", type=Path, default=WEIGHTS_FILE, help="stage-1 weights (the general model)")
     ref.add_argument("--out", type=Path, required=True, help="weights file to write")
     ref.add_argument("--steps", type=int, default=300)
+    ref.add_argument("--val-every", type=int, default=50, help="score a checkpoint on val every N steps")
     ref.add_argument("--lr", type=float, default=None, help="learning rate (default: per pair type)")
     ref.add_argument(
         "--lam",
@@ -190,6 +191,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             args.out,
             init=args.init,
             steps=args.steps,
+            val_every=args.val_every,
             lr=args.lr,
             lam=args.lam,
             cap=args.cap,

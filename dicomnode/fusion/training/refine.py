@@ -337,6 +337,8 @@ def refine(
     torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     dev = resolve_device(device)
+    if val_every < 1:
+        raise ValueError(f"val_every must be >= 1, got {val_every}")
     if pick not in ("val", "last"):
         raise ValueError(f"pick must be 'val' or 'last', got {pick!r}")
     if holdout_case is None:
