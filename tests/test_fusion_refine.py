@@ -334,14 +334,17 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["floor_cap"] == 0.0 and meta["cap"] == 0.05  # PET's cap; the floor's given apart
     assert meta["val_conditions"] == ["stored", "mri-x0.7"] and meta["val_against_stage1"] is False
     args = parser.parse_args(
-        [*common, "--out", str(out), "--steps", "1", "--val-against-stage1", "--reward-weight", "VIF=5",
+        [*common, "--out", str(out), "--steps", "2", "--val-every", "1", "--val-against-stage1",
+         "--reward-weight", "VIF=5",
          "--reward-weight", "SD=0", "--mri-dim", "0.3", "--keep-lone-source", "--device", "cpu"]
     )  # fmt: skip
     assert args.func(args) == 0
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["val_against_stage1"] is True and "stage1" in meta["val_references"]
     assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]
-    assert meta["mri_dim"] == 0.3
+    assert meta["mri_dim"] == 0.3 and [h["step"] for h in meta["val_history"]] == [0, 1, 2]
+    bad = parser.parse_args([*common, "--out", str(out), "--val-every", "0"])
+    assert bad.func(bad) == 2 and "val_every must be >= 1" in capsys.readouterr().err
     assert torch.load(out, weights_only=True)["config"]["keep_lone_source"] is True
     bad = parser.parse_args([*common, "--out", str(out), "--floor-cap", "-1"])
     assert bad.func(bad) == 2 and "floor cap >= 0" in capsys.readouterr().err
