@@ -220,8 +220,6 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
-
     from dicomnode.fusion.training.specialise import pack  # noqa: PLC0415
 
     specs = {}
@@ -235,11 +233,10 @@ def _cmd_pack(args: argparse.Namespace) -> int:
             return 2
         specs[modality.upper()] = (Path(path), 1.0, {})
     try:
-        pack(args.base, specs, args.out, keep=args.keep)
+        entries = pack(args.base, specs, args.out, keep=args.keep)
     except (FileNotFoundError, ValueError) as exc:
         print(f"pack: {exc}", file=sys.stderr)
         return 2
-    entries = sorted(torch.load(args.out, map_location="cpu", weights_only=True).get("per_modality") or {})
     print(f"wrote {args.out} with per-modality weights for {entries or 'none'}")
     return 0
 

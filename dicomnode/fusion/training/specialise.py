@@ -128,11 +128,14 @@ def pick_alpha(weights: Path, db_dir: Path, alphas: tuple[float, ...] = ALPHAS) 
     return best[1], {"val_by_alpha": report, "val_reference": ref}
 
 
-def pack(base: Path, specialised: dict[str, tuple[Path, float, dict]], out: Path, keep: bool = False) -> None:
+def pack(
+    base: Path, specialised: dict[str, tuple[Path, float, dict]], out: Path, keep: bool = False
+) -> list[str]:
     """Write ``out``: the general model plus ``per_modality`` entries (max blend baked into the head).
 
     ``keep``: the ``per_modality`` entries of ``base`` that ``specialised`` does not name stay
     (adding a PT entry to a file that holds a CT entry); otherwise only ``specialised`` is written.
+    Returns the modalities with an entry in ``out``.
     """
     ck = load_checkpoint(base)
     per: dict[str, Any] = dict(ck.get("per_modality") or {}) if keep else {}
@@ -152,6 +155,7 @@ def pack(base: Path, specialised: dict[str, tuple[Path, float, dict]], out: Path
     ck["per_modality"] = per
     ck["meta"]["train_hashes"] = sorted(hashes)
     torch.save(ck, out)
+    return sorted(per)
 
 
 __all__ = ["MODALITY_OF_TYPE", "PREFER_BY_TYPE", "pack", "pick_alpha", "retarget"]
