@@ -268,6 +268,29 @@ def test_refine_with_mri_dimming_is_seeded_and_recorded(tmp_path: Path) -> None:
         refine(root, "MRI-PET", tmp_path / "d.pt", mri_dim=1.0, **kw)
 
 
+def test_refine_keeps_every_scored_checkpoint_as_a_weights_file(tmp_path: Path) -> None:
+    root = _make_eval(tmp_path / "eval")
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    kw = dict(init=base, steps=3, batch_size=2, val_every=2, progress=False, device="cpu", pick="last")
+    m = refine(root, "MRI-PET", tmp_path / "a.pt", keep_checkpoints=tmp_path / "kept", **kw)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["step-0002.pt", "step-0003.pt"]
+    picked = torch.load(tmp_path / "a.pt", weights_only=True)
+    last = torch.load(tmp_path / "kept" / "step-0003.pt", weights_only=True)
+    assert all(torch.equal(picked["state_dict"][k], last["state_dict"][k]) for k in picked["state_dict"])
+    assert m["saved_as"] == "picked" and last["meta"]["saved_as"] == "kept checkpoint"
+    two = torch.load(tmp_path / "kept" / "step-0002.pt", weights_only=True)
+    assert two["meta"]["best_step"] == 2 and [h["step"] for h in two["meta"]["val_history"]] == [0, 2]
+    assert any(not torch.equal(two["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    assert two["meta"]["train_hashes"] == m["train_hashes"]  # each one packs like the picked file
+    fuser = FM.CNNFuser(weights=tmp_path / "kept" / "step-0002.pt")
+    a = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    assert fuser.fuse(a, a).shape == (1, 32, 32)
+
+
 def test_reward_weight_overrides() -> None:
     w = reward_weights("MRI-PET", ["VIF=4", "SD=0"])
     assert w["VIF"] == 4 and "SD" not in w and w["SSIM"] == 4  # the rest stay as the type's defaults
@@ -336,9 +359,11 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     args = parser.parse_args(
         [*common, "--out", str(out), "--steps", "2", "--val-every", "1", "--val-against-stage1",
          "--reward-weight", "VIF=5",
-         "--reward-weight", "SD=0", "--mri-dim", "0.3", "--keep-lone-source", "--device", "cpu"]
+         "--reward-weight", "SD=0", "--mri-dim", "0.3", "--keep-lone-source", "--device", "cpu",
+         "--keep-checkpoints", str(tmp_path / "kept")]
     )  # fmt: skip
     assert args.func(args) == 0
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["step-0001.pt", "step-0002.pt"]
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["val_against_stage1"] is True and "stage1" in meta["val_references"]
     assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]

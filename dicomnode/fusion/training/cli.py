@@ -58,6 +58,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     ref.add_argument("--out", type=Path, required=True, help="weights file to write")
     ref.add_argument("--steps", type=int, default=300)
     ref.add_argument("--val-every", type=int, default=50, help="score a checkpoint on val every N steps")
+    ref.add_argument(
+        "--keep-checkpoints",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write every scored checkpoint to DIR/step-NNNN.pt (each a complete weights file)",
+    )
     ref.add_argument("--lr", type=float, default=None, help="learning rate (default: per pair type)")
     ref.add_argument(
         "--lam",
@@ -192,6 +199,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             init=args.init,
             steps=args.steps,
             val_every=args.val_every,
+            keep_checkpoints=args.keep_checkpoints,
             lr=args.lr,
             lam=args.lam,
             cap=args.cap,

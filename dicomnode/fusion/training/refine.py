@@ -294,6 +294,7 @@ def refine(
     mri_dim: float | None = None,
     val_conditions: tuple[str, ...] | None = None,
     val_against_stage1: bool | None = None,
+    keep_checkpoints: Path | None = None,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -399,6 +400,51 @@ def refine(
         main = {k: v for k, v in per[conditions[0]].items() if k != "firsts"}
         return {"step": step, "firsts": score[0], "margin": round(score[1], 4), **main, "by_condition": per}
 
+    def save(path: Path, chosen: dict[str, Any], saved_as: str = "picked") -> dict[str, Any]:
+        """Write ``chosen`` (a scored checkpoint) as a weights file with its meta; return the meta."""
+        meta = {
+            "name": f"{ck.get('meta', {}).get('name', 'li2021-cnn')}-refined",
+            "version": f"r-{pair_type}-s{seed}-{chosen['step']}",
+            "pair_type": pair_type,
+            "best_step": chosen["step"],
+            "val_firsts": chosen["val"][conditions[0]]["firsts"],
+            "val_firsts_all": chosen["score"][0],
+            "val_margin": round(chosen["score"][1], 4),
+            "val_metrics": {k: v for k, v in chosen["val"][conditions[0]].items() if k != "firsts"},
+            "val_by_condition": chosen["val"],
+            "val_conditions": list(conditions),
+            "val_against_stage1": vs_stage1,
+            "intensity_augment": aug,
+            "mri_dim": dim,
+            "val_references": refs,
+            "val_references_by_condition": refs_by,
+            "val_history": history,
+            "holdout_case": holdout_case,
+            "pick": pick,
+            "saved_as": saved_as,
+            "reward_weights": weights,
+            "reward_references": list(references),
+            "stage1_floor": list(floors),
+            "steps": steps,
+            "lr": lr,
+            "lam": lam,
+            "cap": cap,
+            "floor_cap": floor_cap,
+            "batch_size": batch_size,
+            "seed": seed,
+            "train_seconds": round(time.time() - t0, 1),
+            "device": str(dev),
+            "n_train": int(a_tr.shape[0]),
+            "n_val": int(a_va.shape[0]),
+            "init": str(init),
+            "command": command,
+            "train_hashes": sorted(set(h_tr) | set(h_va)),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": chosen["state"], "config": config, "meta": meta}, path)
+        return meta
+
     score0, per0 = evaluate_val()
     best: dict[str, Any] = {
         "score": score0,
@@ -449,6 +495,10 @@ def refine(
         if step % val_every == 0 or step == steps:
             score, vals = evaluate_val()
             history.append(record(step, score, vals))
+            if keep_checkpoints is not None:
+                state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                snap = {"score": score, "step": step, "val": vals, "state": state}
+                save(Path(keep_checkpoints) / f"step-{step:04d}.pt", snap, "kept checkpoint")
             if score > best["score"] or (pick == "last" and step == steps):
                 best = {
                     "score": score,
@@ -460,45 +510,6 @@ def refine(
             bar.set_postfix(val_first=f"{score[0]}/{n9}", best=f"{best['score'][0]}/{n9}@{best['step']}")
         elif step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", reward=f"{reward.item():.4f}")
-    meta = {
-        "name": f"{ck.get('meta', {}).get('name', 'li2021-cnn')}-refined",
-        "version": f"r-{pair_type}-s{seed}-{best['step']}",
-        "pair_type": pair_type,
-        "best_step": best["step"],
-        "val_firsts": best["val"][conditions[0]]["firsts"],
-        "val_firsts_all": best["score"][0],
-        "val_margin": round(best["score"][1], 4),
-        "val_metrics": {k: v for k, v in best["val"][conditions[0]].items() if k != "firsts"},
-        "val_by_condition": best["val"],
-        "val_conditions": list(conditions),
-        "val_against_stage1": vs_stage1,
-        "intensity_augment": aug,
-        "mri_dim": dim,
-        "val_references": refs,
-        "val_references_by_condition": refs_by,
-        "val_history": history,
-        "holdout_case": holdout_case,
-        "pick": pick,
-        "reward_weights": weights,
-        "reward_references": list(references),
-        "stage1_floor": list(floors),
-        "steps": steps,
-        "lr": lr,
-        "lam": lam,
-        "cap": cap,
-        "floor_cap": floor_cap,
-        "batch_size": batch_size,
-        "seed": seed,
-        "train_seconds": round(time.time() - t0, 1),
-        "device": str(dev),
-        "n_train": int(a_tr.shape[0]),
-        "n_val": int(a_va.shape[0]),
-        "init": str(init),
-        "command": command,
-        "train_hashes": sorted(set(h_tr) | set(h_va)),
-    }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": best["state"], "config": config, "meta": meta}, out_path)
+    meta = save(Path(out_path), best)
     log.info("%s: first on %d/9 on val at step %d -> %s", pair_type, best["score"][0], best["step"], out_path)
     return meta
