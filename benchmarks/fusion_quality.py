@@ -5,6 +5,10 @@ table of means, who ranks first per column, and whether ours meets the target (f
 last on none). It also writes a contact sheet PNG (sources, max, best peer, ours).
 
     .venv/bin/python benchmarks/fusion_quality.py [--eval-root ../shared/eval] [--method default]
+                                                  [--weights FILE]
+
+``--weights`` scores a weights file other than the shipped one as "ours" (a candidate packed with
+``dicomnode train pack``), without touching the package.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dicomnode.fusion.base import get_fuser
+from dicomnode.fusion.base import Fuser, get_fuser
 from dicomnode.fusion.colour import rgb_to_ycbcr, to_uint8, ycbcr_to_rgb
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
+from dicomnode.fusion.model import CNNFuser
 from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8, read_gray_or_rgb
 
 PEERS = ("IFCNN", "MATR", "U2Fusion", "EMFusion")
@@ -29,8 +34,9 @@ BASELINES = ("average", "max", "laplacian-pyramid")
 MODALITY = {"MRI-CT": "CT", "MRI-PET": "PT", "MRI-SPECT": "NM"}  # moving modality of each pair type
 
 
-def _fuse8(method: str, a8: np.ndarray, b8: np.ndarray, device: str, modality: str) -> np.ndarray:
-    fuser = get_fuser(method, device=device).for_modality(modality)
+def _fuse8(method: str | Fuser, a8: np.ndarray, b8: np.ndarray, device: str, modality: str) -> np.ndarray:
+    base = get_fuser(method, device=device) if isinstance(method, str) else method
+    fuser = base.for_modality(modality)
     out = fuser.fuse(a8.astype(np.float32) / 255.0, b8.astype(np.float32) / 255.0)
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
@@ -50,17 +56,25 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(im)
 
 
-def run(eval_root: Path, method: str, device: str, sheet: Path | None, per_type_sheet: int = 2) -> dict:
+def run(
+    eval_root: Path,
+    method: str,
+    device: str,
+    sheet: Path | None,
+    per_type_sheet: int = 2,
+    weights: Path | None = None,
+) -> dict:
     """Score everything; print tables; return {pair_type: {method: {metric: mean}}}."""
     results: dict[str, dict[str, dict[str, float]]] = {}
     rows_for_sheet = []
-    ours_name = get_fuser(method, device=device).name
+    ours: str | Fuser = method if weights is None else CNNFuser(device=device, weights=weights)
+    ours_name = get_fuser(method, device=device).name if isinstance(ours, str) else f"{ours.name} {weights}"
     for t in PAIR_TYPES:
         folder = eval_root / "harvard-cddfuse" / t
         ps = load_pairs(folder, t)
         fused: dict[str, np.ndarray] = {}
         t0 = time.perf_counter()
-        fused[f"ours ({ours_name})"] = _fuse8(method, ps.a, ps.b, device, MODALITY[t])
+        fused[f"ours ({ours_name})"] = _fuse8(ours, ps.a, ps.b, device, MODALITY[t])
         ours_s = time.perf_counter() - t0
         for m in BASELINES:
             fused[m] = _fuse8(m, ps.a, ps.b, device, MODALITY[t])
@@ -75,7 +89,11 @@ def run(eval_root: Path, method: str, device: str, sheet: Path | None, per_type_
         results[t] = table
         _print_table(t, len(ps.names), table, ours_s)
         peer_names = [k for k in fused if k in PEERS]
-        best_peer = max(peer_names, key=lambda p: sum(_rank(table, m)[0] == p for m in METRIC_NAMES))
+        best_peer = (  # without peers' outputs the sheet shows the Laplacian pyramid in their column
+            max(peer_names, key=lambda p: sum(_rank(table, m)[0] == p for m in METRIC_NAMES))
+            if peer_names
+            else "laplacian-pyramid"
+        )
         for i in np.linspace(0, len(ps.names) - 1, per_type_sheet).round().astype(int):
             rgb = ps.b_rgb[i] if ps.b_rgb is not None else None
             ours_key = next(iter(fused))
@@ -120,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "eval")
     ap.add_argument("--method", default="default", help="our fuser (default: the shipped model)")
+    ap.add_argument("--weights", type=Path, default=None, help="score this weights file as ours instead")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sheet", type=Path, default=Path("bench-out/fusion_contact_sheet.png"))
     args = ap.parse_args(argv)
     if not (args.eval_root / "harvard-cddfuse").is_dir():
         print(f"no benchmark under {args.eval_root}", file=sys.stderr)
         return 2
-    run(args.eval_root, args.method, args.device, args.sheet)
+    if args.weights is not None and not args.weights.is_file():
+        print(f"no weights file at {args.weights}", file=sys.stderr)
+        return 2
+    run(args.eval_root, args.method, args.device, args.sheet, weights=args.weights)
     return 0
 
 

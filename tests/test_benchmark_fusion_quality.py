@@ -1,0 +1,55 @@
+"""benchmarks/fusion_quality.py on a tiny synthetic benchmark: it scores a candidate weights file as ours."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.fusion import model as FM
+from tests.test_fusion_training import _blob, _save
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_quality.py"
+
+
+def _module():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("fusion_quality", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench(root: Path) -> Path:
+    for i, t in enumerate(("MRI-CT", "MRI-PET", "MRI-SPECT")):
+        d = root / "harvard-cddfuse" / t
+        for k in (1, 2):
+            _save(d / f"{k:04d}_a.png", _blob(20 * i + k))
+            g = _blob(20 * i + k + 7)
+            b = g if t == "MRI-CT" else np.stack([g, g // 2, g // 4], axis=-1).astype(np.uint8)
+            _save(d / f"{k:04d}_b.png", b)
+            if t == "MRI-PET":  # one peer's output for one type; the others have none
+                _save(root / "peers" / "IFCNN" / "harvard-cddfuse" / t / f"{k:04d}.png", g)
+    return root
+
+
+def test_fusion_quality_scores_a_candidate_weights_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _bench(tmp_path / "eval")
+    torch.manual_seed(0)
+    net = FM.build_net({"width": 8})
+    cand = tmp_path / "cand.pt"
+    torch.save({"state_dict": net.state_dict(), "config": {"width": 8}, "meta": {"version": "t"}}, cand)
+    mod = _module()
+    sheet = tmp_path / "sheet.png"
+    argv = ["--eval-root", str(root), "--weights", str(cand), "--device", "cpu", "--sheet", str(sheet)]
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"ours (li2021-cnn {cand})" in out and "MRI-PET" in out and sheet.is_file()
+    assert out.count("IFCNN") >= 1 and out.count("target") == 3  # a verdict per pair type
+    assert mod.main([*argv[:2], "--weights", str(tmp_path / "none.pt")]) == 2
+    assert "no weights file" in capsys.readouterr().err
