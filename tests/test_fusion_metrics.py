@@ -173,3 +173,21 @@ def test_bad_shapes_are_clear_errors() -> None:
         M.mi(np.zeros((8, 8)), np.zeros((8, 8)), np.zeros((8, 9)))
     with pytest.raises(ValueError, match=r"\(H,W\)"):
         M.en(np.zeros(5))
+
+
+def test_overlap_detail_counts_only_where_both_sources_have_signal() -> None:
+    a = np.zeros((40, 40))
+    b = np.zeros((40, 40))
+    rng = np.random.default_rng(3)
+    a[:, :30] = rng.integers(20, 250, (40, 30))  # A's anatomy
+    b[10:, 10:] = rng.integers(20, 250, (30, 30))  # B's signal; overlap: rows 10.., cols 10..29
+    assert M.overlap_detail(a, a, b) == pytest.approx(1.0)  # F = A keeps all of A's structure
+    shows_b = np.where(b > 0, b, a)
+    assert M.overlap_detail(shows_b, a, b) < 0.2  # B's picture inside the overlap: A's is lost
+    outside = a.copy()
+    outside[:5] = 0  # changing F where B has no signal does not count
+    assert M.overlap_detail(outside, a, b) == pytest.approx(1.0)
+    assert M.overlap_detail(b, a, np.zeros_like(b)) == 1.0  # no overlap: nothing to keep
+    both = M.overlap_detail(np.stack([a, shows_b]), np.stack([a, a]), np.stack([b, b]))
+    assert both.shape == (2,) and both[0] == pytest.approx(1.0) and both[1] < 0.2
+    assert "overlap_detail" not in M.METRIC_NAMES  # ours, not one of the benchmark's nine

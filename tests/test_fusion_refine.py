@@ -49,6 +49,7 @@ def test_torch_metrics_match_the_reference_metrics() -> None:
     ref = {
         "SD": M.sd(f), "SF": M.sf(f), "AG": M.ag(f), "SCD": M.scd(f, a, b),
         "VIF": M.vif(f, a, b), "Qabf": M.qabf(f, a, b), "SSIM": M.ssim(f, a, b),
+        "Detail": M.overlap_detail(f, a, b),
     }  # fmt: skip
     got = L.metric_values(_t(f), _t(a), _t(b))
     assert set(got) == set(ref)
@@ -77,6 +78,21 @@ def test_reward_is_zero_at_the_reference_saturates_and_has_gradients() -> None:
     assert below == pytest.approx(-0.5, abs=1e-3)
     with pytest.raises(ValueError, match="cap"):
         L.metric_reward(mx, ta, tb, [mx], {"SD": 1.0}, cap=-0.1)
+
+
+def test_detail_reward_pulls_the_overlap_back_to_the_mri() -> None:
+    rng = np.random.default_rng(3)
+    a = np.zeros((2, 40, 40))
+    b = np.zeros((2, 40, 40))
+    a[:, :, :30] = rng.integers(20, 250, (2, 40, 30))
+    b[:, 10:, 10:] = rng.integers(20, 250, (2, 30, 30))
+    ta, tb = _t(a), _t(b)
+    shows_b = torch.where(tb > 0, tb, ta)  # inside the overlap: B's picture instead of A's
+    w = {"Detail": 1.0}
+    assert float(L.metric_reward(shows_b, ta, tb, [ta], w)) < -0.5  # far below keeping A
+    x = shows_b.clone().requires_grad_(True)
+    L.metric_reward(x, ta, tb, [ta], w).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_val_score_counts_strict_wins() -> None:

@@ -266,6 +266,35 @@ def ssim(f: np.ndarray, a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -
     return _out(_ssim_pair(tf, ta, data_range) + _ssim_pair(tf, tb, data_range), single)
 
 
+def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float = 2.0) -> np.ndarray:
+    win = 7
+    cov_norm = win * win / (win * win - 1)
+    ux, uy = _box_valid(x, win), _box_valid(y, win)
+    vx = cov_norm * (_box_valid(x * x, win) - ux * ux)
+    vy = cov_norm * (_box_valid(y * y, win) - uy * uy)
+    vxy = cov_norm * (_box_valid(x * y, win) - ux * uy)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+
+
+def overlap_detail(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
+    """How much of A's structure F keeps where *both* sources have signal (not one of the nine).
+
+    Mean SSIM(F, A) (the SSIM convention above) over the 7x7 windows whose 49 pixels are all > 0
+    in A and in B: for MRI-PET, the MRI anatomy inside the PET uptake. The nine metrics do not
+    ask for it: VIF, Qabf and SSIM(F,B) all rise when F shows B there instead of A (pixel max does
+    so wherever the PET is brighter). 1 where there is no such window (nothing to keep).
+    """
+    tf, ta, tb, single = _three(f, a, b)
+    both = (_box_valid((ta > 0).astype(np.float64), 7) > 1 - 1e-9) & (
+        _box_valid((tb > 0).astype(np.float64), 7) > 1 - 1e-9
+    )
+    s = _ssim_map(tf, ta)
+    n = both.sum((1, 2))
+    v = np.where(n > 0, (s * both).sum((1, 2)) / np.maximum(n, 1), 1.0)
+    return _out(v, single)
+
+
 def evaluate(fused: np.ndarray, a: np.ndarray, b: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
     """All nine metrics per image for (N,H,W) (or (H,W)) stacks on the 0..255 scale.
 

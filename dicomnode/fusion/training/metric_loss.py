@@ -60,6 +60,10 @@ def _box_valid(x: torch.Tensor, win: int) -> torch.Tensor:
 
 
 def _ssim_pair(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    return _ssim_map(x, y, data_range).mean((1, 2))
+
+
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     win = 7
     cov_norm = win * win / (win * win - 1)
     ux, uy = _box_valid(x, win), _box_valid(y, win)
@@ -68,8 +72,19 @@ def _ssim_pair(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> tor
     vxy = cov_norm * (_box_valid(x * y, win) - ux * uy)
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean((1, 2))
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+
+
+def overlap_detail(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`dicomnode.fusion.metrics.overlap_detail`: SSIM(F, A) where both sources have signal."""
+    tf, ta, tb = _s(f), _s(a), _s(b)
+    with torch.no_grad():
+        inside_a = _box_valid((ta > 0).to(tf.dtype), 7) > 1 - 1e-6
+        both = inside_a & (_box_valid((tb > 0).to(tf.dtype), 7) > 1 - 1e-6)
+        n = both.sum((1, 2))
+    s = _ssim_map(tf, ta)
+    kept = (s * both).sum((1, 2)) / n.clamp_min(1)
+    return torch.where(n > 0, kept, torch.ones_like(kept))
 
 
 def ssim(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,7 +174,17 @@ def qabf(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return num / (ga + gb).sum((1, 2)).clamp_min(_EPS)
 
 
-METRICS = {"SD": sd, "SF": sf, "AG": ag, "SCD": scd, "VIF": vif, "Qabf": qabf, "SSIM": ssim}
+METRICS = {
+    "SD": sd,
+    "SF": sf,
+    "AG": ag,
+    "SCD": scd,
+    "VIF": vif,
+    "Qabf": qabf,
+    "SSIM": ssim,
+    # not one of the nine: MRI structure kept where both sources have signal (a floor, not a prize)
+    "Detail": overlap_detail,
+}
 _ONE_INPUT = {"SD", "SF", "AG"}
 
 
