@@ -2,7 +2,8 @@
 
 One run, one metric code (dicomnode.fusion.metrics) for every method. Per pair type it prints the
 table of means, who ranks first per column, and whether ours meets the target (first on >= 6 of 9,
-last on none). It also writes a contact sheet PNG (sources, max, best peer, ours).
+last on none), then, unranked, how much of the MRI's structure each method keeps where both
+sources have signal (``overlap_detail``). It also writes a contact sheet PNG (sources, max, best peer, ours).
 
     .venv/bin/python benchmarks/fusion_quality.py [--eval-root ../shared/eval] [--method default]
                                                   [--weights FILE]
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from dicomnode.fusion.base import Fuser, get_fuser
 from dicomnode.fusion.colour import rgb_to_ycbcr, to_uint8, ycbcr_to_rgb
-from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
+from dicomnode.fusion.metrics import METRIC_NAMES, evaluate, overlap_detail
 from dicomnode.fusion.model import CNNFuser
 from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8, read_gray_or_rgb
 
@@ -88,6 +89,13 @@ def run(
             table[k] = {m: float(v.mean()) for m, v in evaluate(f, ps.a, ps.b).items()}
         results[t] = table
         _print_table(t, len(ps.names), table, ours_s)
+        # not ranked, not one of the nine: how much MRI structure each keeps where both sources
+        # have signal (VIF, Qabf and SSIM(F,B) all rise when F shows the other source there)
+        detail = {k: float(np.mean(overlap_detail(f, ps.a, ps.b))) for k, f in fused.items()}
+        print(
+            "MRI kept where both have signal (overlap_detail, not ranked): "
+            + ", ".join(f"{k.split(' (')[0]} {v:.3f}" for k, v in detail.items())
+        )
         peer_names = [k for k in fused if k in PEERS]
         best_peer = (  # without peers' outputs the sheet shows the Laplacian pyramid in their column
             max(peer_names, key=lambda p: sum(_rank(table, m)[0] == p for m in METRIC_NAMES))

@@ -51,5 +51,6 @@ def test_fusion_quality_scores_a_candidate_weights_file(
     out = capsys.readouterr().out
     assert f"ours (li2021-cnn {cand})" in out and "MRI-PET" in out and sheet.is_file()
     assert out.count("IFCNN") >= 1 and out.count("target") == 3  # a verdict per pair type
+    assert out.count("MRI kept where both have signal") == 3  # unranked line per pair type
     assert mod.main([*argv[:2], "--weights", str(tmp_path / "none.pt")]) == 2
     assert "no weights file" in capsys.readouterr().err
