@@ -244,28 +244,6 @@ def _box_valid(x: np.ndarray, win: int) -> np.ndarray:
     return y[:, r : y.shape[1] - r, r : y.shape[2] - r]
 
 
-def _ssim_pair(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
-    win = 7
-    if min(x.shape[-2:]) < win:
-        raise ValueError(f"SSIM needs images of at least {win}x{win}, got {x.shape[-2:]}")
-    cov_norm = win * win / (win * win - 1)
-    ux, uy = _box_valid(x, win), _box_valid(y, win)
-    uxx, uyy, uxy = _box_valid(x * x, win), _box_valid(y * y, win), _box_valid(x * y, win)
-    vx = cov_norm * (uxx - ux * ux)
-    vy = cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
-    c1 = (0.01 * data_range) ** 2
-    c2 = (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean((1, 2))
-
-
-def ssim(f: np.ndarray, a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> np.ndarray | float:
-    """SSIM(F,A) + SSIM(F,B) (``data_range=2`` reproduces the published tables; see module doc)."""
-    tf, ta, tb, single = _three(f, a, b)
-    return _out(_ssim_pair(tf, ta, data_range) + _ssim_pair(tf, tb, data_range), single)
-
-
 def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float = 2.0) -> np.ndarray:
     win = 7
     cov_norm = win * win / (win * win - 1)
@@ -275,6 +253,18 @@ def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float = 2.0) -> np.ndarr
     vxy = cov_norm * (_box_valid(x * y, win) - ux * uy)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+
+
+def _ssim_pair(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
+    if min(x.shape[-2:]) < 7:
+        raise ValueError(f"SSIM needs images of at least 7x7, got {x.shape[-2:]}")
+    return _ssim_map(x, y, data_range).mean((1, 2))
+
+
+def ssim(f: np.ndarray, a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> np.ndarray | float:
+    """SSIM(F,A) + SSIM(F,B) (``data_range=2`` reproduces the published tables; see module doc)."""
+    tf, ta, tb, single = _three(f, a, b)
+    return _out(_ssim_pair(tf, ta, data_range) + _ssim_pair(tf, tb, data_range), single)
 
 
 def overlap_detail(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
