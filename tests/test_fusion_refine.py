@@ -44,6 +44,17 @@ def _t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x / 255.0).float()[:, None]
 
 
+def _eval_and_stage1(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny eval root (MRI-PET) and a 2-step stage-1 model trained on its database."""
+    root = _make_eval(tmp_path / "eval")
+    from dicomnode.fusion.training import build_db as B
+
+    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
+    base = tmp_path / "base.pt"
+    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    return root, base
+
+
 def test_torch_metrics_match_the_reference_metrics() -> None:
     f, a, b = _images()
     ref = {
@@ -220,12 +231,7 @@ def test_intensity_conditions_and_augmentation() -> None:
 
 
 def test_refine_picks_over_intensity_conditions_with_augmentation(tmp_path: Path) -> None:
-    root = _make_eval(tmp_path / "eval")
-    from dicomnode.fusion.training import build_db as B
-
-    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
-    base = tmp_path / "base.pt"
-    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    root, base = _eval_and_stage1(tmp_path)
     conds = ("stored", "mri-x0.7")
     kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu")
     kw["val_conditions"] = conds
@@ -266,12 +272,7 @@ def test_dim_mri_dims_each_image_by_its_own_gain_on_the_8_bit_grid() -> None:
 
 
 def test_refine_with_mri_dimming_is_seeded_and_recorded(tmp_path: Path) -> None:
-    root = _make_eval(tmp_path / "eval")
-    from dicomnode.fusion.training import build_db as B
-
-    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
-    base = tmp_path / "base.pt"
-    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    root, base = _eval_and_stage1(tmp_path)
     kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu", pick="last")
     m = refine(root, "MRI-PET", tmp_path / "a.pt", mri_dim=0.45, **kw)
     assert m["mri_dim"] == 0.45 and m["intensity_augment"] == 0.0
@@ -285,12 +286,7 @@ def test_refine_with_mri_dimming_is_seeded_and_recorded(tmp_path: Path) -> None:
 
 
 def test_refine_keeps_every_scored_checkpoint_as_a_weights_file(tmp_path: Path) -> None:
-    root = _make_eval(tmp_path / "eval")
-    from dicomnode.fusion.training import build_db as B
-
-    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
-    base = tmp_path / "base.pt"
-    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    root, base = _eval_and_stage1(tmp_path)
     kw = dict(init=base, steps=3, batch_size=2, val_every=2, progress=False, device="cpu", pick="last")
     m = refine(root, "MRI-PET", tmp_path / "a.pt", keep_checkpoints=tmp_path / "kept", **kw)
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["step-0002.pt", "step-0003.pt"]
@@ -319,12 +315,7 @@ def test_reward_weight_overrides() -> None:
 
 
 def test_val_against_stage1_makes_step_zero_win_nothing(tmp_path: Path) -> None:
-    root = _make_eval(tmp_path / "eval")
-    from dicomnode.fusion.training import build_db as B
-
-    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
-    base = tmp_path / "base.pt"
-    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    root, base = _eval_and_stage1(tmp_path)
     kw = dict(init=base, steps=1, batch_size=2, val_every=1, progress=False, device="cpu")
     m = refine(root, "MRI-PET", tmp_path / "a.pt", val_against_stage1=True, val_conditions=("stored",), **kw)
     assert m["val_against_stage1"] and "stage1" in m["val_references"]
@@ -352,12 +343,7 @@ def test_down_stride_one_reads_the_same_weights_at_a_finer_coefficient_grid() ->
 
 
 def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = _make_eval(tmp_path / "eval")
-    from dicomnode.fusion.training import build_db as B
-
-    B.build_db(root, tmp_path / "db", ("MRI-PET",), progress=False)
-    base = tmp_path / "base.pt"
-    fit(tmp_path / "db", base, steps=2, batch_size=2, crop=24, width=8, progress=False, device="cpu")
+    root, base = _eval_and_stage1(tmp_path)
     parser = argparse.ArgumentParser(prog="dicomnode")
     add_train_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "r.pt"
