@@ -59,9 +59,11 @@ def bench(
     base = get_fuser(method, device=str(dev))
     entries = modalities or ["general"]
     fusers = {m: base if m == "general" else base.for_modality(m) for m in entries}
-    print(f"fuser {base.name} v{base.version} on {dev} ({torch.get_num_threads()} threads); "
-          f"CPU: {torch.backends.cpu.get_cpu_capability()}; entries {', '.join(entries)}; "
-          f"median of {rounds} alternating round(s)")
+    print(
+        f"fuser {base.name} v{base.version} on {dev} ({torch.get_num_threads()} threads); "
+        f"CPU: {torch.backends.cpu.get_cpu_capability()}; entries {', '.join(entries)}; "
+        f"median of {rounds} alternating round(s)"
+    )
     if dev.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(dev)}")
     print(f"{'entry':>8}{'size':>6}{'batch':>7}{'slices/s':>11}{'ms/slice':>10}{'peak MiB':>10}")

@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=500, help="instances (default 500)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver (default 3)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dicomnode-bench")
-    parser.add_argument("--diagnose", action="store_true",
-                        help="add dicomnode rows without flushes (shows what durability costs)")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="add dicomnode rows without flushes (shows what durability costs)",
+    )
     args = parser.parse_args(argv)
 
     folder = ensure_series(args.cache, args.n)
@@ -54,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         makers.append(("dicomnode (spool fsync off)", lambda d: DicomnodeReceiver(d, fsync=False)))
         shm = Path("/dev/shm")
         if shm.is_dir():  # spool and SQLite on tmpfs: fsync is free, only the software path is left
-            makers.append(("dicomnode (all on tmpfs)",
-                           lambda d: DicomnodeReceiver(fresh_dir(shm / f"dicomnode-bench-{d.name}"))))
+            makers.append(
+                (
+                    "dicomnode (all on tmpfs)",
+                    lambda d: DicomnodeReceiver(fresh_dir(shm / f"dicomnode-bench-{d.name}")),
+                )
+            )
     rates: dict[str, list[float]] = {name: [] for name, _ in makers}
     with tempfile.TemporaryDirectory(prefix="dicomnode-ingest-") as tmp:
         for rnd in range(1, args.rounds + 1):
@@ -77,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     base = statistics.median(rates["storescp"])
     print()
-    print(f"ingest: {args.n} CT instances (512x512, 16 bit, {size_mb:.0f} MB), one storescu association, "
-          f"median of {args.rounds} rounds")
+    print(
+        f"ingest: {args.n} CT instances (512x512, 16 bit, {size_mb:.0f} MB), one storescu association, "
+        f"median of {args.rounds} rounds"
+    )
     print(f"{'receiver':<30}{'inst/s':>10}{'MB/s':>9}{'min':>9}{'max':>9}{'vs storescp':>13}")
     for name, values in rates.items():
         med = statistics.median(values)
@@ -86,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<30}{med:>10.1f}{mbs:>9.1f}{min(values):>9.1f}{max(values):>9.1f}{med / base:>12.2f}x")
     orthanc = statistics.median(rates["orthanc"])
     node = statistics.median(rates["dicomnode"])
-    print(f"\ndicomnode / orthanc = {node / orthanc:.2f}x (target >= 3x); "
-          f"dicomnode / storescp = {node / base:.2f}x (target >= 1.0x)")
+    print(
+        f"\ndicomnode / orthanc = {node / orthanc:.2f}x (target >= 3x); "
+        f"dicomnode / storescp = {node / base:.2f}x (target >= 1.0x)"
+    )
     return 0
 
 

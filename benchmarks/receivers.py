@@ -87,7 +87,8 @@ class DicomnodeReceiver:
         with open(self.workdir / "receive.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicomnode.receive", "--config", str(cfg), "--port", "0"],
-                stdout=subprocess.PIPE, stderr=log,
+                stdout=subprocess.PIPE,
+                stderr=log,
             )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode().strip()

@@ -67,8 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=3, help="how many known moves to recover (max 4)")
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped when absent")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="register_rigid(cpu_threads=N) on CPU (0 = torch default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="register_rigid(cpu_threads=N) on CPU (0 = torch default)"
+    )
     parser.add_argument("--pet", action="store_true", help="also register a 128x128x100 PET to the MR")
     args = parser.parse_args()
     devices = [d for d in args.devices.split(",") if d and (d != "cuda" or torch.cuda.is_available())]
@@ -80,15 +81,20 @@ def main() -> None:
     if args.pet:
         movers["PT"] = render(phantom, "PT", PET_GRID.centred_on(c + np.array([0.0, 0.0, 5.0])), 3)
     threads = args.threads or torch.get_num_threads()
-    print(f"generated volumes in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
-          f"{threads} CPU threads for registration")
+    print(
+        f"generated volumes in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
+        f"{threads} CPU threads for registration"
+    )
+
     def describe(v: Volume) -> str:
         return f"{'x'.join(map(str, v.shape[::-1]))} voxels of {'x'.join(f'{s:g}' for s in v.spacing)} mm"
 
     moving = "; ".join(f"moving {m} {describe(v)}" for m, v in movers.items())
     print(f"reference MR {describe(mr)}; {moving}")
-    header = (f"{'device':<7} {'moving':<7} {'rotation (deg)':<20} {'translation (mm)':<20} {'seconds':>8} "
-              f"{'iters':>6} {'rot err':>8} {'centre err':>10} {'max err':>8} {'MI':>12} {'plausible':>9}")
+    header = (
+        f"{'device':<7} {'moving':<7} {'rotation (deg)':<20} {'translation (mm)':<20} {'seconds':>8} "
+        f"{'iters':>6} {'rot err':>8} {'centre err':>10} {'max err':>8} {'MI':>12} {'plausible':>9}"
+    )
     print(header)
     print("-" * len(header))
     for device in devices:
@@ -102,9 +108,11 @@ def main() -> None:
                 threads = args.threads if device == "cpu" and args.threads > 0 else None
                 res = register_rigid(mr, vol, device=device, cpu_threads=threads)
                 rot_err, centre_err, worst = errors(phantom, res.matrix, truth)
-                print(f"{device:<7} {modality:<7} {str(rot):<20} {str(trans):<20} {res.seconds:>8.2f} "
-                      f"{res.iterations:>6} {rot_err:>8.3f} {centre_err:>10.3f} {worst:>8.3f} "
-                      f"{res.initial_similarity:>5.3f}>{res.similarity:<6.3f} {str(res.plausible):>9}")
+                print(
+                    f"{device:<7} {modality:<7} {str(rot):<20} {str(trans):<20} {res.seconds:>8.2f} "
+                    f"{res.iterations:>6} {rot_err:>8.3f} {centre_err:>10.3f} {worst:>8.3f} "
+                    f"{res.initial_similarity:>5.3f}>{res.similarity:<6.3f} {str(res.plausible):>9}"
+                )
             vol.affine = base_affine
 
 

@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<20} skipped: dcmcjpeg not installed")
                 continue
             rows.append((name, str(enc.uid), V.reencode(series.paths, work / name, name)))
-        rows.append(("enhanced-ct (1 file)", "1.2.840.10008.1.2.1",
-                     [V.to_enhanced(series.paths, work / "enhanced" / "enhanced.dcm")]))
+        rows.append(
+            (
+                "enhanced-ct (1 file)",
+                "1.2.840.10008.1.2.1",
+                [V.to_enhanced(series.paths, work / "enhanced" / "enhanced.dcm")],
+            )
+        )
         for name, uid, paths in rows:
             mb = sum(p.stat().st_size for p in paths) / 1e6
             t, arr = (base_time, ref) if name == "explicit-le" else _time_load(paths, args.rounds)

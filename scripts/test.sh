@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TCP_NODELAY=1
 .venv/bin/ruff check dicomnode tests benchmarks
+.venv/bin/ruff format --check dicomnode tests benchmarks
 .venv/bin/python -m pytest -q "$@"

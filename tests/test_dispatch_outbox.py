@@ -42,8 +42,12 @@ class Node:
     """Settings, DB, spool and outbox of one test node; helpers to add outputs and read rows."""
 
     def __init__(self, tmp_path: Path, destinations: list[dict], **dispatch: float) -> None:
-        dispatch_cfg = {"max_attempts": 5, "backoff_initial_seconds": 2, "backoff_max_seconds": 30,
-                        "timeout_seconds": 5}
+        dispatch_cfg = {
+            "max_attempts": 5,
+            "backoff_initial_seconds": 2,
+            "backoff_max_seconds": 30,
+            "timeout_seconds": 5,
+        }
         dispatch_cfg.update(dispatch)
         self.settings: Settings = load_settings(
             None,
@@ -62,12 +66,18 @@ class Node:
         ref = make_headers("MR", n, spacing=1.0, step=3.0, z0=0.0)
         mov = make_headers("CT", 2 * n, spacing=1.0, step=1.5, z0=0.0)
         fused = np.random.default_rng(0).integers(0, 256, (n, 16, 16), dtype=np.uint8)
-        series = build_fused_series(fused, ref, mov, rule_name="mr-ct", method_name="test",
-                                    method_version="1")
+        series = build_fused_series(
+            fused, ref, mov, rule_name="mr-ct", method_name="test", method_version="1"
+        )
         uids = []
         with self.sm() as s, s.begin():
-            job = Job(rule_name="mr-ct", patient_key="PID-42", reference_series_uid=ref[0].SeriesInstanceUID,
-                      moving_series_uid=mov[0].SeriesInstanceUID, state="done")
+            job = Job(
+                rule_name="mr-ct",
+                patient_key="PID-42",
+                reference_series_uid=ref[0].SeriesInstanceUID,
+                moving_series_uid=mov[0].SeriesInstanceUID,
+                state="done",
+            )
             s.add(job)
             s.flush()
             for sc in series:
@@ -75,9 +85,13 @@ class Node:
                 sc.save_as(buf, enforce_file_format=True)
                 rel = outgoing_path(sc.SeriesInstanceUID, sc.SOPInstanceUID)
                 self.spool.write(rel, buf.getvalue())
-                out = Output(job_id=job.id, sop_instance_uid=sc.SOPInstanceUID,
-                             series_instance_uid=sc.SeriesInstanceUID,
-                             instance_number=int(sc.InstanceNumber), path=rel)
+                out = Output(
+                    job_id=job.id,
+                    sop_instance_uid=sc.SOPInstanceUID,
+                    series_instance_uid=sc.SeriesInstanceUID,
+                    instance_number=int(sc.InstanceNumber),
+                    path=rel,
+                )
                 s.add(out)
                 s.flush()
                 for dest in destinations:
@@ -165,8 +179,13 @@ def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path) -> None:
 
 def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path) -> None:
     port = free_port()  # nothing listens here
-    node = Node(tmp_path, [dest("pacs", "NOBODY", port)], max_attempts=4,
-                backoff_initial_seconds=2, backoff_max_seconds=5)
+    node = Node(
+        tmp_path,
+        [dest("pacs", "NOBODY", port)],
+        max_attempts=4,
+        backoff_initial_seconds=2,
+        backoff_max_seconds=5,
+    )
     node.add_outputs(n=1)
     delays = []
     for _ in range(3):
@@ -334,8 +353,15 @@ def test_presentation_contexts_follow_the_files() -> None:
 
 @pytest.mark.parametrize(
     ("status", "stored"),
-    [(0x0000, True), (0xB000, True), (0xB007, True), (0xB006, True),
-     (0xA700, False), (0xC000, False), (0x0122, False)],
+    [
+        (0x0000, True),
+        (0xB000, True),
+        (0xB007, True),
+        (0xB006, True),
+        (0xA700, False),
+        (0xC000, False),
+        (0x0122, False),
+    ],
 )
 def test_classify_status(status: int, stored: bool) -> None:
     result = classify_status(status)

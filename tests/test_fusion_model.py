@@ -154,9 +154,17 @@ def test_for_modality_uses_per_modality_weights(tmp_path) -> None:
         ct.head.bias.zero_()
         ct.head.bias[M.BASIS_NAMES.index("a")] = 1.0  # CT specialisation: returns the MRI
     path = tmp_path / "w.pt"
-    torch.save({"state_dict": general.state_dict(), "config": {"width": 8}, "meta": {"version": "g"},
-                "per_modality": {"CT": {"state_dict": ct.state_dict(), "config": {"width": 8},
-                                        "meta": {"version": "c"}}}}, path)
+    torch.save(
+        {
+            "state_dict": general.state_dict(),
+            "config": {"width": 8},
+            "meta": {"version": "g"},
+            "per_modality": {
+                "CT": {"state_dict": ct.state_dict(), "config": {"width": 8}, "meta": {"version": "c"}}
+            },
+        },
+        path,
+    )
     f = M.CNNFuser(device="cpu", weights=path)
     a = np.random.default_rng(0).random((2, 16, 16), dtype=np.float32) * 0.5 + 0.1
     b = np.random.default_rng(1).random((2, 16, 16), dtype=np.float32) * 0.5 + 0.1

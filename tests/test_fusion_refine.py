@@ -224,7 +224,7 @@ def test_intensity_conditions_and_augmentation() -> None:
         apply_condition(a, b, "MRI x0.7")
     x = torch.rand(64, 2, 8, 8)
     y = random_intensity(x, 0.4, torch.Generator().manual_seed(1))
-    ratio = (y.amax((2, 3)) / x.clamp(min=1e-3).amax((2, 3)))
+    ratio = y.amax((2, 3)) / x.clamp(min=1e-3).amax((2, 3))
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
     assert float(ratio.min()) < 0.8 and float(ratio.max()) <= 1.0 + 1e-5  # gains in [0.6, 1]
     assert torch.equal(y, random_intensity(x, 0.4, torch.Generator().manual_seed(1)))  # seeded

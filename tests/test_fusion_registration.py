@@ -41,8 +41,11 @@ def _render(modality: str, grid: Grid, seed: int) -> Volume:
     return Volume(array=arr, affine=grid.affine(), modality=modality)
 
 
-def _truth(rot_deg: tuple[float, float, float], trans_mm: tuple[float, float, float],
-           frame_offset: tuple[float, float, float]) -> np.ndarray:
+def _truth(
+    rot_deg: tuple[float, float, float],
+    trans_mm: tuple[float, float, float],
+    frame_offset: tuple[float, float, float],
+) -> np.ndarray:
     """Reference mm -> moving mm: a head move (rotation about a point near the head centre, translation)
     plus the difference between the two scanners' frames of reference."""
     move = rigid_matrix(np.radians(rot_deg), np.array(trans_mm), PHANTOM.center + np.array([3.0, -5.0, 10.0]))
@@ -161,8 +164,11 @@ def test_partial_coverage_refuses(mr: Volume) -> None:
 
 def test_unrelated_noise_is_refused(mr: Volume) -> None:
     rng = np.random.default_rng(5)
-    noise = Volume(array=rng.normal(0, 1, (60, 70, 60)).astype(np.float32),
-                   affine=np.diag([3.0, 3.0, 3.0, 1.0]), modality="CT")
+    noise = Volume(
+        array=rng.normal(0, 1, (60, 70, 60)).astype(np.float32),
+        affine=np.diag([3.0, 3.0, 3.0, 1.0]),
+        modality="CT",
+    )
     noise.affine[:3, 3] = -90.0
     try:
         result = register_rigid(mr, noise, device="cpu", finest_mm=3.0)

@@ -44,8 +44,9 @@ def test_bqml_is_converted_to_suvbw(decay: str, pet: V.GeneratedSeries, tmp_path
         ("RadiopharmaceuticalStartDateTime", "Start Time"),
     ],
 )
-def test_missing_factors_keep_bqml_and_say_why(drop: str, reason: str, pet: V.GeneratedSeries,
-                                               tmp_path: Path) -> None:
+def test_missing_factors_keep_bqml_and_say_why(
+    drop: str, reason: str, pet: V.GeneratedSeries, tmp_path: Path
+) -> None:
     drops = [drop, "RadiopharmaceuticalStartTime"] if drop == "RadiopharmaceuticalStartDateTime" else [drop]
     paths = V.pet_to_bqml(pet.paths, tmp_path, drop=drops)
     vol = load_volume(paths)

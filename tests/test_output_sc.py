@@ -121,8 +121,14 @@ def test_monochrome_series_keeps_patient_study_and_references(mr_ct, tmp_path: P
     fused = np.random.default_rng(0).integers(0, 256, (4, 16, 16), dtype=np.uint8)
     uid = generate_uid()
     out = build_fused_series(
-        fused, ref, mov, rule_name="mr-ct", method_name="laplacian-pyramid", method_version="1.0",
-        series_instance_uid=uid, derivation_note="note-xyz",
+        fused,
+        ref,
+        mov,
+        rule_name="mr-ct",
+        method_name="laplacian-pyramid",
+        method_version="1.0",
+        series_instance_uid=uid,
+        derivation_note="note-xyz",
     )
     assert len(out) == 4
     for k, sc in enumerate(out):
@@ -152,8 +158,11 @@ def test_monochrome_series_keeps_patient_study_and_references(mr_ct, tmp_path: P
         assert len(srcs) > 1
         series_refs = {it.SeriesInstanceUID: it for it in sc.ReferencedSeriesSequence}
         assert set(series_refs) == {ref[0].SeriesInstanceUID, mov[0].SeriesInstanceUID}
-        listed = {it.ReferencedSOPInstanceUID for ser in series_refs.values()
-                  for it in ser.ReferencedInstanceSequence}
+        listed = {
+            it.ReferencedSOPInstanceUID
+            for ser in series_refs.values()
+            for it in ser.ReferencedInstanceSequence
+        }
         assert listed == set(srcs)
     assert len({sc.SOPInstanceUID for sc in out}) == 4
 
@@ -182,8 +191,14 @@ def test_dciodvfy_reports_no_errors(mr_ct, tmp_path: Path, rgb: bool) -> None:
         mov = make_headers("PT", 5, spacing=4.0, step=4.0, z0=-4.0, size=8)
     shape = (4, 16, 16, 3) if rgb else (4, 16, 16)
     fused = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    out = build_fused_series(fused, ref, mov, rule_name="mr-pet" if rgb else "mr-ct",
-                             method_name="laplacian-pyramid", method_version="1.0")
+    out = build_fused_series(
+        fused,
+        ref,
+        mov,
+        rule_name="mr-pet" if rgb else "mr-ct",
+        method_name="laplacian-pyramid",
+        method_version="1.0",
+    )
     for sc in out[:2]:
         path = _save(sc, tmp_path / f"{sc.SOPInstanceUID}.dcm")
         assert dciodvfy_errors(path) == []
@@ -211,8 +226,9 @@ def test_moving_series_from_other_study_goes_to_other_studies_sequence() -> None
     ref = make_headers("MR", 2, spacing=1.0, step=3.0, z0=0.0)
     other_study = generate_uid()
     mov = make_headers("CT", 4, spacing=1.0, step=2.0, z0=0.0, study_uid=other_study)
-    out = build_fused_series(np.zeros((2, 16, 16), np.uint8), ref, mov,
-                             rule_name="r", method_name="m", method_version="1")
+    out = build_fused_series(
+        np.zeros((2, 16, 16), np.uint8), ref, mov, rule_name="r", method_name="m", method_version="1"
+    )
     sc = out[0]
     assert [it.SeriesInstanceUID for it in sc.ReferencedSeriesSequence] == [ref[0].SeriesInstanceUID]
     other = sc.StudiesContainingOtherReferencedInstancesSequence[0]
@@ -223,8 +239,9 @@ def test_moving_series_from_other_study_goes_to_other_studies_sequence() -> None
 def test_slice_outside_moving_coverage_references_nearest_moving_slice() -> None:
     ref = make_headers("MR", 3, spacing=1.0, step=10.0, z0=0.0)
     mov = make_headers("CT", 3, spacing=1.0, step=1.0, z0=0.0)  # covers z 0..2 only
-    out = build_fused_series(np.zeros((3, 16, 16), np.uint8), ref, mov,
-                             rule_name="r", method_name="m", method_version="1")
+    out = build_fused_series(
+        np.zeros((3, 16, 16), np.uint8), ref, mov, rule_name="r", method_name="m", method_version="1"
+    )
     far = [it.ReferencedSOPInstanceUID for it in out[2].SourceImageSequence[1:]]
     assert far == [mov[2].SOPInstanceUID]
 
@@ -234,16 +251,24 @@ def test_moving_without_geometry_references_all_moving_instances() -> None:
     mov = make_headers("CT", 3, spacing=1.0, step=2.0, z0=0.0)
     for ds in mov:
         del ds.ImagePositionPatient
-    out = build_fused_series(np.zeros((2, 16, 16), np.uint8), ref, mov,
-                             rule_name="r", method_name="m", method_version="1")
+    out = build_fused_series(
+        np.zeros((2, 16, 16), np.uint8), ref, mov, rule_name="r", method_name="m", method_version="1"
+    )
     assert len(out[0].SourceImageSequence) == 1 + 3
 
 
 def test_registered_flag_in_description() -> None:
     ref = make_headers("MR", 1, spacing=1.0, step=3.0, z0=0.0)
     mov = make_headers("PT", 2, spacing=4.0, step=4.0, z0=0.0)
-    out = build_fused_series(np.zeros((1, 16, 16, 3), np.uint8), ref, mov, rule_name="mr-pet",
-                             method_name="net", method_version="2", registered=True)
+    out = build_fused_series(
+        np.zeros((1, 16, 16, 3), np.uint8),
+        ref,
+        mov,
+        rule_name="mr-pet",
+        method_name="net",
+        method_version="2",
+        registered=True,
+    )
     assert out[0].SeriesDescription == "FUSED MR+PT REG [net]"
     assert out[0].PhotometricInterpretation == "RGB"
 
@@ -267,5 +292,6 @@ def test_bad_input_gives_clear_error(fused: np.ndarray, n_ref: int, match: str) 
 def test_missing_moving_headers_is_an_error() -> None:
     ref = make_headers("MR", 1, spacing=1.0, step=3.0, z0=0.0)
     with pytest.raises(OutputError, match="moving"):
-        build_fused_series(np.zeros((1, 16, 16), np.uint8), ref, [],
-                           rule_name="r", method_name="m", method_version="1")
+        build_fused_series(
+            np.zeros((1, 16, 16), np.uint8), ref, [], rule_name="r", method_name="m", method_version="1"
+        )

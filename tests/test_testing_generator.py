@@ -182,11 +182,24 @@ def test_same_seed_same_bytes_other_seed_other_study(tmp_path: Path) -> None:
 
 
 def test_grid_override_and_oblique_orientation(tmp_path: Path) -> None:
-    coronal = Grid(rows=24, columns=32, pixel_spacing=(8.0, 8.0), slice_spacing=8.0, n_slices=26,
-                   orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    coronal = Grid(
+        rows=24,
+        columns=32,
+        pixel_spacing=(8.0, 8.0),
+        slice_spacing=8.0,
+        n_slices=26,
+        orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0),
+    )
     mr = Grid(rows=48, columns=48, pixel_spacing=(5.0, 5.0), slice_spacing=6.0, n_slices=10)
-    st = generate_study(tmp_path, ("MR", "PT"), grids={"PT": coronal, "MR": mr}, seed=1, patient_id="P-42",
-                        issuer_of_patient_id="HOSP", frame_of_reference_uid="1.2.3.4")
+    st = generate_study(
+        tmp_path,
+        ("MR", "PT"),
+        grids={"PT": coronal, "MR": mr},
+        seed=1,
+        patient_id="P-42",
+        issuer_of_patient_id="HOSP",
+        frame_of_reference_uid="1.2.3.4",
+    )
     assert len(st.series["MR"].paths) == 10 and len(st.series["PT"].paths) == 26
     ds = pydicom.dcmread(st.series["PT"].paths[0])
     assert ds.PatientID == "P-42" and ds.IssuerOfPatientID == "HOSP" and ds.FrameOfReferenceUID == "1.2.3.4"
@@ -198,8 +211,14 @@ def test_bad_input_is_refused_with_a_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown modality 'XA'"):
         generate_study(tmp_path, ("MR", "XA"))
     with pytest.raises(ValueError, match="orientation"):
-        Grid(rows=4, columns=4, pixel_spacing=(1.0, 1.0), slice_spacing=1.0, n_slices=2,
-             orientation=(1.0, 0.0, 0.0, 1.0, 0.0, 0.0))
+        Grid(
+            rows=4,
+            columns=4,
+            pixel_spacing=(1.0, 1.0),
+            slice_spacing=1.0,
+            n_slices=2,
+            orientation=(1.0, 0.0, 0.0, 1.0, 0.0, 0.0),
+        )
     with pytest.raises(TypeError, match="colour"):
         generate_ct_series(tmp_path, n_slices=2, rows=8, columns=8, colour="red")
 

@@ -17,8 +17,9 @@ def mr(tmp_path_factory: pytest.TempPathFactory) -> V.GeneratedSeries:
 
 
 @pytest.mark.parametrize("encoding", ["implicit-le", "deflated", "rle", "jpeg-ls", "jpeg2000-lossless"])
-def test_reencode_writes_the_syntax_and_keeps_pixels(encoding: str, mr: V.GeneratedSeries,
-                                                     tmp_path: Path) -> None:
+def test_reencode_writes_the_syntax_and_keeps_pixels(
+    encoding: str, mr: V.GeneratedSeries, tmp_path: Path
+) -> None:
     paths = V.reencode(mr.paths, tmp_path, encoding)
     assert [p.name for p in paths] == [p.name for p in mr.paths]
     for src, dst in zip(mr.paths, paths, strict=True):
@@ -72,7 +73,7 @@ def test_irregular_series_sits_at_the_given_offsets(tmp_path: Path) -> None:
 
 def test_localizers_join_the_series_with_another_orientation(mr: V.GeneratedSeries, tmp_path: Path) -> None:
     paths = V.with_localizers(mr.paths, tmp_path, n=2)
-    locs = [pydicom.dcmread(p) for p in paths[len(mr.paths):]]
+    locs = [pydicom.dcmread(p) for p in paths[len(mr.paths) :]]
     assert len(locs) == 2
     series_uid = pydicom.dcmread(mr.paths[0]).SeriesInstanceUID
     for d in locs:

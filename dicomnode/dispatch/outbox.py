@@ -142,8 +142,12 @@ class DispatchOutbox:
     ) -> int:
         cfg = self.settings.dispatch
         assoc_id = self._open_association_row(dest)
-        session = StoreSession(self.settings.node.ae_title, dest, presentation_contexts(
-            [info for _, info in planned]), cfg.timeout_seconds)
+        session = StoreSession(
+            self.settings.node.ae_title,
+            dest,
+            presentation_contexts([info for _, info in planned]),
+            cfg.timeout_seconds,
+        )
         n_stored = n_failed = 0
         error = session.open()
         if error is not None:
@@ -162,8 +166,12 @@ class DispatchOutbox:
                     n_stored += 1
                 else:
                     n_failed += 1
-                    log.warning("dispatch to %s: delivery %d not stored: %s",
-                                dest.name, item.delivery_id, result.error)
+                    log.warning(
+                        "dispatch to %s: delivery %d not stored: %s",
+                        dest.name,
+                        item.delivery_id,
+                        result.error,
+                    )
                 if len(results) >= FLUSH_EVERY or time.monotonic() - last_flush > FLUSH_SECONDS:
                     self._flush(results)
                     results.clear()
@@ -205,20 +213,41 @@ class DispatchOutbox:
                 d.last_error = result.error
                 if d.attempts >= max_attempts:
                     d.state = "failed"
-                    record(s, STAGE, "delivery", d.id, "pending", "failed",
-                           f"gave up after {d.attempts} attempts: {result.error}")
-                    log.error("dispatch: delivery %d to %s failed for good after %d attempts",
-                              d.id, d.destination, d.attempts)
+                    record(
+                        s,
+                        STAGE,
+                        "delivery",
+                        d.id,
+                        "pending",
+                        "failed",
+                        f"gave up after {d.attempts} attempts: {result.error}",
+                    )
+                    log.error(
+                        "dispatch: delivery %d to %s failed for good after %d attempts",
+                        d.id,
+                        d.destination,
+                        d.attempts,
+                    )
                 else:
                     delay = self.backoff_seconds(d.attempts)
                     d.next_attempt_at = now + timedelta(seconds=delay)
-                    record(s, STAGE, "delivery", d.id, "pending", "pending",
-                           f"attempt {d.attempts}/{max_attempts} failed: {result.error}; "
-                           f"next attempt in {delay:.1f} s")
+                    record(
+                        s,
+                        STAGE,
+                        "delivery",
+                        d.id,
+                        "pending",
+                        "pending",
+                        f"attempt {d.attempts}/{max_attempts} failed: {result.error}; "
+                        f"next attempt in {delay:.1f} s",
+                    )
 
     def _fail_unconfigured(self, dest_name: str, items: list[_Due]) -> None:
-        reason = f"destination {dest_name!r} is not configured (destinations: " + (
-            ", ".join(d.name for d in self.settings.destinations) or "none") + ")"
+        reason = (
+            f"destination {dest_name!r} is not configured (destinations: "
+            + (", ".join(d.name for d in self.settings.destinations) or "none")
+            + ")"
+        )
         log.error("dispatch: %d deliveries for unknown destination %r marked failed", len(items), dest_name)
         with self.sessionmaker() as s, s.begin():
             for item in items:
@@ -251,8 +280,10 @@ class DispatchOutbox:
                 return
             row.state, row.reason = state, reason
             row.n_stored, row.n_failed, row.ended_at = n_stored, n_failed, utcnow()
-            summary = f"outbound to {row.called_aet}@{row.peer_host}:{row.peer_port}: " \
-                      f"{n_stored} stored, {n_failed} failed"
-            record(s, STAGE, "association", assoc_id, "open", state,
-                   summary + (f"; {reason}" if reason else ""))
-
+            summary = (
+                f"outbound to {row.called_aet}@{row.peer_host}:{row.peer_port}: "
+                f"{n_stored} stored, {n_failed} failed"
+            )
+            record(
+                s, STAGE, "association", assoc_id, "open", state, summary + (f"; {reason}" if reason else "")
+            )

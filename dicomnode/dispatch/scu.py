@@ -250,7 +250,8 @@ class StoreSession:
         except ValueError as exc:
             ts = UID(info.transfer_syntax_uid)
             return StoreResult(
-                False, None,
+                False,
+                None,
                 f"{self.where} did not accept SOP class {info.sop_class_uid} with {ts.name}: {exc}",
             )
         except RuntimeError:  # the association ended between the check above and the call

@@ -57,7 +57,12 @@ CLIP_PERCENTILES: dict[str, tuple[float, float]] = {
 # white) over many histogram bins while keeping air and bone apart; a plain clip would put the whole
 # brain in one bin and leave only the skull to register on.
 CT_HU_KNOTS: tuple[tuple[float, float], ...] = (
-    (-1000.0, 0.0), (-150.0, 0.1), (0.0, 0.2), (100.0, 0.6), (300.0, 0.7), (1500.0, 1.0),
+    (-1000.0, 0.0),
+    (-150.0, 0.1),
+    (0.0, 0.2),
+    (100.0, 0.6),
+    (300.0, 0.7),
+    (1500.0, 1.0),
 )
 
 
@@ -447,10 +452,22 @@ def register_rigid(
         torch.set_num_threads(cpu_threads)
         try:
             return register_rigid(
-                reference, moving, device=device, initial=initial, levels=levels, finest_mm=finest_mm,
-                iterations=iterations, samples=samples, bins=bins, seed=seed,
-                max_rotation_deg=max_rotation_deg, max_translation_mm=max_translation_mm,
-                min_overlap=min_overlap, min_mi_gain=min_mi_gain, min_mi=min_mi, aligned_mm=aligned_mm,
+                reference,
+                moving,
+                device=device,
+                initial=initial,
+                levels=levels,
+                finest_mm=finest_mm,
+                iterations=iterations,
+                samples=samples,
+                bins=bins,
+                seed=seed,
+                max_rotation_deg=max_rotation_deg,
+                max_translation_mm=max_translation_mm,
+                min_overlap=min_overlap,
+                min_mi_gain=min_mi_gain,
+                min_mi=min_mi,
+                aligned_mm=aligned_mm,
             )
         finally:
             torch.set_num_threads(saved)

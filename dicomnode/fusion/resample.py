@@ -48,9 +48,7 @@ def resample_to(
         torch.arange(nx, dtype=torch.float32, device=dev),
         indexing="ij",
     )
-    scale = torch.tensor(
-        [2.0 / max(mx - 1, 1), 2.0 / max(my - 1, 1), 2.0 / max(mz - 1, 1)], device=dev
-    )
+    scale = torch.tensor([2.0 / max(mx - 1, 1), 2.0 / max(my - 1, 1), 2.0 / max(mz - 1, 1)], device=dev)
     out = torch.empty((nz, ny, nx), dtype=torch.float32, device=dev)
     for k0 in range(0, nz, chunk):
         ks = ref_k[k0 : min(nz, k0 + chunk)]

@@ -167,8 +167,9 @@ def _physical(raw: np.ndarray, header: Dataset, src: Dataset) -> np.ndarray:
     return arr
 
 
-def _stack_axis(positions: np.ndarray, normal: np.ndarray, default_step: float
-                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def _stack_axis(
+    positions: np.ndarray, normal: np.ndarray, default_step: float
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(step vector of the affine's third column, fractional k per slice or None, notes)."""
     n = len(positions)
     if n == 1:

@@ -190,9 +190,7 @@ class InstanceIndex:
             conn.execute(_COUNT_SERIES, {"sid": row.id, "now": now})
         return True
 
-    def event(
-        self, entity: str, entity_id: object, old: str | None, new: str | None, reason: str
-    ) -> None:
+    def event(self, entity: str, entity_id: object, old: str | None, new: str | None, reason: str) -> None:
         """Write one audit event in its own transaction."""
         with self._write_lock, self._sessionmaker() as s:
             record(s, STAGE, entity, entity_id, old, new, reason)
@@ -202,8 +200,12 @@ class InstanceIndex:
         """Insert an accepted association (state open) with its event; returns its id."""
         with self._write_lock, self._sessionmaker() as s:
             row = Association(
-                direction="in", calling_aet=calling, called_aet=called, peer_host=host,
-                peer_port=port, state="open",
+                direction="in",
+                calling_aet=calling,
+                called_aet=called,
+                peer_host=host,
+                peer_port=port,
+                state="open",
             )
             s.add(row)
             s.flush()
@@ -215,8 +217,14 @@ class InstanceIndex:
         """Insert a rejected association with its event; returns its id."""
         with self._write_lock, self._sessionmaker() as s:
             row = Association(
-                direction="in", calling_aet=calling, called_aet=called, peer_host=host,
-                peer_port=port, state="rejected", reason=reason, ended_at=utcnow(),
+                direction="in",
+                calling_aet=calling,
+                called_aet=called,
+                peer_host=host,
+                peer_port=port,
+                state="rejected",
+                reason=reason,
+                ended_at=utcnow(),
             )
             s.add(row)
             s.flush()
@@ -224,16 +232,19 @@ class InstanceIndex:
             s.commit()
             return row.id
 
-    def close_association(
-        self, assoc_id: int, state: str, n_stored: int, n_failed: int, reason: str
-    ) -> None:
+    def close_association(self, assoc_id: int, state: str, n_stored: int, n_failed: int, reason: str) -> None:
         """Move an open association to released/aborted with its final counts."""
         with self._write_lock, self._sessionmaker() as s:
             s.execute(
                 update(Association)
                 .where(Association.id == assoc_id)
-                .values(state=state, n_stored=n_stored, n_failed=n_failed, ended_at=utcnow(),
-                        reason=None if state == "released" else reason)
+                .values(
+                    state=state,
+                    n_stored=n_stored,
+                    n_failed=n_failed,
+                    ended_at=utcnow(),
+                    reason=None if state == "released" else reason,
+                )
             )
             record(s, STAGE, "association", assoc_id, "open", state, reason)
             s.commit()
@@ -247,8 +258,15 @@ def _event(
     series_uid: str, old: str | None, new: str | None, reason: str, now: datetime
 ) -> dict[str, object]:
     """Column values of a series audit event (the same row ``record`` writes, on the Core path)."""
-    return {"at": now, "stage": STAGE, "entity": "series", "entity_id": series_uid,
-            "old_state": old, "new_state": new, "reason": reason}
+    return {
+        "at": now,
+        "stage": STAGE,
+        "entity": "series",
+        "entity_id": series_uid,
+        "old_state": old,
+        "new_state": new,
+        "reason": reason,
+    }
 
 
 def _new_series(h: InstanceHeader, now: datetime) -> dict[str, object]:

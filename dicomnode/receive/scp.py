@@ -174,7 +174,10 @@ class ReceiveStage:
             return
         log.info(
             "receive: association %s %s (%d stored, %d failed)",
-            info.row_id, state, info.n_stored, info.n_failed,
+            info.row_id,
+            state,
+            info.n_stored,
+            info.n_failed,
         )
         if info.row_id is None:
             return
@@ -254,7 +257,10 @@ class ReceiveStage:
                 return self._fail(assoc, STATUS_OUT_OF_RESOURCES, uid, f"cannot write to the spool: {exc}")
             try:
                 added = self.index.add_instance(
-                    header, relpath=relpath, size=size, transfer_syntax_uid=ts,
+                    header,
+                    relpath=relpath,
+                    size=size,
+                    transfer_syntax_uid=ts,
                     association_id=info.row_id if info else None,
                 )
             except Exception as exc:
@@ -273,7 +279,10 @@ class ReceiveStage:
         log.info("receive: duplicate instance ignored (from %s)", calling)
         try:
             self.index.event(
-                "instance", uid, "stored", "stored",
+                "instance",
+                uid,
+                "stored",
+                "stored",
                 f"duplicate ignored: SOP Instance UID already stored (sent again by {calling})",
             )
         except Exception as exc:

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     modalities = [m.strip().upper() for m in args.modalities.split(",") if m.strip()]
     t0 = time.perf_counter()
     try:
-        study = generate_study(args.out_dir, modalities, scale=args.scale, seed=args.seed,
-                               noise=not args.no_noise)
+        study = generate_study(
+            args.out_dir, modalities, scale=args.scale, seed=args.seed, noise=not args.no_noise
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -30,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study {study.study_instance_uid} (frame of reference {study.frame_of_reference_uid})")
     for modality, s in study.series.items():
         g = s.grid
-        geom = (f"{g.columns}x{g.rows}x{g.n_slices} @ {g.pixel_spacing[1]:.3g}x{g.pixel_spacing[0]:.3g}"
-                f"x{g.slice_spacing:.3g} mm") if g else ""
+        geom = (
+            (
+                f"{g.columns}x{g.rows}x{g.n_slices} @ {g.pixel_spacing[1]:.3g}x{g.pixel_spacing[0]:.3g}"
+                f"x{g.slice_spacing:.3g} mm"
+            )
+            if g
+            else ""
+        )
         print(f"{modality:3s} {len(s.paths):4d} files  {geom:32s} {s.directory}")
     c, r = study.phantom.lesion_center_mm, study.phantom.lesion_radius_mm
     print(f"lesion at ({c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}) mm, radius {r:.1f} mm")

@@ -29,24 +29,29 @@ def _sigma_voxels(grid: Grid, fwhm_mm: float) -> tuple[float, float, float]:
     return (s / grid.slice_spacing, s / grid.pixel_spacing[0], s / grid.pixel_spacing[1])
 
 
-def mr_slices(phantom: HeadPhantom, grid: Grid, rng: np.random.Generator, noise: bool = True
-              ) -> Iterator[np.ndarray]:
+def mr_slices(
+    phantom: HeadPhantom, grid: Grid, rng: np.random.Generator, noise: bool = True
+) -> Iterator[np.ndarray]:
     """Stored MR slices (uint16, 12 bits): T1 contrast, a smooth coil bias field, Rician noise."""
     axes = grid.voxel_axes()
     bias = np.array([0.06, -0.04, -0.05]) / 100.0  # relative gain change per mm from the head centre
     for k in range(grid.n_slices):
         plane = grid.plane(k)
         img = phantom.render(plane, MR_T1, axes)
-        img *= plane.linear(1.0 + float((plane.origin - phantom.center) @ bias), float(plane.du @ bias),
-                            float(plane.dv @ bias))
+        img *= plane.linear(
+            1.0 + float((plane.origin - phantom.center) @ bias),
+            float(plane.du @ bias),
+            float(plane.dv @ bias),
+        )
         if noise:
             n = rng.standard_normal((2,) + img.shape, dtype=np.float32) * np.float32(MR_NOISE_SIGMA)
             img = np.sqrt((img + n[0]) ** 2 + n[1] ** 2)
         yield np.clip(np.rint(img), 0, MR_MAX_STORED).astype(np.uint16)
 
 
-def ct_slices(phantom: HeadPhantom, grid: Grid, rng: np.random.Generator, noise: bool = True
-              ) -> Iterator[np.ndarray]:
+def ct_slices(
+    phantom: HeadPhantom, grid: Grid, rng: np.random.Generator, noise: bool = True
+) -> Iterator[np.ndarray]:
     """Stored CT slices (int16, HU + 1024) with Gaussian noise."""
     axes = grid.voxel_axes()
     for k in range(grid.n_slices):
@@ -77,4 +82,3 @@ def nm_volume(phantom: HeadPhantom, grid: Grid, rng: np.random.Generator, noise:
     if noise:
         act = gaussian_filter(rng.poisson(np.maximum(act, 0.0)).astype(np.float32), 0.6)
     return np.clip(np.rint(act), 0, 65535).astype(np.uint16)
-

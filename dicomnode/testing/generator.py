@@ -54,9 +54,15 @@ def _uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(map(str, parts))).int}"
 
 
-def _study_info(seed: int, patient_id: str, patient_name: str, issuer_of_patient_id: str | None,
-                study_instance_uid: str | None, study_datetime: datetime | None,
-                frame_of_reference_uid: str | None) -> StudyInfo:
+def _study_info(
+    seed: int,
+    patient_id: str,
+    patient_name: str,
+    issuer_of_patient_id: str | None,
+    study_instance_uid: str | None,
+    study_datetime: datetime | None,
+    frame_of_reference_uid: str | None,
+) -> StudyInfo:
     study_uid = study_instance_uid or _uid("study", patient_id, issuer_of_patient_id, seed)
     when = study_datetime or DEFAULT_STUDY_DATETIME
     accession = f"ACC{int(_uid('accession', study_uid).split('.')[-1]) % 10**8:08d}"
@@ -75,14 +81,22 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, _MODALITY_STREAM[stream]]))
 
 
-def _write_series(out: Path, modality: str, study: StudyInfo, series_uid: str, grid: Grid,
-                  slices: Iterable[np.ndarray], slopes: Sequence[str] | None = None) -> GeneratedSeries:
+def _write_series(
+    out: Path,
+    modality: str,
+    study: StudyInfo,
+    series_uid: str,
+    grid: Grid,
+    slices: Iterable[np.ndarray],
+    slopes: Sequence[str] | None = None,
+) -> GeneratedSeries:
     out.mkdir(parents=True, exist_ok=True)
     ds = series_template(modality, study, series_uid, grid)
     paths = []
     for k, pixels in enumerate(slices):
-        set_slice(ds, modality, grid, k, f"{series_uid}.{k + 1}", pixels,
-                  slopes[k] if slopes is not None else None)
+        set_slice(
+            ds, modality, grid, k, f"{series_uid}.{k + 1}", pixels, slopes[k] if slopes is not None else None
+        )
         path = out / f"{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -99,8 +113,9 @@ def _pet_stored(suv: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
     return stored, slopes
 
 
-def _series_pixels(modality: str, phantom: HeadPhantom, grid: Grid, rng: np.random.Generator,
-                   noise: bool) -> tuple[Iterator[np.ndarray] | list[np.ndarray], list[str] | None]:
+def _series_pixels(
+    modality: str, phantom: HeadPhantom, grid: Grid, rng: np.random.Generator, noise: bool
+) -> tuple[Iterator[np.ndarray] | list[np.ndarray], list[str] | None]:
     if modality == "MR":
         return appearance.mr_slices(phantom, grid, rng, noise), None
     if modality == "CT":
@@ -133,8 +148,15 @@ def generate_study(
         raise ValueError(f"unknown modality {unknown[0]!r}; choose from {', '.join(MODALITIES)}")
     out_dir = Path(out_dir)
     phantom = HeadPhantom(seed)
-    study = _study_info(seed, patient_id, patient_name, issuer_of_patient_id, study_instance_uid,
-                        study_datetime, frame_of_reference_uid)
+    study = _study_info(
+        seed,
+        patient_id,
+        patient_name,
+        issuer_of_patient_id,
+        study_instance_uid,
+        study_datetime,
+        frame_of_reference_uid,
+    )
     all_grids = {**default_grids(scale), **(grids or {})}
     written: dict[str, GeneratedSeries] = {}
     for modality in modalities:
@@ -143,14 +165,17 @@ def generate_study(
             grid = grid.centred_on(phantom.center)
         series_uid = _uid("series", study.study_instance_uid, modality, seed)
         pixels, slopes = _series_pixels(modality, phantom, grid, _rng(seed, modality), noise)
-        written[modality] = _write_series(out_dir / modality, modality, study, series_uid, grid, pixels,
-                                          slopes)
-    return GeneratedStudy(study.patient_id, study.study_instance_uid, study.frame_of_reference_uid, phantom,
-                          written)
+        written[modality] = _write_series(
+            out_dir / modality, modality, study, series_uid, grid, pixels, slopes
+        )
+    return GeneratedStudy(
+        study.patient_id, study.study_instance_uid, study.frame_of_reference_uid, phantom, written
+    )
 
 
-def generate_ct_series(out_dir: Path, n_slices: int = 500, rows: int = 512, columns: int = 512, seed: int = 0,
-                       **kw: object) -> GeneratedSeries:
+def generate_ct_series(
+    out_dir: Path, n_slices: int = 500, rows: int = 512, columns: int = 512, seed: int = 0, **kw: object
+) -> GeneratedSeries:
     """A thin-slice 16-bit CT series through the head (ingest benchmark), same patient/study as ``seed``'s.
 
     ``kw`` takes generate_study's identity keywords (patient_id, study_instance_uid, ...), ``noise``, and
@@ -159,17 +184,35 @@ def generate_ct_series(out_dir: Path, n_slices: int = 500, rows: int = 512, colu
     noise = bool(kw.pop("noise", True))
     pixel_spacing = float(kw.pop("pixel_spacing", 256.0 / max(rows, columns)))  # type: ignore[arg-type]
     slice_spacing = float(kw.pop("slice_spacing", min(1.25, 200.0 / n_slices)))  # type: ignore[arg-type]
-    allowed = {"patient_id", "patient_name", "issuer_of_patient_id", "study_instance_uid", "study_datetime",
-               "frame_of_reference_uid"}
+    allowed = {
+        "patient_id",
+        "patient_name",
+        "issuer_of_patient_id",
+        "study_instance_uid",
+        "study_datetime",
+        "frame_of_reference_uid",
+    }
     extra = set(kw) - allowed
     if extra:
         raise TypeError(f"generate_ct_series got unexpected keywords: {', '.join(sorted(extra))}")
-    ident = {"patient_id": "DN-DEMO-0001", "patient_name": "Demo^Fusion", "issuer_of_patient_id": None,
-             "study_instance_uid": None, "study_datetime": None, "frame_of_reference_uid": None, **kw}
+    ident = {
+        "patient_id": "DN-DEMO-0001",
+        "patient_name": "Demo^Fusion",
+        "issuer_of_patient_id": None,
+        "study_instance_uid": None,
+        "study_datetime": None,
+        "frame_of_reference_uid": None,
+        **kw,
+    }
     study = _study_info(seed, **ident)  # type: ignore[arg-type]
     phantom = HeadPhantom(seed)
-    grid = Grid(rows=rows, columns=columns, pixel_spacing=(pixel_spacing, pixel_spacing),
-                slice_spacing=slice_spacing, n_slices=n_slices).centred_on(phantom.center)
+    grid = Grid(
+        rows=rows,
+        columns=columns,
+        pixel_spacing=(pixel_spacing, pixel_spacing),
+        slice_spacing=slice_spacing,
+        n_slices=n_slices,
+    ).centred_on(phantom.center)
     series_uid = _uid("series", study.study_instance_uid, "CT-BULK", n_slices, rows, columns, seed)
     pixels = appearance.ct_slices(phantom, grid, _rng(seed, "CT-BULK"), noise)
     return _write_series(Path(out_dir) / "CT", "CT", study, series_uid, grid, pixels)

@@ -57,9 +57,11 @@ class Grid:
     def centred_on(self, center_mm: np.ndarray) -> Grid:
         """The same grid with its origin placed so that its centre lands on ``center_mm``."""
         row, col, normal = self.directions()
-        half = ((self.columns - 1) / 2 * self.pixel_spacing[1] * row
-                + (self.rows - 1) / 2 * self.pixel_spacing[0] * col
-                + (self.n_slices - 1) / 2 * self.slice_spacing * normal)
+        half = (
+            (self.columns - 1) / 2 * self.pixel_spacing[1] * row
+            + (self.rows - 1) / 2 * self.pixel_spacing[0] * col
+            + (self.n_slices - 1) / 2 * self.slice_spacing * normal
+        )
         origin = np.asarray(center_mm, dtype=np.float64) - half
         return replace(self, origin_mm=tuple(round(float(v), 4) for v in origin))
 
@@ -79,8 +81,13 @@ class Grid:
     def plane(self, k: int) -> SlicePlane:
         """Slice ``k`` as a parametric plane, for fast separable evaluation of the phantom."""
         row, col, _ = self.directions()
-        return SlicePlane(self.slice_origin(k), row * self.pixel_spacing[1], col * self.pixel_spacing[0],
-                          self.rows, self.columns)
+        return SlicePlane(
+            self.slice_origin(k),
+            row * self.pixel_spacing[1],
+            col * self.pixel_spacing[0],
+            self.rows,
+            self.columns,
+        )
 
     def voxel_axes(self) -> np.ndarray:
         """Voxel edge vectors (3, 3) in mm: along rows, along columns, through the slice."""
@@ -110,7 +117,12 @@ def default_grids(scale: float = 1.0) -> dict[str, Grid]:
         r = max(min_n, round(rows * scale))
         c = max(min_n, round(cols * scale))
         s = max(min_s, round(ns * scale))
-        grid = Grid(rows=r, columns=c, pixel_spacing=(rows * ps / r, cols * ps / c),
-                    slice_spacing=ns * ss / s, n_slices=s)
+        grid = Grid(
+            rows=r,
+            columns=c,
+            pixel_spacing=(rows * ps / r, cols * ps / c),
+            slice_spacing=ns * ss / s,
+            n_slices=s,
+        )
         grids[modality] = grid.centred_on(np.array(centre)) if centre is not None else grid
     return grids

@@ -90,8 +90,12 @@ def series_template(modality: str, study: StudyInfo, series_uid: str, grid: Grid
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta.ImplementationVersionName = "DICOMNODE_GEN1"
     ds.SpecificCharacterSet = "ISO_IR 100"
-    image_type = {"MR": ["ORIGINAL", "PRIMARY", "OTHER"], "CT": ["ORIGINAL", "PRIMARY", "AXIAL"],
-                  "PT": ["ORIGINAL", "PRIMARY"], "NM": ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]}
+    image_type = {
+        "MR": ["ORIGINAL", "PRIMARY", "OTHER"],
+        "CT": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "PT": ["ORIGINAL", "PRIMARY"],
+        "NM": ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"],
+    }
     ds.ImageType = image_type[modality]
     ds.InstanceCreationDate = _da(series_time)
     ds.InstanceCreationTime = _tm(series_time)
@@ -127,8 +131,12 @@ def series_template(modality: str, study: StudyInfo, series_uid: str, grid: Grid
     ds.BodyPartExamined = "HEAD"
     ds.DeviceSerialNumber = str(40000 + SERIES_NUMBERS[modality])
     ds.SoftwareVersions = software
-    ds.ProtocolName = {"MR": "t1_mprage_sag_iso", "CT": "HEAD ROUTINE", "PT": "PET BRAIN FDG",
-                       "NM": "BRAIN PERFUSION SPECT"}[modality]
+    ds.ProtocolName = {
+        "MR": "t1_mprage_sag_iso",
+        "CT": "HEAD ROUTINE",
+        "PT": "PET BRAIN FDG",
+        "NM": "BRAIN PERFUSION SPECT",
+    }[modality]
     if modality in ("MR", "CT"):  # PET/NM carry the coded patient orientation instead
         ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study.study_instance_uid
@@ -296,8 +304,15 @@ def _nm(ds: Dataset, study: StudyInfo, grid: Grid, t: datetime) -> None:
     _patient_orientation(ds)
 
 
-def set_slice(ds: Dataset, modality: str, grid: Grid, k: int, sop_uid: str, pixels: np.ndarray,
-              rescale_slope: str | None = None) -> None:
+def set_slice(
+    ds: Dataset,
+    modality: str,
+    grid: Grid,
+    k: int,
+    sop_uid: str,
+    pixels: np.ndarray,
+    rescale_slope: str | None = None,
+) -> None:
     """Per-slice tags: identity, position, instance number, pixel data (and PET's slope)."""
     ds.SOPInstanceUID = sop_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid

@@ -35,9 +35,23 @@ STORESCP_BIN = shutil.which("storescp") or "/usr/bin/storescp"
 _LIVE: set[Any] = set()  # started peers not stopped yet (stopped at interpreter exit)
 
 __all__ = [
-    "ORTHANC_BIN", "Orthanc", "PeerError", "StatusScp", "Storescp", "echoscu", "free_port", "have_dcmtk",
-    "have_orthanc", "peer_env", "port_open", "start_orthanc", "start_status_scp", "start_storescp",
-    "stop_process", "storescu", "wait_until",
+    "ORTHANC_BIN",
+    "Orthanc",
+    "PeerError",
+    "StatusScp",
+    "Storescp",
+    "echoscu",
+    "free_port",
+    "have_dcmtk",
+    "have_orthanc",
+    "peer_env",
+    "port_open",
+    "start_orthanc",
+    "start_status_scp",
+    "start_storescp",
+    "stop_process",
+    "storescu",
+    "wait_until",
 ]
 
 
@@ -333,8 +347,9 @@ def start_storescp(
     for _ in range(3):
         port = free_port()
         handle = Storescp(out_dir=out_dir, port=port, aet=aet)
-        handle.proc = _spawn([STORESCP_BIN, "-aet", aet, "-od", str(out_dir), "+xa", *args, str(port)],
-                             handle.log_path)
+        handle.proc = _spawn(
+            [STORESCP_BIN, "-aet", aet, "-od", str(out_dir), "+xa", *args, str(port)], handle.log_path
+        )
         _LIVE.add(handle)
         if wait_until(functools.partial(port_open, port), handle.proc, timeout):
             return handle

@@ -11,8 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 AIR, SCALP, SKULL, GRAY, WHITE, CSF, LESION = 0, 1, 2, 3, 4, 5, 6
-LABEL_NAMES = {AIR: "air", SCALP: "scalp", SKULL: "skull", GRAY: "gray", WHITE: "white", CSF: "csf",
-               LESION: "lesion"}
+LABEL_NAMES = {
+    AIR: "air",
+    SCALP: "scalp",
+    SKULL: "skull",
+    GRAY: "gray",
+    WHITE: "white",
+    CSF: "csf",
+    LESION: "lesion",
+}
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,9 @@ class Ellipsoid:
 class Slab:
     """Points with ``|normal . (p - center)| < half_width`` and inside every shape in ``within``."""
 
-    def __init__(self, center: np.ndarray, normal: np.ndarray, half_width: float,
-                 within: list[Ellipsoid]) -> None:
+    def __init__(
+        self, center: np.ndarray, normal: np.ndarray, half_width: float, within: list[Ellipsoid]
+    ) -> None:
         self.center = np.asarray(center, dtype=np.float64)
         self.normal = np.asarray(normal, dtype=np.float64) / np.linalg.norm(normal)
         self.half_width = float(half_width)
@@ -181,11 +189,13 @@ class HeadPhantom:
         r = self.lesion_radius_mm
         side = rng.choice([-1.0, 1.0])
         for _ in range(1000):
-            p = self.center + np.array([side * rng.uniform(22.0, 42.0), rng.uniform(-35.0, 35.0),
-                                        rng.uniform(0.0, 35.0)])
+            p = self.center + np.array(
+                [side * rng.uniform(22.0, 42.0), rng.uniform(-35.0, 35.0), rng.uniform(0.0, 35.0)]
+            )
             inner = Ellipsoid(self.center, self.brain.semi_axes - r - 4.0)
-            clear = all(np.linalg.norm((p - v.center) / (v.semi_axes + r + 3.0)) > 1.0
-                        for v in self.ventricles)
+            clear = all(
+                np.linalg.norm((p - v.center) / (v.semi_axes + r + 3.0)) > 1.0 for v in self.ventricles
+            )
             if inner.inside(p[None])[0] and clear:
                 return p
         raise RuntimeError("could not place the lesion")  # pragma: no cover - geometry always allows it

@@ -189,12 +189,27 @@ def with_gaps(paths: Sequence[Path], missing: Sequence[int]) -> list[Path]:
 
 _ENHANCED = {"MR": EnhancedMRImageStorage, "CT": EnhancedCTImageStorage, "PT": EnhancedPETImageStorage}
 _FRAME_TYPE = {
-    "MR": "MRImageFrameTypeSequence", "CT": "CTImageFrameTypeSequence", "PT": "PETFrameTypeSequence"
+    "MR": "MRImageFrameTypeSequence",
+    "CT": "CTImageFrameTypeSequence",
+    "PT": "PETFrameTypeSequence",
 }
 _PER_SLICE = (
-    "SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-    "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept", "RescaleType", "SliceLocation", "ImageIndex",
-    "InstanceNumber", "PixelData", "WindowCenter", "WindowWidth", "WindowCenterWidthExplanation",
+    "SOPInstanceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "SliceLocation",
+    "ImageIndex",
+    "InstanceNumber",
+    "PixelData",
+    "WindowCenter",
+    "WindowWidth",
+    "WindowCenterWidthExplanation",
 )
 
 
@@ -245,8 +260,11 @@ def to_enhanced(paths: Sequence[Path], out_path: Path, *, frame_order: Sequence[
     def pvt(s: Dataset) -> Dataset | None:
         if "RescaleSlope" not in s and "RescaleIntercept" not in s:
             return None
-        return _item(RescaleSlope=s.get("RescaleSlope", "1"), RescaleIntercept=s.get("RescaleIntercept", "0"),
-                     RescaleType=s.get("RescaleType", "US"))
+        return _item(
+            RescaleSlope=s.get("RescaleSlope", "1"),
+            RescaleIntercept=s.get("RescaleIntercept", "0"),
+            RescaleType=s.get("RescaleType", "US"),
+        )
 
     rescales = {(str(s.get("RescaleSlope")), str(s.get("RescaleIntercept"))) for s in slices}
     per_frame_rescale = len(rescales) > 1
@@ -345,8 +363,9 @@ def merge_into_series(main: Sequence[Path], other: Sequence[Path], out_dir: Path
     return out
 
 
-def pet_to_bqml(paths: Sequence[Path], out_dir: Path, drop: Sequence[str] = (), decay: str = "START"
-                ) -> list[Path]:
+def pet_to_bqml(
+    paths: Sequence[Path], out_dir: Path, drop: Sequence[str] = (), decay: str = "START"
+) -> list[Path]:
     """Generated PET (Units GML) re-expressed in Bq/ml with the SUV factors; ``drop`` removes tags."""
     out = []
     for p in paths:
@@ -402,9 +421,11 @@ class TiltedGrid(Grid):
 
     def centred_on(self, center_mm: np.ndarray) -> TiltedGrid:
         row, col, _ = self.directions()
-        half = ((self.columns - 1) / 2 * self.pixel_spacing[1] * row
-                + (self.rows - 1) / 2 * self.pixel_spacing[0] * col
-                + (self.n_slices - 1) / 2 * self.slice_spacing * np.array([0.0, 0.0, 1.0]))
+        half = (
+            (self.columns - 1) / 2 * self.pixel_spacing[1] * row
+            + (self.rows - 1) / 2 * self.pixel_spacing[0] * col
+            + (self.n_slices - 1) / 2 * self.slice_spacing * np.array([0.0, 0.0, 1.0])
+        )
         origin = np.asarray(center_mm, dtype=np.float64) - half
         return _replace(self, origin_mm=tuple(round(float(v), 4) for v in origin))
 
@@ -426,9 +447,11 @@ class PositionedGrid(Grid):
 
     def centred_on(self, center_mm: np.ndarray) -> PositionedGrid:
         row, col, normal = self.directions()
-        half = ((self.columns - 1) / 2 * self.pixel_spacing[1] * row
-                + (self.rows - 1) / 2 * self.pixel_spacing[0] * col
-                + (self.offsets_mm[0] + self.offsets_mm[-1]) / 2 * normal)
+        half = (
+            (self.columns - 1) / 2 * self.pixel_spacing[1] * row
+            + (self.rows - 1) / 2 * self.pixel_spacing[0] * col
+            + (self.offsets_mm[0] + self.offsets_mm[-1]) / 2 * normal
+        )
         origin = np.asarray(center_mm, dtype=np.float64) - half
         return _replace(self, origin_mm=tuple(round(float(v), 4) for v in origin))
 
@@ -439,25 +462,51 @@ def _replace(grid: Grid, **changes: object) -> Grid:
     return replace(grid, **changes)  # type: ignore[arg-type]
 
 
-def small_grid(modality: str = "MR", n_slices: int = 12, matrix: int = 32, plane: str = "axial",
-               pixel_mm: float = 6.0, slice_mm: float = 6.0) -> Grid:
+def small_grid(
+    modality: str = "MR",
+    n_slices: int = 12,
+    matrix: int = 32,
+    plane: str = "axial",
+    pixel_mm: float = 6.0,
+    slice_mm: float = 6.0,
+) -> Grid:
     """A small grid over the head (fast tests): ``plane`` is axial, sagittal, coronal or oblique."""
-    return Grid(rows=matrix, columns=matrix, pixel_spacing=(pixel_mm, pixel_mm), slice_spacing=slice_mm,
-                n_slices=n_slices, orientation=PLANES[plane])
+    return Grid(
+        rows=matrix,
+        columns=matrix,
+        pixel_spacing=(pixel_mm, pixel_mm),
+        slice_spacing=slice_mm,
+        n_slices=n_slices,
+        orientation=PLANES[plane],
+    )
 
 
-def generate_series(out_dir: Path, modality: str, grid: Grid, seed: int = 0, noise: bool = False
-                    ) -> GeneratedSeries:
+def generate_series(
+    out_dir: Path, modality: str, grid: Grid, seed: int = 0, noise: bool = False
+) -> GeneratedSeries:
     """One generated series of ``modality`` on ``grid`` (any Grid subclass) in ``out_dir/<modality>``."""
     study = generate_study(Path(out_dir), [modality], grids={modality: grid}, seed=seed, noise=noise)
     return study.series[modality]
 
 
-def generate_tilted_ct(out_dir: Path, tilt_deg: float, n_slices: int = 12, matrix: int = 32,
-                       pixel_mm: float = 6.0, slice_mm: float = 6.0, seed: int = 0) -> GeneratedSeries:
+def generate_tilted_ct(
+    out_dir: Path,
+    tilt_deg: float,
+    n_slices: int = 12,
+    matrix: int = 32,
+    pixel_mm: float = 6.0,
+    slice_mm: float = 6.0,
+    seed: int = 0,
+) -> GeneratedSeries:
     """CT acquired with gantry tilt ``tilt_deg`` (Gantry/Detector Tilt set): a sheared stack."""
-    grid = TiltedGrid(rows=matrix, columns=matrix, pixel_spacing=(pixel_mm, pixel_mm), slice_spacing=slice_mm,
-                      n_slices=n_slices, tilt_deg=tilt_deg)
+    grid = TiltedGrid(
+        rows=matrix,
+        columns=matrix,
+        pixel_spacing=(pixel_mm, pixel_mm),
+        slice_spacing=slice_mm,
+        n_slices=n_slices,
+        tilt_deg=tilt_deg,
+    )
     series = generate_series(out_dir, "CT", grid, seed=seed)
     for p in series.paths:
         ds = pydicom.dcmread(p)
@@ -466,12 +515,25 @@ def generate_tilted_ct(out_dir: Path, tilt_deg: float, n_slices: int = 12, matri
     return series
 
 
-def generate_irregular(out_dir: Path, modality: str, offsets_mm: Sequence[float], matrix: int = 32,
-                       pixel_mm: float = 6.0, plane: str = "axial", seed: int = 0) -> GeneratedSeries:
+def generate_irregular(
+    out_dir: Path,
+    modality: str,
+    offsets_mm: Sequence[float],
+    matrix: int = 32,
+    pixel_mm: float = 6.0,
+    plane: str = "axial",
+    seed: int = 0,
+) -> GeneratedSeries:
     """A series whose slices sit at ``offsets_mm`` along the normal (non-uniform spacing)."""
     offsets = tuple(float(v) for v in offsets_mm)
     steps = np.diff(offsets)
-    grid = PositionedGrid(rows=matrix, columns=matrix, pixel_spacing=(pixel_mm, pixel_mm),
-                          slice_spacing=float(np.median(steps)) if len(steps) else 1.0, n_slices=len(offsets),
-                          orientation=PLANES[plane], offsets_mm=offsets)
+    grid = PositionedGrid(
+        rows=matrix,
+        columns=matrix,
+        pixel_spacing=(pixel_mm, pixel_mm),
+        slice_spacing=float(np.median(steps)) if len(steps) else 1.0,
+        n_slices=len(offsets),
+        orientation=PLANES[plane],
+        offsets_mm=offsets,
+    )
     return generate_series(out_dir, modality, grid, seed=seed)

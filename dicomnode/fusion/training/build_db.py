@@ -147,10 +147,21 @@ def build_db(
                 if h_a in forbidden or h_b in forbidden:
                     # the same slice is a benchmark image (here or in another pair type): never train on it
                     side = "a" if h_a in forbidden else "b"
-                    log.warning("%s/%s (%s): %s image is a benchmark slice; excluded", t, ps.names[i],
-                                ps.splits[i], side)
-                    excluded.append({"pair_type": t, "name": ps.names[i], "split": ps.splits[i],
-                                     "reason": f"{side} image has the pixels of a benchmark slice"})
+                    log.warning(
+                        "%s/%s (%s): %s image is a benchmark slice; excluded",
+                        t,
+                        ps.names[i],
+                        ps.splits[i],
+                        side,
+                    )
+                    excluded.append(
+                        {
+                            "pair_type": t,
+                            "name": ps.names[i],
+                            "split": ps.splits[i],
+                            "reason": f"{side} image has the pixels of a benchmark slice",
+                        }
+                    )
                     bar.update(1)
                     continue
                 idx.append(i)
@@ -180,12 +191,29 @@ def build_db(
                 _save_png(out_dir / "targets" / t / f"{name}.png", outs[best][j])
                 for c in outs:
                     vals = {m: f"{scores[c][m]:.6f}" for m in METRIC_NAMES}
-                    rows.append({"pair_type": t, "name": name, "split": ps.splits[i], "candidate": c,
-                                 **vals, "selected": int(c == best)})
-                entries.append({"pair_type": t, "name": name, "split": ps.splits[i], "target": best,
-                                "hash_a": hashes[j][0], "hash_b": hashes[j][1],
-                                "hash_pair_a": pixel_hash(a8[j]), "hash_pair_b": pixel_hash(b8[j]),
-                                "hash_target": pixel_hash(outs[best][j])})
+                    rows.append(
+                        {
+                            "pair_type": t,
+                            "name": name,
+                            "split": ps.splits[i],
+                            "candidate": c,
+                            **vals,
+                            "selected": int(c == best),
+                        }
+                    )
+                entries.append(
+                    {
+                        "pair_type": t,
+                        "name": name,
+                        "split": ps.splits[i],
+                        "target": best,
+                        "hash_a": hashes[j][0],
+                        "hash_b": hashes[j][1],
+                        "hash_pair_a": pixel_hash(a8[j]),
+                        "hash_pair_b": pixel_hash(b8[j]),
+                        "hash_target": pixel_hash(outs[best][j]),
+                    }
+                )
             bar.update(len(idx))
         bar.close()
         parts = out_dir / "parts"
