@@ -360,7 +360,7 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["val_conditions"] == ["stored", "mri-x0.7"] and meta["val_against_stage1"] is False
     args = parser.parse_args(
         [*common, "--out", str(out), "--steps", "2", "--val-every", "1", "--val-against-stage1",
-         "--reward-weight", "VIF=5",
+         "--reward-weight", "VIF=5", "--reward-weight", "Detail=3",
          "--reward-weight", "SD=0", "--mri-dim", "0.3", "--keep-lone-source", "--device", "cpu",
          "--keep-checkpoints", str(tmp_path / "kept")]
     )  # fmt: skip
@@ -369,6 +369,7 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["val_against_stage1"] is True and "stage1" in meta["val_references"]
     assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]
+    assert meta["reward_weights"]["Detail"] == 3  # the MRI-structure term is rewardable too
     assert meta["mri_dim"] == 0.3 and [h["step"] for h in meta["val_history"]] == [0, 1, 2]
     bad = parser.parse_args([*common, "--out", str(out), "--val-every", "0"])
     assert bad.func(bad) == 2 and "val_every must be >= 1" in capsys.readouterr().err

@@ -100,7 +100,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--stage1-floor",
         nargs="*",
         default=None,
-        choices=["SD", "SF", "AG", "SCD", "VIF", "Qabf", "SSIM"],
+        choices=["SD", "SF", "AG", "SCD", "VIF", "Qabf", "SSIM", "Detail"],
         help="metrics whose reward also measures against the stage-1 model (default: per type)",
     )
     ref.add_argument(
@@ -161,7 +161,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         action="append",
         default=[],
         metavar="METRIC=W",
-        help="override one reward weight (SD, SF, AG, SCD, VIF, Qabf, SSIM; 0 drops it); repeatable",
+        help="override one reward weight (SD, SF, AG, SCD, VIF, Qabf, SSIM, or Detail: the MRI's "
+        "structure kept where both sources have signal; 0 drops it); repeatable",
     )
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--device", default="auto")
