@@ -495,17 +495,14 @@ def refine(
         if step % val_every == 0 or step == steps:
             score, vals = evaluate_val()
             history.append(record(step, score, vals))
-            if keep_checkpoints is not None:
+            improved = score > best["score"] or (pick == "last" and step == steps)
+            if improved or keep_checkpoints is not None:
                 state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
                 snap = {"score": score, "step": step, "val": vals, "state": state}
-                save(Path(keep_checkpoints) / f"step-{step:04d}.pt", snap, "kept checkpoint")
-            if score > best["score"] or (pick == "last" and step == steps):
-                best = {
-                    "score": score,
-                    "step": step,
-                    "val": vals,
-                    "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-                }
+                if keep_checkpoints is not None:
+                    save(Path(keep_checkpoints) / f"step-{step:04d}.pt", snap, "kept checkpoint")
+                if improved:
+                    best = snap
             n9 = 9 * len(conditions)
             bar.set_postfix(val_first=f"{score[0]}/{n9}", best=f"{best['score'][0]}/{n9}@{best['step']}")
         elif step % 10 == 0:
