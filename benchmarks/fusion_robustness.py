@@ -9,7 +9,12 @@ nine) on which each model beats every classical fuser (max, average, Laplacian p
 filter). Models: the general (stage-1) network and, where the weights file has one, the
 per-modality refinement, plus any extra weights files given with ``--weights``.
 
+A second table per type gives, per condition, how much of the MRI's structure each model (and
+pixel max) keeps where both sources have signal (``overlap_detail``, not one of the nine); with
+``--changes`` a third gives each model's change over the stage-1 model on the nine metrics.
+
     .venv/bin/python benchmarks/fusion_robustness.py [--types MRI-CT MRI-PET] [--weights build/x.pt]
+                                                     [--conditions stored mri-x0.7] [--changes]
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from dicomnode.fusion.metrics import METRIC_NAMES, overlap_detail
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
 from dicomnode.fusion.training.data import PAIR_TYPES
 from dicomnode.fusion.training.refine import (
@@ -48,24 +55,40 @@ def models(pair_type: str, extra: list[Path]) -> dict[str, torch.nn.Module]:
     return out
 
 
-def run(eval_root: Path, types: list[str], extra: list[Path]) -> dict[str, dict[str, dict[str, int]]]:
-    """Print one table per pair type; return {type: {model: {condition: firsts}}}."""
+def run(
+    eval_root: Path,
+    types: list[str],
+    extra: list[Path],
+    conditions: list[str] | None = None,
+    changes: bool = False,
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Print the tables per pair type; return {type: {model: {condition: firsts}}}."""
     results: dict[str, dict[str, dict[str, int]]] = {}
-    conds = list(INTENSITY_CONDITIONS)
+    conds = list(conditions or INTENSITY_CONDITIONS)
     for t in types:
         a, b, _ = load_split(eval_root, t, "val")
         nets = models(t, extra)
         table: dict[str, dict[str, int]] = {name: {} for name in nets}
+        detail: dict[str, dict[str, float]] = {name: {} for name in ["max", *nets]}
+        change: dict[str, dict[str, dict[str, float]]] = {name: {} for name in nets}
         for c in conds:
             ac, bc = apply_condition(a, b, c)
             a8, b8 = to_u8(ac), to_u8(bc)
             refs = reference_means(ac, bc, a8, b8)
+            mx = to_u8(torch.maximum(ac, bc))
+            detail["max"][c] = float(np.mean(overlap_detail(mx, a8, b8)))
+            means = {}
             for name, net in nets.items():
                 with torch.inference_mode():
                     f = torch.cat(
                         [net(ac[i : i + 16], bc[i : i + 16]).clamp(0, 1) for i in range(0, len(ac), 16)]
                     )
-                table[name][c] = val_score(mean_metrics(f, a8, b8), refs)[0]
+                means[name] = mean_metrics(f, a8, b8)
+                table[name][c] = val_score(means[name], refs)[0]
+                detail[name][c] = float(np.mean(overlap_detail(to_u8(f), a8, b8)))
+            s1 = means["general (stage 1)"]
+            for name in nets:
+                change[name][c] = {k: 100 * (means[name][k] / s1[k] - 1) for k in METRIC_NAMES}
         results[t] = table
         print(
             f"\n{t} ({a.shape[0]} val pairs): metrics (of 9) on which the model beats every classical fuser"
@@ -74,6 +97,15 @@ def run(eval_root: Path, types: list[str], extra: list[Path]) -> dict[str, dict[
         print(" " * width + "".join(f"{c:>17}" for c in conds) + f"{'total':>8}")
         for name, row in table.items():
             print(f"{name:<{width}}" + "".join(f"{row[c]:>17d}" for c in conds) + f"{sum(row.values()):>8d}")
+        print(f"\n{t}: MRI structure kept where both sources have signal (overlap_detail, not ranked)")
+        for name, row in detail.items():
+            print(f"{name:<{width}}" + "".join(f"{row[c]:>17.3f}" for c in conds))
+        if changes:
+            print(f"\n{t}: change over the stage-1 model, % ({', '.join(METRIC_NAMES)})")
+            for name, per in change.items():
+                for c in conds:
+                    cells = " ".join(f"{per[c][k]:+6.1f}" for k in METRIC_NAMES)
+                    print(f"{name:<{width}}{c:<17}{cells}")
     return results
 
 
@@ -84,9 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--weights", nargs="*", type=Path, default=[], help="more refined weights files to compare"
     )
+    ap.add_argument(
+        "--conditions",
+        nargs="+",
+        default=None,
+        choices=list(INTENSITY_CONDITIONS),
+        help="intensity conditions to score (default: all)",
+    )
+    ap.add_argument("--changes", action="store_true", help="also print each model's change over stage 1")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    run(args.eval_root.resolve(), args.types, args.weights)
+    run(args.eval_root.resolve(), args.types, args.weights, args.conditions, args.changes)
     return 0
 
 

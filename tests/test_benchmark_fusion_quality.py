@@ -12,11 +12,12 @@ import torch
 from dicomnode.fusion import model as FM
 from tests.test_fusion_training import _blob, _save
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_quality.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _module():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("fusion_quality", BENCH)
+def bench_module(name: str = "fusion_quality"):  # noqa: ANN201
+    """A script of ``benchmarks/`` loaded as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -44,7 +45,7 @@ def test_fusion_quality_scores_a_candidate_weights_file(
     net = FM.build_net({"width": 8})
     cand = tmp_path / "cand.pt"
     torch.save({"state_dict": net.state_dict(), "config": {"width": 8}, "meta": {"version": "t"}}, cand)
-    mod = _module()
+    mod = bench_module()
     sheet = tmp_path / "sheet.png"
     argv = ["--eval-root", str(root), "--weights", str(cand), "--device", "cpu", "--sheet", str(sheet)]
     assert mod.main(argv) == 0

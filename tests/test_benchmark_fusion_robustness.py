@@ -1,0 +1,34 @@
+"""benchmarks/fusion_robustness.py on a tiny eval root: firsts, overlap_detail and changes over stage 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dicomnode.fusion import model as FM
+from tests.test_benchmark_fusion_quality import bench_module
+from tests.test_fusion_training import _make_eval
+
+
+def test_fusion_robustness_prints_detail_and_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _make_eval(tmp_path / "eval")
+    torch.manual_seed(0)
+    extra = tmp_path / "cand.pt"
+    meta = {"pair_type": "MRI-PET"}
+    torch.save(
+        {"state_dict": FM.build_net({"width": 8}).state_dict(), "config": {"width": 8}, "meta": meta}, extra
+    )
+    mod = bench_module("fusion_robustness")
+    argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
+    assert mod.main([*argv, "--changes", "--weights", str(extra)]) == 0
+    out = capsys.readouterr().out
+    assert "beats every classical fuser" in out and "overlap_detail" in out and "cand.pt" in out
+    changes = out[out.index("change over the stage-1 model") :].splitlines()[1:]
+    stage1 = [ln for ln in changes if ln.startswith("general (stage 1)")]
+    assert len(stage1) == 2 and all(set(ln.split()[-9:]) == {"+0.0"} for ln in stage1)  # itself: no change
+    assert len([ln for ln in changes if ln.startswith("cand.pt")]) == 2  # one row per condition
+    assert mod.main(argv) == 0 and "change over" not in capsys.readouterr().out  # only on request
