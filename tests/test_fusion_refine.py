@@ -388,3 +388,15 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
         parser.parse_args(["train", "refine", "--help"])
     shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
     assert all(name in shown for name in INTENSITY_CONDITIONS)  # the help lists every condition
+
+
+def test_train_command_records_the_arguments_once() -> None:
+    from dicomnode.fusion.training.cli import train_command
+
+    typed = ["train", "refine", "--type", "MRI-PET", "--out", "x.pt"]
+    assert train_command("refine", typed) == "dicomnode train refine --type MRI-PET --out x.pt"
+    assert (
+        train_command("refine", ["refine", "--steps", "5"]) == "dicomnode train refine --steps 5"
+    )  # -m form
+    assert train_command("fit", ["train", "fit"]) == "dicomnode train fit"
+    assert train_command("fit", ["pytest", "-q"]) == ""

@@ -187,10 +187,22 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return train
 
 
+def train_command(sub: str, argv: list[str] | None = None) -> str:
+    """``dicomnode train <sub> <its arguments>`` as typed (for a weights file's meta), from ``sys.argv``.
+
+    Works for ``dicomnode train <sub> ...`` and ``python -m dicomnode.fusion.training <sub> ...``
+    alike: what follows the first ``sub`` is the command's arguments. "" when ``sub`` is not there.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if sub not in args:
+        return ""
+    return " ".join(["dicomnode", "train", sub, *args[args.index(sub) + 1 :]])
+
+
 def _cmd_refine(args: argparse.Namespace) -> int:
     from dicomnode.fusion.training.refine import refine, reward_weights  # noqa: PLC0415
 
-    command = " ".join(["dicomnode", "train", "refine", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
+    command = train_command("refine")
     try:
         weights = reward_weights(args.pair_type, args.reward_weight) if args.reward_weight else None
         meta = refine(
@@ -272,7 +284,7 @@ def _cmd_build_db(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from dicomnode.fusion.training.fit import fit  # noqa: PLC0415
 
-    command = " ".join(["dicomnode", "train", "fit", *sys.argv[2:]]) if len(sys.argv) > 2 else ""
+    command = train_command("fit")
     try:
         meta = fit(
             args.db,
