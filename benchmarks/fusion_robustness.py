@@ -11,10 +11,13 @@ per-modality refinement, plus any extra weights files given with ``--weights``.
 
 A second table per type gives, per condition, how much of the MRI's structure each model (and
 pixel max) keeps where both sources have signal (``overlap_detail``, not one of the nine); with
-``--changes`` a third gives each model's change over the stage-1 model on the nine metrics.
+``--changes`` a third gives each model's change over the stage-1 model on the nine metrics, and
+with ``--qabf-regions`` a fourth splits each model's (and pixel max's) Qabf by where its terms
+sit (``qabf_regions``: MRI only, moving image only, both with either brighter, neither).
 
     .venv/bin/python benchmarks/fusion_robustness.py [--types MRI-CT MRI-PET] [--weights build/x.pt]
                                                      [--conditions stored mri-x0.7] [--changes]
+                                                     [--qabf-regions]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicomnode.fusion.metrics import METRIC_NAMES, overlap_detail
+from dicomnode.fusion.metrics import METRIC_NAMES, QABF_REGIONS, overlap_detail, qabf_regions
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
 from dicomnode.fusion.training.data import PAIR_TYPES
 from dicomnode.fusion.training.refine import (
@@ -61,6 +64,7 @@ def run(
     extra: list[Path],
     conditions: list[str] | None = None,
     changes: bool = False,
+    regions: bool = False,
 ) -> dict[str, dict[str, dict[str, int]]]:
     """Print the tables per pair type; return {type: {model: {condition: firsts}}}."""
     results: dict[str, dict[str, dict[str, int]]] = {}
@@ -71,12 +75,15 @@ def run(
         table: dict[str, dict[str, int]] = {name: {} for name in nets}
         detail: dict[str, dict[str, float]] = {name: {} for name in ["max", *nets]}
         change: dict[str, dict[str, dict[str, float]]] = {name: {} for name in nets}
+        parts: dict[str, dict[str, dict[str, float]]] = {name: {} for name in ["max", *nets]}
         for c in conds:
             ac, bc = apply_condition(a, b, c)
             a8, b8 = to_u8(ac), to_u8(bc)
             refs = reference_means(ac, bc, a8, b8)
             mx = to_u8(torch.maximum(ac, bc))
             detail["max"][c] = float(np.mean(overlap_detail(mx, a8, b8)))
+            if regions:
+                parts["max"][c] = {k: float(np.mean(v)) for k, v in qabf_regions(mx, a8, b8).items()}
             means = {}
             for name, net in nets.items():
                 with torch.inference_mode():
@@ -86,6 +93,8 @@ def run(
                 means[name] = mean_metrics(f, a8, b8)
                 table[name][c] = val_score(means[name], refs)[0]
                 detail[name][c] = float(np.mean(overlap_detail(to_u8(f), a8, b8)))
+                if regions:
+                    parts[name][c] = {k: float(np.mean(v)) for k, v in qabf_regions(to_u8(f), a8, b8).items()}
             s1 = means["general (stage 1)"]
             for name in nets:
                 change[name][c] = {k: 100 * (means[name][k] / s1[k] - 1) for k in METRIC_NAMES}
@@ -106,6 +115,13 @@ def run(
                 for c in conds:
                     cells = " ".join(f"{per[c][k]:+6.1f}" for k in METRIC_NAMES)
                     print(f"{name:<{width}}{c:<17}{cells}")
+        if regions:
+            print(f"\n{t}: Qabf by region (A = MRI, B = moving image; parts add up to Qabf)")
+            print(" " * (width + 17) + "".join(f"{r:>18}" for r in QABF_REGIONS) + f"{'Qabf':>8}")
+            for name, per_c in parts.items():
+                for c, part in per_c.items():
+                    cells = "".join(f"{part[r]:>18.4f}" for r in QABF_REGIONS)
+                    print(f"{name:<{width}}{c:<17}{cells}{sum(part.values()):>8.4f}")
     return results
 
 
@@ -124,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         help="intensity conditions to score (default: all)",
     )
     ap.add_argument("--changes", action="store_true", help="also print each model's change over stage 1")
+    ap.add_argument(
+        "--qabf-regions", action="store_true", help="also split Qabf by region (MRI only, both, ...)"
+    )
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    run(args.eval_root.resolve(), args.types, args.weights, args.conditions, args.changes)
+    run(args.eval_root.resolve(), args.types, args.weights, args.conditions, args.changes, args.qabf_regions)
     return 0
 
 

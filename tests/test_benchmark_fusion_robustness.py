@@ -32,3 +32,20 @@ def test_fusion_robustness_prints_detail_and_changes(
     assert len(stage1) == 2 and all(set(ln.split()[-9:]) == {"+0.0"} for ln in stage1)  # itself: no change
     assert len([ln for ln in changes if ln.startswith("cand.pt")]) == 2  # one row per condition
     assert mod.main(argv) == 0 and "change over" not in capsys.readouterr().out  # only on request
+
+
+def test_fusion_robustness_splits_qabf_by_region_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _make_eval(tmp_path / "eval")
+    mod = bench_module("fusion_robustness")
+    argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
+    assert mod.main([*argv, "--qabf-regions"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Qabf by region") :].splitlines()[2:]
+    rows = [ln for ln in table if ln.startswith(("max", "general (stage 1)"))]
+    assert len(rows) == 4  # max and stage 1, two conditions each
+    for ln in rows:
+        cells = [float(x) for x in ln.split()[-6:]]
+        assert sum(cells[:5]) == pytest.approx(cells[5], abs=5e-4)  # the parts add up to Qabf
+    assert mod.main(argv) == 0 and "Qabf by region" not in capsys.readouterr().out

@@ -191,3 +191,22 @@ def test_overlap_detail_counts_only_where_both_sources_have_signal() -> None:
     both = M.overlap_detail(np.stack([a, shows_b]), np.stack([a, a]), np.stack([b, b]))
     assert both.shape == (2,) and both[0] == pytest.approx(1.0) and both[1] < 0.2
     assert "overlap_detail" not in M.METRIC_NAMES  # ours, not one of the benchmark's nine
+
+
+def test_qabf_regions_add_up_to_qabf_and_place_the_terms() -> None:
+    rng = np.random.default_rng(5)
+    a = np.zeros((40, 40))
+    b = np.zeros((40, 40))
+    a[:, :30] = rng.integers(20, 120, (40, 30))  # A: left 30 columns, dim
+    b[10:, 10:] = rng.integers(130, 250, (30, 30))  # B: bright, overlaps A in rows 10.., cols 10..29
+    for f in (np.maximum(a, b), (a + b) / 2, a, rng.integers(0, 256, (40, 40)).astype(float)):
+        parts = M.qabf_regions(f, a, b)
+        assert tuple(parts) == M.QABF_REGIONS
+        assert sum(parts.values()) == pytest.approx(M.qabf(f, a, b), abs=1e-12)
+    # F = A: every B edge is lost, so where B is the brighter source F scores less than max does
+    at_a, at_max = M.qabf_regions(a, a, b), M.qabf_regions(np.maximum(a, b), a, b)
+    assert at_a["both, B brighter"] < at_max["both, B brighter"]
+    assert at_a["both, A brighter"] == pytest.approx(0.0)  # B is brighter everywhere both have signal
+    batch = M.qabf_regions(np.stack([a, a]), np.stack([a, a]), np.stack([b, b]))
+    assert batch["A only"].shape == (2,)
+    assert batch["neither"][0] == pytest.approx(at_a["neither"])
