@@ -54,7 +54,8 @@ def models(pair_type: str, extra: list[Path]) -> dict[str, torch.nn.Module]:
             continue
         net = build_net(ck.get("config"))
         net.load_state_dict(ck["state_dict"])
-        out[path.name] = net.eval()
+        name = path.name if path.name not in out else f"{path.parent.name}/{path.name}"
+        out[name if name not in out else str(path)] = net.eval()
     return out
 
 

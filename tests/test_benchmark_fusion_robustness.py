@@ -40,11 +40,20 @@ def test_fusion_robustness_splits_qabf_by_region_on_request(
     root = _make_eval(tmp_path / "eval")
     mod = bench_module("fusion_robustness")
     argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
-    assert mod.main([*argv, "--qabf-regions"]) == 0
+    torch.manual_seed(0)
+    extra = []
+    for d in ("r1", "r2"):  # checkpoints kept by two runs share a file name: both are scored
+        (tmp_path / d).mkdir()
+        state = {"state_dict": FM.build_net({"width": 8}).state_dict(), "config": {"width": 8}}
+        torch.save(state, tmp_path / d / "step-0400.pt")
+        extra.append(str(tmp_path / d / "step-0400.pt"))
+    assert mod.main([*argv, "--qabf-regions", "--weights", *extra]) == 0
     out = capsys.readouterr().out
     table = out[out.index("Qabf by region") :].splitlines()[2:]
-    rows = [ln for ln in table if ln.startswith(("max", "general (stage 1)"))]
-    assert len(rows) == 4  # max and stage 1, two conditions each
+    rows = [
+        ln for ln in table if ln.startswith(("max", "general (stage 1)", "step-0400.pt", "r2/step-0400.pt"))
+    ]
+    assert len(rows) == 8  # max, stage 1 and the two checkpoints, two conditions each
     for ln in rows:
         cells = [float(x) for x in ln.split()[-6:]]
         assert sum(cells[:5]) == pytest.approx(cells[5], abs=5e-4)  # the parts add up to Qabf
