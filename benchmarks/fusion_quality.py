@@ -10,6 +10,10 @@ sources have signal (``overlap_detail``). It also writes a contact sheet PNG (so
 
 ``--weights`` scores a weights file other than the shipped one as "ours" (a candidate packed with
 ``dicomnode train pack``), without touching the package.
+
+For MRI-PET and MRI-SPECT, ours and the classical baselines are scored on the luma of the colour
+image the node delivers (the fused luma with the source's chroma put back, inside the RGB gamut:
+``dicomnode.fusion.colour``), as the peers' RGB outputs are: the table describes what is sent.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dicomnode.fusion.base import Fuser, get_fuser
-from dicomnode.fusion.colour import rgb_to_ycbcr, to_uint8, ycbcr_to_rgb
+from dicomnode.fusion.colour import rgb_to_ycbcr, to_uint8, ycbcr_to_rgb_in_gamut
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate, overlap_detail
 from dicomnode.fusion.model import CNNFuser
 from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8, read_gray_or_rgb
@@ -43,12 +47,12 @@ def _fuse8(method: str | Fuser, a8: np.ndarray, b8: np.ndarray, device: str, mod
 
 
 def _colourise(y8: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
-    """Fused luma + the source's chroma (RGB), or gray as RGB."""
+    """Fused luma (...,H,W) + the source's chroma (RGB (...,H,W,3)) as the node sends it; gray as RGB."""
     if rgb is None:
         return np.repeat(y8[..., None], 3, axis=-1)
     ycc = rgb_to_ycbcr(rgb)
     ycc[..., 0] = y8
-    return to_uint8(ycbcr_to_rgb(ycc))
+    return to_uint8(ycbcr_to_rgb_in_gamut(ycc))
 
 
 def _label(img: np.ndarray, text: str) -> np.ndarray:
@@ -79,6 +83,8 @@ def run(
         ours_s = time.perf_counter() - t0
         for m in BASELINES:
             fused[m] = _fuse8(m, ps.a, ps.b, device, MODALITY[t])
+        if ps.b_rgb is not None:  # score the delivered colour image, as the peers' outputs are
+            fused = {k: luma_u8(_colourise(f, ps.b_rgb)) for k, f in fused.items()}
         for p in PEERS:
             d = eval_root / "peers" / p / "harvard-cddfuse" / t
             if d.is_dir():

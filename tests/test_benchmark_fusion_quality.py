@@ -55,3 +55,25 @@ def test_fusion_quality_scores_a_candidate_weights_file(
     assert out.count("MRI kept where both have signal") == 3  # unranked line per pair type
     assert mod.main([*argv[:2], "--weights", str(tmp_path / "none.pt")]) == 2
     assert "no weights file" in capsys.readouterr().err
+
+
+def test_fusion_quality_scores_the_delivered_colour_image(tmp_path: Path) -> None:
+    """For PET/SPECT the table scores the luma of what the node sends: fuse_colour's RGB."""
+    from dicomnode.fusion.base import get_fuser
+    from dicomnode.fusion.colour import fuse_colour
+    from dicomnode.fusion.metrics import evaluate
+    from dicomnode.fusion.training.data import load_pairs, luma_u8
+
+    root = _bench(tmp_path / "eval")
+    d = root / "harvard-cddfuse" / "MRI-PET"
+    for k in (1, 2):  # saturated red uptake under a bright MRI: the full chroma does not fit in RGB
+        g = _blob(k + 3)
+        _save(d / f"{k:04d}_b.png", np.stack([g, g // 8, g // 8], axis=-1).astype(np.uint8))
+        _save(d / f"{k:04d}_a.png", np.maximum(_blob(k), (g > 0) * np.uint8(210)).astype(np.uint8))
+    tables = bench_module().run(root, "max", "cpu", None)
+    ps = load_pairs(root / "harvard-cddfuse" / "MRI-PET", "MRI-PET")
+    assert ps.b_rgb is not None
+    sent = luma_u8(fuse_colour(get_fuser("max"), ps.a.astype(np.float32) / 255.0, ps.b_rgb))
+    want = {k: float(v.mean()) for k, v in evaluate(sent, ps.a, ps.b).items()}
+    got = tables["MRI-PET"]["max"]
+    assert got == pytest.approx(want, rel=1e-9)

@@ -14,6 +14,7 @@ from dicomnode.fusion.colour import (
     fuse_colour,
     rgb_to_ycbcr,
     ycbcr_to_rgb,
+    ycbcr_to_rgb_in_gamut,
 )
 
 
@@ -65,3 +66,32 @@ def test_fuse_colour_keeps_chroma_and_fuses_luma() -> None:
 def test_fuse_colour_bad_shapes() -> None:
     with pytest.raises(ValueError, match="RGB"):
         fuse_colour(get_fuser("max"), np.zeros((1, 4, 4), np.float32), np.zeros((1, 4, 4), np.uint8))
+
+
+def test_in_gamut_conversion_keeps_luma_and_hue() -> None:
+    rng = np.random.default_rng(2)
+    ycc = np.stack(
+        [rng.uniform(-20, 275, 5000), rng.uniform(0, 256, 5000), rng.uniform(0, 256, 5000)], axis=-1
+    ).astype(np.float32)
+    rgb = ycbcr_to_rgb_in_gamut(ycc)
+    assert rgb.min() >= 0 and rgb.max() <= 255
+    back = rgb_to_ycbcr(rgb)
+    np.testing.assert_allclose(back[..., 0], np.clip(ycc[..., 0], 0, 255), atol=1e-3)  # the luma stays
+    c_in, c_out = ycc[..., 1:] - 128, back[..., 1:] - 128
+    scale = np.linalg.norm(c_out, axis=-1) / np.maximum(np.linalg.norm(c_in, axis=-1), 1e-9)
+    assert scale.max() <= 1 + 1e-4  # chroma only shrinks ...
+    np.testing.assert_allclose(c_out, c_in * scale[..., None], atol=2e-2)  # ... along its own direction
+    inside = (ycbcr_to_rgb(ycc) >= 0).all(-1) & (ycbcr_to_rgb(ycc) <= 255).all(-1)
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose(rgb[inside], ycbcr_to_rgb(ycc)[inside], atol=1e-3)  # in gamut: unchanged
+
+
+def test_fuse_colour_keeps_the_fused_luma_on_a_hot_spot() -> None:
+    """A bright MRI under saturated red: clipping R would drop the luma the fusion made."""
+    red = np.zeros((1, 8, 8, 3), np.uint8)
+    red[..., 0] = 255  # Y = 76
+    mri = np.full((1, 8, 8), 200 / 255, np.float32)
+    out = fuse_colour(get_fuser("max"), mri, red)
+    y = rgb_to_ycbcr(out)[..., 0]
+    assert np.abs(y - 200).max() <= 1  # the fused luma, not the ~137 a clipped red would give
+    assert (out[..., 0] > out[..., 1]).all() and (out[..., 0] > out[..., 2]).all()  # still red

@@ -1,7 +1,11 @@
 """Colour handling: the DICOM Hot Iron palette and YCbCr, so functional images fuse on their luma.
 
 PET/SPECT pseudo-colour images are fused on Y (JPEG / BT.601 full range, Y = 0.299R + 0.587G +
-0.114B) and keep their own Cb/Cr; grayscale DICOM PET/NM is first mapped through Hot Iron.
+0.114B) and keep their own Cb/Cr; grayscale DICOM PET/NM is first mapped through Hot Iron. Where
+the fused Y with the source's full chroma lies outside the RGB cube (a bright fused pixel on a
+strongly coloured hot spot), the chroma is scaled down just enough to fit instead of clipping
+R, G or B: the hue stays, and the image keeps the fused luma (clipping would flatten the fused
+detail inside hot spots and change the very luma the fusion made).
 """
 
 from __future__ import annotations
@@ -61,6 +65,24 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     return (x @ _YCC2RGB.T).astype(np.float32)
 
 
+def ycbcr_to_rgb_in_gamut(ycc: np.ndarray) -> np.ndarray:
+    """Float YCbCr (...,3) -> float32 RGB (...,3) inside [0, 255] with the luma of ``ycc``.
+
+    Y is clipped to [0, 255]; per pixel, the chroma (Cb, Cr) is multiplied by the largest
+    s in [0, 1] that keeps R, G and B inside [0, 255]. Chroma adds no luma, so the result's
+    Y = 0.299R + 0.587G + 0.114B equals the (clipped) input Y, and its hue is the input's.
+    """
+    x = np.asarray(ycc, dtype=np.float64)
+    if x.shape[-1] != 3:
+        raise ValueError(f"YCbCr images need a last axis of 3, got shape {x.shape}")
+    y = np.clip(x[..., :1], 0.0, 255.0)
+    chroma = (x[..., 1:] - 128.0) @ _YCC2RGB[:, 1:].T  # what Cb/Cr add to R, G and B
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.where(chroma > 0, (255.0 - y) / chroma, np.where(chroma < 0, -y / chroma, np.inf))
+    s = np.clip(room.min(axis=-1, keepdims=True), 0.0, 1.0)
+    return np.clip(y + s * chroma, 0.0, 255.0).astype(np.float32)
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Round and clip to uint8."""
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
@@ -78,4 +100,4 @@ def fuse_colour(fuser: Fuser, mri01: np.ndarray, rgb_uint8: np.ndarray) -> np.nd
     y01 = ycc[..., 0] / 255.0
     fused = fuser.fuse(mri, y01.astype(np.float32))
     ycc[..., 0] = np.clip(fused, 0.0, 1.0) * 255.0
-    return to_uint8(ycbcr_to_rgb(ycc))
+    return to_uint8(ycbcr_to_rgb_in_gamut(ycc))
