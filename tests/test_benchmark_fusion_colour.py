@@ -27,3 +27,9 @@ def test_fusion_colour_in_gamut_keeps_the_fused_luma(
     assert rows["sent, RGB clipped"]["SD"] < rows["fused luma"]["SD"]  # clipping darkens the bright uptake
     out = capsys.readouterr().out
     assert "MRI-PET (2 val pairs, max)" in out and "|dY|>=2 px %" in out
+
+
+def test_fusion_colour_times_both_conversions(capsys: pytest.CaptureFixture[str]) -> None:
+    got = bench_module("fusion_colour").time_conversions(sizes=(16,), rounds=2)
+    assert set(got[16]) == {"RGB clipped", "chroma in gamut"} and all(v > 0 for v in got[16].values())
+    assert "16x16:" in capsys.readouterr().out

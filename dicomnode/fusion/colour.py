@@ -72,15 +72,23 @@ def ycbcr_to_rgb_in_gamut(ycc: np.ndarray) -> np.ndarray:
     s in [0, 1] that keeps R, G and B inside [0, 255]. Chroma adds no luma, so the result's
     Y = 0.299R + 0.587G + 0.114B equals the (clipped) input Y, and its hue is the input's.
     """
-    x = np.asarray(ycc, dtype=np.float64)
+    x = np.asarray(ycc, dtype=np.float32)
     if x.shape[-1] != 3:
         raise ValueError(f"YCbCr images need a last axis of 3, got shape {x.shape}")
-    y = np.clip(x[..., :1], 0.0, 255.0)
-    chroma = (x[..., 1:] - 128.0) @ _YCC2RGB[:, 1:].T  # what Cb/Cr add to R, G and B
-    with np.errstate(divide="ignore", invalid="ignore"):
-        room = np.where(chroma > 0, (255.0 - y) / chroma, np.where(chroma < 0, -y / chroma, np.inf))
-    s = np.clip(room.min(axis=-1, keepdims=True), 0.0, 1.0)
-    return np.clip(y + s * chroma, 0.0, 255.0).astype(np.float32)
+    y = np.clip(x[..., 0], 0.0, 255.0)
+    cb, cr = x[..., 1] - np.float32(128.0), x[..., 2] - np.float32(128.0)
+    m = _YCC2RGB.astype(np.float32)
+    # what Cb/Cr add to R, G and B (BT.601: R takes only Cr, B only Cb)
+    adds = (m[0, 2] * cr, m[1, 1] * cb + m[1, 2] * cr, m[2, 1] * cb)
+    up, down = np.float32(255.0) - y, y  # room above and below the luma
+    s = np.ones_like(y)
+    for d in adds:
+        room = np.where(d > 0, up, down)
+        np.minimum(s, room / np.maximum(np.abs(d), np.float32(1e-6)), out=s)
+    out = np.empty(x.shape, np.float32)
+    for k, d in enumerate(adds):
+        out[..., k] = y + s * d
+    return np.clip(out, 0.0, 255.0, out=out)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
