@@ -5,7 +5,9 @@
 
 With several ``--modalities`` (the model's entry per moving modality; ``general`` = the general
 model) each cell is measured for every entry in turn, ``--rounds`` times, alternating, and the
-median is printed: side by side on a shared, noisy machine.
+median is printed: side by side on a shared, noisy machine. ``PT+colour`` / ``NM+colour`` time
+the whole colour path a grayscale PET/SPECT series takes in the pipeline: Hot Iron, the model on
+the luma, the chroma put back (``dicomnode.fusion.colour.fuse_colour``).
 
 CPU peak memory is the process's peak resident set (ru_maxrss) after each size; on CUDA it is
 ``torch.cuda.max_memory_allocated``. Prints a table; asserts nothing.
@@ -22,12 +24,42 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomnode.fusion.base import get_fuser
+from dicomnode.fusion.base import Fuser, get_fuser
+from dicomnode.fusion.colour import apply_hot_iron, fuse_colour
 from dicomnode.fusion.resample import resolve_device
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class ColourPath:
+    """A PET/SPECT series as the pipeline fuses it: Hot Iron, then fuse the luma, chroma back."""
+
+    def __init__(self, fuser: Fuser) -> None:
+        self.fuser = fuser
+
+    @property
+    def batch_size(self) -> int:
+        return int(getattr(self.fuser, "batch_size", 16))
+
+    @batch_size.setter
+    def batch_size(self, bs: int) -> None:
+        self.fuser.batch_size = bs
+
+    def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return fuse_colour(self.fuser, a, apply_hot_iron(b))
+
+
+def _entry(base: Fuser, name: str) -> Any:
+    """``general``, a moving modality's entry (CT, PT, NM), or ``PT+colour`` / ``NM+colour``."""
+    if name == "general":
+        return base
+    modality, _, colour = name.partition("+")
+    if colour and colour != "colour":
+        raise SystemExit(f"unknown entry {name!r}: use general, CT, PT, NM, PT+colour or NM+colour")
+    fuser = base.for_modality(modality)
+    return ColourPath(fuser) if colour else fuser
 
 
 def _rate(fuser: Any, a: np.ndarray, b: np.ndarray, dev: torch.device, min_seconds: float) -> float:
@@ -58,7 +90,7 @@ def bench(
     dev = resolve_device(device)
     base = get_fuser(method, device=str(dev))
     entries = modalities or ["general"]
-    fusers = {m: base if m == "general" else base.for_modality(m) for m in entries}
+    fusers = {m: _entry(base, m) for m in entries}
     print(
         f"fuser {base.name} v{base.version} on {dev} ({torch.get_num_threads()} threads); "
         f"CPU: {torch.backends.cpu.get_cpu_capability()}; entries {', '.join(entries)}; "
@@ -66,7 +98,7 @@ def bench(
     )
     if dev.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(dev)}")
-    print(f"{'entry':>8}{'size':>6}{'batch':>7}{'slices/s':>11}{'ms/slice':>10}{'peak MiB':>10}")
+    print(f"{'entry':>10}{'size':>6}{'batch':>7}{'slices/s':>11}{'ms/slice':>10}{'peak MiB':>10}")
     rng = np.random.default_rng(0)
     for size in sizes:
         for bs in batches:
@@ -81,7 +113,7 @@ def bench(
             peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mib()
             for m in entries:
                 r = float(np.median(rates[m]))
-                print(f"{m:>8}{size:>6}{bs:>7}{r:>11.1f}{1000 / r:>10.2f}{peak:>10.0f}")
+                print(f"{m:>10}{size:>6}{bs:>7}{r:>11.1f}{1000 / r:>10.2f}{peak:>10.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "--modalities",
         nargs="+",
         default=None,
-        help="model entries to time side by side: general, CT, PT, NM (default: general)",
+        help="entries to time side by side: general, CT, PT, NM, PT+colour, NM+colour (default: general)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per cell (median printed)")
     args = ap.parse_args(argv)
