@@ -6,8 +6,10 @@
 With several ``--modalities`` (the model's entry per moving modality; ``general`` = the general
 model) each cell is measured for every entry in turn, ``--rounds`` times, alternating, and the
 median is printed: side by side on a shared, noisy machine. ``PT+colour`` / ``NM+colour`` time
-the whole colour path a grayscale PET/SPECT series takes in the pipeline: Hot Iron, the model on
-the luma, the chroma put back (``dicomnode.fusion.colour.fuse_colour``).
+the whole colour path a grayscale PET/SPECT series takes in the pipeline (Hot Iron, the model on
+the luma, the chroma put back: ``dicomnode.fusion.colour.fuse_hot_iron``); ``PT+rgb`` /
+``NM+rgb`` the path of an RGB pseudo-colour input (PNG mode: ``fuse_colour`` on a Hot Iron RGB
+image made beforehand, not timed).
 
 CPU peak memory is the process's peak resident set (ru_maxrss) after each size; on CUDA it is
 ``torch.cuda.max_memory_allocated``. Prints a table; asserts nothing.
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from dicomnode.fusion.base import Fuser, get_fuser
-from dicomnode.fusion.colour import apply_hot_iron, fuse_colour
+from dicomnode.fusion.colour import apply_hot_iron, fuse_colour, fuse_hot_iron
 from dicomnode.fusion.resample import resolve_device
 
 
@@ -34,10 +36,12 @@ def _rss_mib() -> float:
 
 
 class ColourPath:
-    """A PET/SPECT series as the pipeline fuses it: Hot Iron, then fuse the luma, chroma back."""
+    """A PET/SPECT image fused in colour: as the pipeline does (``rgb`` False) or from RGB."""
 
-    def __init__(self, fuser: Fuser) -> None:
+    def __init__(self, fuser: Fuser, rgb: bool = False) -> None:
         self.fuser = fuser
+        self.rgb = rgb
+        self._rgb_of: tuple[int, np.ndarray] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -48,18 +52,22 @@ class ColourPath:
         self.fuser.batch_size = bs
 
     def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return fuse_colour(self.fuser, a, apply_hot_iron(b))
+        if not self.rgb:
+            return fuse_hot_iron(self.fuser, a, b)
+        if self._rgb_of is None or self._rgb_of[0] != id(b):  # the RGB input exists before fusion
+            self._rgb_of = (id(b), apply_hot_iron(b))
+        return fuse_colour(self.fuser, a, self._rgb_of[1])
 
 
 def _entry(base: Fuser, name: str) -> Any:
-    """``general``, a moving modality's entry (CT, PT, NM), or ``PT+colour`` / ``NM+colour``."""
+    """``general``, a moving modality's entry (CT, PT, NM), or one of them ``+colour`` / ``+rgb``."""
     if name == "general":
         return base
-    modality, _, colour = name.partition("+")
-    if colour and colour != "colour":
-        raise SystemExit(f"unknown entry {name!r}: use general, CT, PT, NM, PT+colour or NM+colour")
+    modality, _, path = name.partition("+")
+    if path not in ("", "colour", "rgb"):
+        raise SystemExit(f"unknown entry {name!r}: use general, CT, PT, NM, or PT/NM with +colour or +rgb")
     fuser = base.for_modality(modality)
-    return ColourPath(fuser) if colour else fuser
+    return ColourPath(fuser, rgb=path == "rgb") if path else fuser
 
 
 def _rate(fuser: Any, a: np.ndarray, b: np.ndarray, dev: torch.device, min_seconds: float) -> float:
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "--modalities",
         nargs="+",
         default=None,
-        help="entries to time side by side: general, CT, PT, NM, PT+colour, NM+colour (default: general)",
+        help="entries to time side by side: general, CT, PT, NM, PT+colour, PT+rgb, ... (default: general)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per cell (median printed)")
     args = ap.parse_args(argv)

@@ -12,16 +12,14 @@ from tests.test_benchmark_fusion_quality import bench_module
 def test_fusion_speed_times_the_colour_path(capsys: pytest.CaptureFixture[str]) -> None:
     mod = bench_module("fusion_speed")
     argv = ["--method", "max", "--sizes", "16", "--batches", "2", "--min-seconds", "0.01"]
-    assert mod.main([*argv, "--modalities", "general", "PT+colour"]) == 0
+    assert mod.main([*argv, "--modalities", "general", "PT+colour", "NM+rgb"]) == 0
     rows = [
         ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip().endswith(tuple("0123456789"))
     ]
-    assert [r[0] for r in rows if r[:3] in (["general", "16", "2"], ["PT+colour", "16", "2"])] == [
-        "general",
-        "PT+colour",
-    ]
-    path = mod.ColourPath(get_fuser("max"))
-    rgb = path.fuse(np.zeros((2, 8, 8), np.float32), np.ones((2, 8, 8), np.float32))
-    assert rgb.shape == (2, 8, 8, 3) and rgb.dtype == np.uint8 and (rgb == 255).all()  # Hot Iron top: white
+    assert [r[0] for r in rows if r[1:3] == ["16", "2"]] == ["general", "PT+colour", "NM+rgb"]
+    for rgb_input in (False, True):
+        path = mod.ColourPath(get_fuser("max"), rgb=rgb_input)
+        rgb = path.fuse(np.zeros((2, 8, 8), np.float32), np.ones((2, 8, 8), np.float32))
+        assert rgb.shape == (2, 8, 8, 3) and rgb.dtype == np.uint8 and (rgb == 255).all()  # Hot Iron top
     with pytest.raises(SystemExit, match="unknown entry"):
         mod.main([*argv, "--modalities", "PT+grey"])

@@ -12,6 +12,7 @@ from dicomnode.fusion.colour import (
     HOT_IRON,
     apply_hot_iron,
     fuse_colour,
+    fuse_hot_iron,
     rgb_to_ycbcr,
     ycbcr_to_rgb,
     ycbcr_to_rgb_in_gamut,
@@ -95,3 +96,16 @@ def test_fuse_colour_keeps_the_fused_luma_on_a_hot_spot() -> None:
     y = rgb_to_ycbcr(out)[..., 0]
     assert np.abs(y - 200).max() <= 1  # the fused luma, not the ~137 a clipped red would give
     assert (out[..., 0] > out[..., 1]).all() and (out[..., 0] > out[..., 2]).all()  # still red
+
+
+def test_fuse_hot_iron_is_fuse_colour_of_the_hot_iron_image() -> None:
+    rng = np.random.default_rng(4)
+    mri = rng.random((3, 24, 24), dtype=np.float32)
+    pet = rng.random((3, 24, 24), dtype=np.float32)
+    pet[0, :4] = np.nan  # as apply_hot_iron: NaN is 0
+    for name in ("max", "average"):
+        got = fuse_hot_iron(get_fuser(name), mri, pet)
+        want = fuse_colour(get_fuser(name), mri, apply_hot_iron(pet))
+        assert got.dtype == np.uint8 and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="one size"):
+        fuse_hot_iron(get_fuser("max"), mri, pet[:, :8])

@@ -48,12 +48,15 @@ _YCC2RGB = np.linalg.inv(_RGB2YCC)
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """RGB (...,3) in 0..255 (uint8 or float) -> float32 YCbCr (...,3), Cb/Cr centred on 128."""
-    x = np.asarray(rgb, dtype=np.float64)
+    x = np.asarray(rgb)
     if x.shape[-1] != 3:
         raise ValueError(f"RGB images need a last axis of 3, got shape {x.shape}")
-    ycc = x @ _RGB2YCC.T
-    ycc[..., 1:] += 128.0
-    return ycc.astype(np.float32)
+    r, g, b = (x[..., k].astype(np.float32) for k in range(3))
+    m = _RGB2YCC.astype(np.float32)
+    out = np.empty(x.shape, np.float32)
+    for k, offset in enumerate((0.0, 128.0, 128.0)):
+        out[..., k] = m[k, 0] * r + m[k, 1] * g + m[k, 2] * b + np.float32(offset)
+    return out
 
 
 def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
@@ -94,6 +97,28 @@ def ycbcr_to_rgb_in_gamut(ycc: np.ndarray) -> np.ndarray:
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Round and clip to uint8."""
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+HOT_IRON_YCC = rgb_to_ycbcr(HOT_IRON)  # (256, 3): Y, Cb, Cr of each Hot Iron entry
+
+
+def fuse_hot_iron(fuser: Fuser, mri01: np.ndarray, x01: np.ndarray) -> np.ndarray:
+    """A grayscale PET/NM (N,H,W) in [0,1] as :func:`fuse_colour` of its Hot Iron image, without the RGB.
+
+    Same result as ``fuse_colour(fuser, mri01, apply_hot_iron(x01))``: the luma and chroma come
+    from a 256-entry YCbCr copy of the palette instead of converting a whole RGB image.
+    """
+    mri = np.asarray(mri01, dtype=np.float32)
+    x = np.asarray(x01, dtype=np.float32)
+    if mri.ndim != 3 or x.shape != mri.shape:
+        raise ValueError(
+            f"fuse_hot_iron needs MRI and PET/NM (N,H,W) of one size; got {mri.shape} and {x.shape}"
+        )
+    idx = np.clip(np.rint(np.nan_to_num(x, nan=0.0) * 255.0), 0, 255).astype(np.intp)
+    ycc = HOT_IRON_YCC[idx]
+    fused = fuser.fuse(mri, ycc[..., 0] / np.float32(255.0))
+    ycc[..., 0] = np.clip(fused, 0.0, 1.0) * 255.0
+    return to_uint8(ycbcr_to_rgb_in_gamut(ycc))
 
 
 def fuse_colour(fuser: Fuser, mri01: np.ndarray, rgb_uint8: np.ndarray) -> np.ndarray:

@@ -109,12 +109,12 @@ def fuse_pair(
     out = np.empty(a.shape + ((3,) if functional else ()), dtype=np.uint8)
     t1 = time.perf_counter()
     if functional:
-        from dicomnode.fusion.colour import apply_hot_iron, fuse_colour  # noqa: PLC0415
+        from dicomnode.fusion.colour import fuse_hot_iron  # noqa: PLC0415
 
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
         if functional:
-            out[s:e] = fuse_colour(fuser, a[s:e], apply_hot_iron(b[s:e]))
+            out[s:e] = fuse_hot_iron(fuser, a[s:e], b[s:e])  # Hot Iron, luma fused, chroma back
         else:
             f = fuser.fuse(a[s:e], b[s:e])
             out[s:e] = np.clip(np.rint(np.asarray(f) * 255.0), 0, 255).astype(np.uint8)
