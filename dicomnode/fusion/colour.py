@@ -30,9 +30,13 @@ HOT_IRON = _hot_iron_table()
 
 def apply_hot_iron(x01: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] (any shape) to Hot Iron RGB, uint8 with a trailing axis of 3."""
+    return HOT_IRON[_hot_iron_index(x01)]
+
+
+def _hot_iron_index(x01: np.ndarray) -> np.ndarray:
+    """Palette entry (0..255) of each value in [0, 1]; NaN and below 0 are 0, above 1 is 255."""
     x = np.asarray(x01, dtype=np.float32)
-    idx = np.clip(np.rint(np.nan_to_num(x, nan=0.0) * 255.0), 0, 255).astype(np.intp)
-    return HOT_IRON[idx]
+    return np.clip(np.rint(np.nan_to_num(x, nan=0.0) * 255.0), 0, 255).astype(np.intp)
 
 
 _RGB2YCC = np.array(
@@ -114,11 +118,7 @@ def fuse_hot_iron(fuser: Fuser, mri01: np.ndarray, x01: np.ndarray) -> np.ndarra
         raise ValueError(
             f"fuse_hot_iron needs MRI and PET/NM (N,H,W) of one size; got {mri.shape} and {x.shape}"
         )
-    idx = np.clip(np.rint(np.nan_to_num(x, nan=0.0) * 255.0), 0, 255).astype(np.intp)
-    ycc = HOT_IRON_YCC[idx]
-    fused = fuser.fuse(mri, ycc[..., 0] / np.float32(255.0))
-    ycc[..., 0] = np.clip(fused, 0.0, 1.0) * 255.0
-    return to_uint8(ycbcr_to_rgb_in_gamut(ycc))
+    return _fuse_luma(fuser, mri, HOT_IRON_YCC[_hot_iron_index(x)])
 
 
 def fuse_colour(fuser: Fuser, mri01: np.ndarray, rgb_uint8: np.ndarray) -> np.ndarray:
@@ -129,8 +129,11 @@ def fuse_colour(fuser: Fuser, mri01: np.ndarray, rgb_uint8: np.ndarray) -> np.nd
         raise ValueError(
             f"fuse_colour needs MRI (N,H,W) and RGB (N,H,W,3) of one size; got {mri.shape} and {rgb.shape}"
         )
-    ycc = rgb_to_ycbcr(rgb)
-    y01 = ycc[..., 0] / 255.0
-    fused = fuser.fuse(mri, y01.astype(np.float32))
+    return _fuse_luma(fuser, mri, rgb_to_ycbcr(rgb))
+
+
+def _fuse_luma(fuser: Fuser, mri: np.ndarray, ycc: np.ndarray) -> np.ndarray:
+    """Fuse the MRI with the luma of ``ycc`` (changed in place); uint8 RGB with its chroma, in gamut."""
+    fused = fuser.fuse(mri, ycc[..., 0] / np.float32(255.0))
     ycc[..., 0] = np.clip(fused, 0.0, 1.0) * 255.0
     return to_uint8(ycbcr_to_rgb_in_gamut(ycc))
