@@ -3,10 +3,15 @@
 One run, one metric code (dicomnode.fusion.metrics) for every method. Per pair type it prints the
 table of means, who ranks first per column, and whether ours meets the target (first on >= 6 of 9,
 last on none), then, unranked, how much of the MRI's structure each method keeps where both
-sources have signal (``overlap_detail``). It also writes a contact sheet PNG (sources, max, best peer, ours).
+sources have signal (``overlap_detail``) and the highest EN a method can reach while it leaves
+the air (both sources 0) one grey level (``en_black_air_bound``). It also writes a contact sheet
+PNG (sources, max, best peer, ours).
 
     .venv/bin/python benchmarks/fusion_quality.py [--eval-root ../shared/eval] [--method default]
-                                                  [--weights FILE]
+                                                  [--weights FILE] [--regions]
+
+``--regions`` also prints, per method, VIF(MRI, F), VIF(other, F) and Qabf split by where their
+terms sit (``vif_regions``, ``qabf_regions``): where each method wins or loses them.
 
 ``--weights`` scores a weights file other than the shipped one as "ours" (a candidate packed with
 ``dicomnode train pack``), without touching the package.
@@ -28,7 +33,15 @@ from PIL import Image, ImageDraw
 
 from dicomnode.fusion.base import Fuser, get_fuser
 from dicomnode.fusion.colour import rgb_to_ycbcr, to_uint8, ycbcr_to_rgb_in_gamut
-from dicomnode.fusion.metrics import METRIC_NAMES, evaluate, overlap_detail
+from dicomnode.fusion.metrics import (
+    METRIC_NAMES,
+    SIGNAL_REGIONS,
+    en_black_air_bound,
+    evaluate,
+    overlap_detail,
+    qabf_regions,
+    vif_regions,
+)
 from dicomnode.fusion.model import CNNFuser
 from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8, read_gray_or_rgb
 
@@ -68,6 +81,7 @@ def run(
     sheet: Path | None,
     per_type_sheet: int = 2,
     weights: Path | None = None,
+    regions: bool = False,
 ) -> dict:
     """Score everything; print tables; return {pair_type: {method: {metric: mean}}}."""
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -102,6 +116,20 @@ def run(
             "MRI kept where both have signal (overlap_detail, not ranked): "
             + ", ".join(f"{k.split(' (')[0]} {v:.3f}" for k, v in detail.items())
         )
+        # EN's ceiling for a method that leaves the air (both sources 0) one grey level
+        cap = float(np.mean(en_black_air_bound(ps.a, ps.b)))
+        first_en = _rank(table, "EN")[0]
+        print(
+            f"EN ceiling with the air kept one level (en_black_air_bound, mean): {cap:.3f}; "
+            f"first on EN: {first_en.split(' (')[0]} {table[first_en]['EN']:.3f}"
+            + (
+                " (above the ceiling: varying values where neither source has signal)"
+                if table[first_en]["EN"] > cap
+                else ""
+            )
+        )
+        if regions:
+            _print_regions(t, fused, ps.a, ps.b)
         peer_names = [k for k in fused if k in PEERS]
         best_peer = (  # without peers' outputs the sheet shows the Laplacian pyramid in their column
             max(peer_names, key=lambda p: sum(_rank(table, m)[0] == p for m in METRIC_NAMES))
@@ -124,6 +152,19 @@ def run(
         Image.fromarray(np.concatenate(rows_for_sheet, axis=0)).save(sheet)
         print(f"\ncontact sheet: {sheet}")
     return results
+
+
+def _print_regions(t: str, fused: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray) -> None:
+    """VIF per source and Qabf, each split by where its terms sit (A = MRI, B = the other source)."""
+    print(f"\n{t}: VIF(A,F), VIF(B,F) and Qabf split by region (means; each row's parts add up to it)")
+    print(f"{'method':<22}{'part':>6}" + "".join(f"{r:>18}" for r in SIGNAL_REGIONS) + f"{'sum':>8}")
+    for k, f in fused.items():
+        vr = vif_regions(f, a, b)
+        qr = qabf_regions(f, a, b)
+        for label, part in (("VIF A", vr["A"]), ("VIF B", vr["B"]), ("Qabf", qr)):
+            means = {r: float(np.mean(part[r])) for r in SIGNAL_REGIONS}
+            cells = "".join(f"{means[r]:>18.4f}" for r in SIGNAL_REGIONS)
+            print(f"{k.split(' (')[0]:<22}{label:>6}{cells}{sum(means.values()):>8.4f}")
 
 
 def _rank(table: dict[str, dict[str, float]], metric: str) -> list[str]:
@@ -155,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", type=Path, default=None, help="score this weights file as ours instead")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sheet", type=Path, default=Path("bench-out/fusion_contact_sheet.png"))
+    ap.add_argument(
+        "--regions", action="store_true", help="also split VIF and Qabf by region (MRI only, both, ...)"
+    )
     args = ap.parse_args(argv)
     if not (args.eval_root / "harvard-cddfuse").is_dir():
         print(f"no benchmark under {args.eval_root}", file=sys.stderr)
@@ -162,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights is not None and not args.weights.is_file():
         print(f"no weights file at {args.weights}", file=sys.stderr)
         return 2
-    run(args.eval_root, args.method, args.device, args.sheet, weights=args.weights)
+    run(args.eval_root, args.method, args.device, args.sheet, weights=args.weights, regions=args.regions)
     return 0
 
 

@@ -13,11 +13,12 @@ A second table per type gives, per condition, how much of the MRI's structure ea
 pixel max) keeps where both sources have signal (``overlap_detail``, not one of the nine); with
 ``--changes`` a third gives each model's change over the stage-1 model on the nine metrics, and
 with ``--qabf-regions`` a fourth splits each model's (and pixel max's) Qabf by where its terms
-sit (``qabf_regions``: MRI only, moving image only, both with either brighter, neither).
+sit (``qabf_regions``: MRI only, moving image only, both with either brighter, neither); with
+``--vif-regions`` a fifth splits VIF(MRI, F) and VIF(moving, F) the same way (``vif_regions``).
 
     .venv/bin/python benchmarks/fusion_robustness.py [--types MRI-CT MRI-PET] [--weights build/x.pt]
                                                      [--conditions stored mri-x0.7] [--changes]
-                                                     [--qabf-regions]
+                                                     [--qabf-regions] [--vif-regions]
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicomnode.fusion.metrics import METRIC_NAMES, QABF_REGIONS, overlap_detail, qabf_regions
+from dicomnode.fusion.metrics import (
+    METRIC_NAMES,
+    SIGNAL_REGIONS,
+    overlap_detail,
+    qabf_regions,
+    vif_regions,
+)
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
 from dicomnode.fusion.training.data import PAIR_TYPES
 from dicomnode.fusion.training.refine import (
@@ -40,6 +47,13 @@ from dicomnode.fusion.training.refine import (
     val_score,
 )
 from dicomnode.fusion.training.specialise import to_u8
+
+
+def _vif_split(f: np.ndarray, a8: np.ndarray, b8: np.ndarray) -> dict[str, dict[str, float]]:
+    """Mean over the pairs of :func:`vif_regions`: {source: {region: part}}."""
+    return {
+        src: {k: float(np.mean(v)) for k, v in per.items()} for src, per in vif_regions(f, a8, b8).items()
+    }
 
 
 def models(pair_type: str, extra: list[Path]) -> dict[str, torch.nn.Module]:
@@ -66,6 +80,7 @@ def run(
     conditions: list[str] | None = None,
     changes: bool = False,
     regions: bool = False,
+    vif_split: bool = False,
 ) -> dict[str, dict[str, dict[str, int]]]:
     """Print the tables per pair type; return {type: {model: {condition: firsts}}}."""
     results: dict[str, dict[str, dict[str, int]]] = {}
@@ -77,6 +92,7 @@ def run(
         detail: dict[str, dict[str, float]] = {name: {} for name in ["max", *nets]}
         change: dict[str, dict[str, dict[str, float]]] = {name: {} for name in nets}
         parts: dict[str, dict[str, dict[str, float]]] = {name: {} for name in ["max", *nets]}
+        vparts: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in ["max", *nets]}
         for c in conds:
             ac, bc = apply_condition(a, b, c)
             a8, b8 = to_u8(ac), to_u8(bc)
@@ -85,6 +101,8 @@ def run(
             detail["max"][c] = float(np.mean(overlap_detail(mx, a8, b8)))
             if regions:
                 parts["max"][c] = {k: float(np.mean(v)) for k, v in qabf_regions(mx, a8, b8).items()}
+            if vif_split:
+                vparts["max"][c] = _vif_split(mx, a8, b8)
             means = {}
             for name, net in nets.items():
                 with torch.inference_mode():
@@ -96,6 +114,8 @@ def run(
                 detail[name][c] = float(np.mean(overlap_detail(to_u8(f), a8, b8)))
                 if regions:
                     parts[name][c] = {k: float(np.mean(v)) for k, v in qabf_regions(to_u8(f), a8, b8).items()}
+                if vif_split:
+                    vparts[name][c] = _vif_split(to_u8(f), a8, b8)
             s1 = means["general (stage 1)"]
             for name in nets:
                 change[name][c] = {k: 100 * (means[name][k] / s1[k] - 1) for k in METRIC_NAMES}
@@ -118,11 +138,22 @@ def run(
                     print(f"{name:<{width}}{c:<17}{cells}")
         if regions:
             print(f"\n{t}: Qabf by region (A = MRI, B = moving image; parts add up to Qabf)")
-            print(" " * (width + 17) + "".join(f"{r:>18}" for r in QABF_REGIONS) + f"{'Qabf':>8}")
+            print(" " * (width + 17) + "".join(f"{r:>18}" for r in SIGNAL_REGIONS) + f"{'Qabf':>8}")
             for name, per_c in parts.items():
                 for c, part in per_c.items():
-                    cells = "".join(f"{part[r]:>18.4f}" for r in QABF_REGIONS)
+                    cells = "".join(f"{part[r]:>18.4f}" for r in SIGNAL_REGIONS)
                     print(f"{name:<{width}}{c:<17}{cells}{sum(part.values()):>8.4f}")
+        if vif_split:
+            print(f"\n{t}: VIF by source and region (A = MRI, B = moving image; parts add up to VIF)")
+            head = "".join(f"{r:>18}" for r in SIGNAL_REGIONS)
+            print(" " * (width + 17) + f"{'src':>4}" + head + f"{'sum':>8}{'VIF':>8}")
+            for name, per_c in vparts.items():
+                for c, per_src in per_c.items():
+                    total = sum(sum(v.values()) for v in per_src.values())
+                    for src, part in per_src.items():
+                        cells = "".join(f"{part[r]:>18.4f}" for r in SIGNAL_REGIONS)
+                        tail = f"{total:>8.4f}" if src == "B" else ""
+                        print(f"{name:<{width}}{c:<17}{src:>4}{cells}{sum(part.values()):>8.4f}{tail}")
     return results
 
 
@@ -144,9 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--qabf-regions", action="store_true", help="also split Qabf by region (MRI only, both, ...)"
     )
+    ap.add_argument(
+        "--vif-regions", action="store_true", help="also split VIF by source and region (MRI only, both, ...)"
+    )
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    run(args.eval_root.resolve(), args.types, args.weights, args.conditions, args.changes, args.qabf_regions)
+    run(
+        args.eval_root.resolve(),
+        args.types,
+        args.weights,
+        args.conditions,
+        args.changes,
+        args.qabf_regions,
+        args.vif_regions,
+    )
     return 0
 
 

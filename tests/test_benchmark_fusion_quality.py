@@ -53,6 +53,21 @@ def test_fusion_quality_scores_a_candidate_weights_file(
     assert f"ours (li2021-cnn {cand})" in out and "MRI-PET" in out and sheet.is_file()
     assert out.count("IFCNN") >= 1 and out.count("target") == 3  # a verdict per pair type
     assert out.count("MRI kept where both have signal") == 3  # unranked line per pair type
+    assert out.count("EN ceiling with the air kept one level") == 3
+    assert "split by region" not in out  # only on request
+    assert mod.main([*argv, "--regions"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("split by region") == 3
+    split_rows = [  # "<method>  VIF A|VIF B|Qabf  <five parts>  <sum>"
+        row
+        for row in (ln.split() for ln in out.splitlines())
+        if len(row) >= 7 and row[-7] in ("A", "B", "Qabf") and row[-1].replace(".", "").isdigit()
+    ]
+    assert len(split_rows) >= 3 * 3 * 4  # 3 types, 3 parts, ours + average/max/Laplacian (+ IFCNN for PET)
+    for cells in ([float(x) for x in row[-6:]] for row in split_rows):
+        assert sum(cells[:5]) == pytest.approx(cells[5], abs=5e-4)  # the parts add up
+    rows = [ln for ln in out.splitlines() if ln.startswith("max ") and "VIF B" in ln]
+    assert len(rows) == 3  # max's VIF(B,F) split, per pair type
     assert mod.main([*argv[:2], "--weights", str(tmp_path / "none.pt")]) == 2
     assert "no weights file" in capsys.readouterr().err
 

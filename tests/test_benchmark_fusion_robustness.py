@@ -58,3 +58,23 @@ def test_fusion_robustness_splits_qabf_by_region_on_request(
         cells = [float(x) for x in ln.split()[-6:]]
         assert sum(cells[:5]) == pytest.approx(cells[5], abs=5e-4)  # the parts add up to Qabf
     assert mod.main(argv) == 0 and "Qabf by region" not in capsys.readouterr().out
+
+
+def test_fusion_robustness_splits_vif_by_source_and_region_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _make_eval(tmp_path / "eval")
+    mod = bench_module("fusion_robustness")
+    argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
+    assert mod.main([*argv, "--vif-regions"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("VIF by source and region") :].splitlines()[2:]
+    rows = [ln for ln in table if ln.startswith(("max", "general (stage 1)"))]
+    assert len(rows) == 8  # max and stage 1, two conditions, two sources each
+    for a_row, b_row in zip(rows[::2], rows[1::2], strict=True):
+        a_cells = [float(x) for x in a_row.split()[-6:]]
+        b_cells = [float(x) for x in b_row.split()[-7:]]
+        assert sum(a_cells[:5]) == pytest.approx(a_cells[5], abs=5e-4)  # A's parts add up to VIF(A,F)
+        assert sum(b_cells[:5]) == pytest.approx(b_cells[5], abs=5e-4)
+        assert a_cells[5] + b_cells[5] == pytest.approx(b_cells[6], abs=1e-3)  # the two make VIF
+    assert mod.main(argv) == 0 and "VIF by source" not in capsys.readouterr().out

@@ -210,3 +210,43 @@ def test_qabf_regions_add_up_to_qabf_and_place_the_terms() -> None:
     batch = M.qabf_regions(np.stack([a, a]), np.stack([a, a]), np.stack([b, b]))
     assert batch["A only"].shape == (2,)
     assert batch["neither"][0] == pytest.approx(at_a["neither"])
+
+
+def test_vif_regions_add_up_to_vif_and_place_the_windows() -> None:
+    rng = np.random.default_rng(6)
+    a = np.zeros((64, 64))
+    b = np.zeros((64, 64))
+    a[:, :44] = rng.integers(20, 120, (64, 44))  # A: left, dim
+    b[20:, 20:] = rng.integers(130, 250, (44, 44))  # B: bright, overlaps A in rows 20.., cols 20..43
+    for f in (np.maximum(a, b), (a + b) / 2, a, rng.integers(0, 256, (64, 64)).astype(float)):
+        parts = M.vif_regions(f, a, b)
+        assert set(parts) == {"A", "B"} and tuple(parts["A"]) == M.SIGNAL_REGIONS
+        total = sum(parts["A"].values()) + sum(parts["B"].values())
+        assert total == pytest.approx(M.vif(f, a, b), abs=1e-12)
+    # F = A keeps none of B's information: VIF(B,F) is ~0 in every region; F = max keeps B's where B is
+    at_a, at_max = M.vif_regions(a, a, b), M.vif_regions(np.maximum(a, b), a, b)
+    assert at_max["B"]["both, B brighter"] > 0.2 > abs(at_a["B"]["both, B brighter"])
+    assert at_max["A"]["both, A brighter"] == pytest.approx(0.0)  # B is brighter wherever both have signal
+    flat = M.vif_regions(a, a, np.zeros_like(b))  # a source without variance counts 1, in "neither"
+    assert flat["B"]["neither"] == pytest.approx(1.0) and flat["B"]["A only"] == 0.0
+    batch = M.vif_regions(np.stack([a, f]), np.stack([a, a]), np.stack([b, b]))
+    assert batch["A"]["A only"].shape == (2,)
+
+
+def test_en_black_air_bound_caps_every_image_that_keeps_the_air_one_level() -> None:
+    rng = np.random.default_rng(7)
+    a = np.zeros((64, 64))
+    b = np.zeros((64, 64))
+    a[:, :24] = rng.integers(1, 256, (64, 24))
+    b[:, 16:32] = rng.integers(1, 256, (64, 16))  # air (both 0): columns 32.., z = 0.5
+    bound = M.en_black_air_bound(a, b)
+    assert bound == pytest.approx(1 + 0.5 * np.log2(255))  # H2(0.5) = 1 bit
+    for f in (np.maximum(a, b), (a + b) / 2, rng.integers(0, 256, (64, 64)) * (a + b > 0)):
+        assert M.en(f) <= bound + 1e-9
+    spread = np.zeros((64, 64))  # foreground spread evenly over levels 1..255 (as far as 2048 pixels go)
+    spread[:, :32] = (np.arange(2048).reshape(64, 32) % 255) + 1
+    assert M.en(spread) == pytest.approx(bound, abs=0.01)
+    noisy_air = rng.integers(0, 256, (64, 64))  # a method painting noise into the air exceeds it
+    assert M.en(noisy_air) > bound
+    assert M.en_black_air_bound(a + 1, b) == 8.0  # no air: no cap below 8 bits
+    assert M.en_black_air_bound(np.stack([a, a + 1]), np.stack([b, b])).shape == (2,)

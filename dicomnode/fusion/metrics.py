@@ -150,12 +150,17 @@ def _filt_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return y[:, r : y.shape[1] - r, r : y.shape[2] - r]
 
 
-def _vif_single(ref: np.ndarray, dist: np.ndarray) -> np.ndarray:
+def _vif_windows(ref: np.ndarray, dist: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
+    """Per scale: (num map, den map, offset, stride) of pixel-domain VIF's windows.
+
+    Window ``(i, j)`` of a scale is centred on pixel ``(offset + stride*i, offset + stride*j)`` of
+    the original image; ``num``/``den`` are its log10 terms before summing.
+    """
     sigma_nsq = 2.0
     eps = 1e-10
-    num = np.zeros(ref.shape[0])
-    den = np.zeros(ref.shape[0])
+    out = []
     r, d = ref, dist
+    offset, stride = 0, 1
     for scale in range(1, 5):
         n = 2 ** (4 - scale + 1) + 1
         g = _gauss1d(n)
@@ -164,6 +169,7 @@ def _vif_single(ref: np.ndarray, dist: np.ndarray) -> np.ndarray:
                 break
             r = _filt_valid(r, g)[:, ::2, ::2]
             d = _filt_valid(d, g)[:, ::2, ::2]
+            offset, stride = offset + stride * (n // 2), stride * 2
         if min(r.shape[-2:]) < n:
             break
         mu1 = _filt_valid(r, g)
@@ -184,8 +190,18 @@ def _vif_single(ref: np.ndarray, dist: np.ndarray) -> np.ndarray:
         sv[neg] = s2[neg]
         gg[neg] = 0
         sv[sv <= eps] = eps
-        num += np.log10(1 + gg * gg * s1 / (sv + sigma_nsq)).sum((1, 2))
-        den += np.log10(1 + s1 / sigma_nsq).sum((1, 2))
+        num = np.log10(1 + gg * gg * s1 / (sv + sigma_nsq))
+        den = np.log10(1 + s1 / sigma_nsq)
+        out.append((num, den, offset + stride * (n // 2), stride))
+    return out
+
+
+def _vif_single(ref: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    num = np.zeros(ref.shape[0])
+    den = np.zeros(ref.shape[0])
+    for n_map, d_map, _, _ in _vif_windows(ref, dist):
+        num += n_map.sum((1, 2))
+        den += d_map.sum((1, 2))
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 
@@ -237,13 +253,21 @@ def qabf(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
     return _out(np.where(den > 0, nume / np.where(den > 0, den, 1.0), 0.0), single)
 
 
-QABF_REGIONS: tuple[str, ...] = ("A only", "B only", "both, A brighter", "both, B brighter", "neither")
+SIGNAL_REGIONS: tuple[str, ...] = ("A only", "B only", "both, A brighter", "both, B brighter", "neither")
+QABF_REGIONS = SIGNAL_REGIONS  # the name the Qabf split was introduced under
+
+
+def _signal_masks(ta: np.ndarray, tb: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Boolean (N,H,W) masks of :data:`SIGNAL_REGIONS`: signal (> 0) in A only, B only, both with
+    A >= B or B > A, neither. They partition the image."""
+    sa, sb = ta > 0, tb > 0
+    return (sa & ~sb, sb & ~sa, sa & sb & (ta >= tb), sa & sb & (tb > ta), ~sa & ~sb)
 
 
 def qabf_regions(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray | float]:
     """Qabf split by where its terms sit; the parts add up to :func:`qabf` (a diagnostic).
 
-    Each pixel's term ``Q_AF g_A + Q_BF g_B`` goes to one region of :data:`QABF_REGIONS`:
+    Each pixel's term ``Q_AF g_A + Q_BF g_B`` goes to one region of :data:`SIGNAL_REGIONS`:
     signal (> 0) in A only, in B only, in both with A >= B ("A brighter") or B > A, or in
     neither; each part is divided by the image's total edge weight ``sum(g_A + g_B)``. For
     MRI-PET this shows where a fused image wins or loses Qabf against another: pixel max
@@ -256,10 +280,54 @@ def qabf_regions(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, np.nd
     term = _q_edge(ga, aa, gf, af) * ga + _q_edge(gb, ab, gf, af) * gb
     den = (ga + gb).sum((1, 2))
     den = np.where(den > 0, den, 1.0)
-    sa, sb = ta > 0, tb > 0
-    masks = (sa & ~sb, sb & ~sa, sa & sb & (ta >= tb), sa & sb & (tb > ta), ~sa & ~sb)
-    parts = zip(QABF_REGIONS, masks, strict=True)
+    parts = zip(SIGNAL_REGIONS, _signal_masks(ta, tb), strict=True)
     return {name: _out((term * m).sum((1, 2)) / den, single) for name, m in parts}
+
+
+def vif_regions(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, dict[str, np.ndarray | float]]:
+    """VIF split by source and by where its windows sit; the parts add up to :func:`vif` (a diagnostic).
+
+    ``{"A": {region: part}, "B": {region: part}}``: VIF(A,F) and VIF(B,F) are each a sum of
+    per-window information terms (all scales) over the source's total; each window's term goes
+    to the region of :data:`SIGNAL_REGIONS` its centre pixel lies in. A source without variance
+    counts 1 (as in :func:`vif`), put in "neither". For MRI-PET this shows where VIF is won:
+    VIF(PET, F) is normalised by the PET's own information, which sits in the uptake.
+    """
+    tf, ta, tb, single = _three(f, a, b)
+    masks = _signal_masks(ta, tb)
+    out: dict[str, dict[str, np.ndarray | float]] = {}
+    for key, ref in (("A", ta), ("B", tb)):
+        num = {name: np.zeros(ta.shape[0]) for name in SIGNAL_REGIONS}
+        den = np.zeros(ta.shape[0])
+        for n_map, d_map, offset, stride in _vif_windows(ref, tf):
+            h, w = n_map.shape[1:]
+            rows = offset + stride * np.arange(h)
+            cols = offset + stride * np.arange(w)
+            for name, m in zip(SIGNAL_REGIONS, masks, strict=True):
+                num[name] += (n_map * m[:, rows][:, :, cols]).sum((1, 2))
+            den += d_map.sum((1, 2))
+        flat = den <= 0
+        safe = np.where(flat, 1.0, den)
+        parts = {name: np.where(flat, 0.0, v / safe) for name, v in num.items()}
+        parts["neither"] = parts["neither"] + flat
+        out[key] = {name: _out(v, single) for name, v in parts.items()}
+    return out
+
+
+def en_black_air_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
+    """Highest EN (bits) any fused image can have that shows one grey level where both sources are 0.
+
+    With a fraction ``z`` of such "air" pixels in one of 256 bins, entropy is largest when the
+    other pixels spread evenly over the other 255 bins: ``H2(z) + (1 - z) log2(255)`` (for
+    ``z >= 1/256``; 8 bits otherwise). A method scoring higher EN puts varying values (noise or
+    texture of its own) where neither source has signal. Not one of the nine.
+    """
+    _, t, u, single = _three(a, a, b)
+    z = ((t <= 0) & (u <= 0)).reshape(t.shape[0], -1).mean(1)
+    zc = np.clip(z, 1e-300, 1 - 1e-16)
+    h2 = -(zc * np.log2(zc) + (1 - zc) * np.log2(1 - zc))
+    bound = np.where(z >= 1 / 256, h2 + (1 - z) * np.log2(255), 8.0)
+    return _out(bound, single)
 
 
 def _box_valid(x: np.ndarray, win: int) -> np.ndarray:
