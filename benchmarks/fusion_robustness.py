@@ -15,10 +15,12 @@ pixel max) keeps where both sources have signal (``overlap_detail``, not one of 
 with ``--qabf-regions`` a fourth splits each model's (and pixel max's) Qabf by where its terms
 sit (``qabf_regions``: MRI only, moving image only, both with either brighter, neither); with
 ``--vif-regions`` a fifth splits VIF(MRI, F) and VIF(moving, F) the same way (``vif_regions``).
+``--classical NAME`` scores other registered fusers (e.g. ``gradient-domain``) beside the models.
 
     .venv/bin/python benchmarks/fusion_robustness.py [--types MRI-CT MRI-PET] [--weights build/x.pt]
                                                      [--conditions stored mri-x0.7] [--changes]
                                                      [--qabf-regions] [--vif-regions]
+                                                     [--classical gradient-domain]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicomnode.fusion.base import available_fusers, get_fuser
 from dicomnode.fusion.metrics import (
     METRIC_NAMES,
     SIGNAL_REGIONS,
@@ -39,7 +42,9 @@ from dicomnode.fusion.metrics import (
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
 from dicomnode.fusion.training.data import PAIR_TYPES
 from dicomnode.fusion.training.refine import (
+    DIAGNOSTIC_CONDITIONS,
     INTENSITY_CONDITIONS,
+    VAL_REFERENCES,
     apply_condition,
     load_split,
     mean_metrics,
@@ -56,7 +61,20 @@ def _vif_split(f: np.ndarray, a8: np.ndarray, b8: np.ndarray) -> dict[str, dict[
     }
 
 
-def models(pair_type: str, extra: list[Path]) -> dict[str, torch.nn.Module]:
+class _Classical(torch.nn.Module):
+    """A registered classical fuser called like a network: (N,1,H,W) pairs in, fused out."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.fuser = get_fuser(name)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.fuser.fuse(a[:, 0].numpy(), b[:, 0].numpy()))[:, None]
+
+
+def models(
+    pair_type: str, extra: list[Path], classical: list[str] | None = None
+) -> dict[str, torch.nn.Module]:
     general = CNNFuser(weights=WEIGHTS_FILE)
     out: dict[str, torch.nn.Module] = {"general (stage 1)": general.net}
     spec = general.for_modality(MODALITY_OF_TYPE[pair_type])
@@ -70,6 +88,8 @@ def models(pair_type: str, extra: list[Path]) -> dict[str, torch.nn.Module]:
         net.load_state_dict(ck["state_dict"])
         name = path.name if path.name not in out else f"{path.parent.name}/{path.name}"
         out[name if name not in out else str(path)] = net.eval()
+    for name in classical or []:
+        out[name] = _Classical(name)
     return out
 
 
@@ -81,13 +101,14 @@ def run(
     changes: bool = False,
     regions: bool = False,
     vif_split: bool = False,
+    classical: list[str] | None = None,
 ) -> dict[str, dict[str, dict[str, int]]]:
     """Print the tables per pair type; return {type: {model: {condition: firsts}}}."""
     results: dict[str, dict[str, dict[str, int]]] = {}
     conds = list(conditions or INTENSITY_CONDITIONS)
     for t in types:
         a, b, _ = load_split(eval_root, t, "val")
-        nets = models(t, extra)
+        nets = models(t, extra, classical)
         table: dict[str, dict[str, int]] = {name: {} for name in nets}
         detail: dict[str, dict[str, float]] = {name: {} for name in ["max", *nets]}
         change: dict[str, dict[str, dict[str, float]]] = {name: {} for name in nets}
@@ -168,12 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         "--conditions",
         nargs="+",
         default=None,
-        choices=list(INTENSITY_CONDITIONS),
-        help="intensity conditions to score (default: all)",
+        choices=[*INTENSITY_CONDITIONS, *DIAGNOSTIC_CONDITIONS],
+        help="intensity conditions to score (default: all of INTENSITY_CONDITIONS)",
     )
     ap.add_argument("--changes", action="store_true", help="also print each model's change over stage 1")
     ap.add_argument(
         "--qabf-regions", action="store_true", help="also split Qabf by region (MRI only, both, ...)"
+    )
+    ap.add_argument(
+        "--classical",
+        nargs="*",
+        default=[],
+        choices=sorted(set(available_fusers()) - set(VAL_REFERENCES) - {"li2021-cnn"}),
+        help="also score these classical fusers beside the models (as models, not as references)",
     )
     ap.add_argument(
         "--vif-regions", action="store_true", help="also split VIF by source and region (MRI only, both, ...)"
@@ -188,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         args.changes,
         args.qabf_regions,
         args.vif_regions,
+        args.classical,
     )
     return 0
 

@@ -66,11 +66,13 @@ def test_fusion_robustness_splits_vif_by_source_and_region_on_request(
     root = _make_eval(tmp_path / "eval")
     mod = bench_module("fusion_robustness")
     argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
-    assert mod.main([*argv, "--vif-regions"]) == 0
+    assert mod.main([*argv, "--vif-regions", "--classical", "gradient-domain"]) == 0
     out = capsys.readouterr().out
     table = out[out.index("VIF by source and region") :].splitlines()[2:]
-    rows = [ln for ln in table if ln.startswith(("max", "general (stage 1)"))]
-    assert len(rows) == 8  # max and stage 1, two conditions, two sources each
+    rows = [ln for ln in table if ln.startswith(("max", "general (stage 1)", "gradient-domain"))]
+    assert (
+        len(rows) == 12
+    )  # max, stage 1 and a classical fuser scored as a model; two conditions, two sources
     for a_row, b_row in zip(rows[::2], rows[1::2], strict=True):
         a_cells = [float(x) for x in a_row.split()[-6:]]
         b_cells = [float(x) for x in b_row.split()[-7:]]

@@ -8,14 +8,18 @@ import torch
 
 from dicomnode.fusion.base import available_fusers, get_fuser
 from dicomnode.fusion.classical import (
+    GradientDomainFuser,
     LaplacianPyramidFuser,
     box_filter,
     collapse_pyramid,
+    divergence,
+    forward_grads,
     guided_filter,
     laplacian_pyramid,
+    screened_poisson,
 )
 
-NAMES = ["average", "max", "laplacian-pyramid", "guided-filter"]
+NAMES = ["average", "max", "laplacian-pyramid", "guided-filter", "gradient-domain"]
 
 
 def _pair(n: int = 3, h: int = 40, w: int = 33, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,3 +114,37 @@ def test_mismatched_shapes_are_a_clear_error() -> None:
 def test_unknown_base_rule() -> None:
     with pytest.raises(ValueError, match="base rule"):
         LaplacianPyramidFuser(base="median")
+
+
+def test_screened_poisson_recovers_an_image_from_its_own_gradient() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 17, 24, dtype=torch.float64)
+    gx, gy = forward_grads(x)
+    # the divergence is minus the adjoint of the gradient: <grad x, g> = -<x, div g>
+    g1, g2 = torch.rand_like(x), torch.rand_like(x)
+    g1[..., :, -1] = 0
+    g2[..., -1, :] = 0
+    assert torch.allclose((gx * g1 + gy * g2).sum(), -(x * divergence(g1, g2)).sum())
+    for base in (x, torch.zeros_like(x)):  # exact gradient: the image itself (base only fixes the mean)
+        out = screened_poisson(gx, gy, base, 1e-6 if base.abs().sum() == 0 else 0.3)
+        m = (-2, -1)
+        assert torch.allclose(out - out.mean(m, keepdim=True) + x.mean(m, keepdim=True), x, atol=1e-4)
+    # zero gradient: the result is the base smoothed, mean kept
+    flat = screened_poisson(torch.zeros_like(x), torch.zeros_like(x), x, 0.5)
+    assert torch.allclose(flat.mean((-2, -1)), x.mean((-2, -1))) and flat.std() < x.std()
+    with pytest.raises(ValueError, match="lam"):
+        screened_poisson(gx, gy, x, 0.0)
+
+
+def test_gradient_domain_takes_the_stronger_edge_and_keeps_air_black() -> None:
+    a = np.zeros((1, 32, 32), dtype=np.float32)
+    b = np.zeros((1, 32, 32), dtype=np.float32)
+    a[0, 4:28, 4:28] = 0.3
+    a[0, 4:28, 16:28] = 0.5  # A: a weak step inside its square
+    b[0, 10:22, 10:22] = 0.9  # B: a strong, brighter square over it
+    out = GradientDomainFuser(lam=0.05).fuse(a, b)[0]
+    assert out[0, 0] == 0.0 and out[31, 31] == 0.0  # air stays black
+    # B's edge is the stronger one at its border: F steps up there
+    assert out[15, 12] - out[15, 8] > 0.4
+    # A's step survives outside B (F follows A's gradient, not max's flat 0.3 | 0.5 jump alone)
+    assert out[6, 18] - out[6, 13] == pytest.approx(0.2, abs=0.05)

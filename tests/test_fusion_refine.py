@@ -220,6 +220,10 @@ def test_intensity_conditions_and_augmentation() -> None:
     ga, gb = apply_condition(a, b, "moving-gamma1.5")
     assert torch.equal(ga, a) and bool((gb <= b + 1e-6).all()) and float(gb.max()) == 1.0
     assert set(INTENSITY_CONDITIONS) >= {"stored", "mri-x0.7", "moving-x0.7"}
+    ba, bb = apply_condition(a, b, "moving-x1.7")  # diagnostic only: brighter, clipped at full scale
+    assert torch.equal(ba, a) and float(bb.max()) == 1.0 and torch.equal(bb * 255, torch.round(bb * 255))
+    assert float(bb[b > 0.7].min()) == 1.0 and float(bb[b == 0].max()) == 0.0
+    assert "moving-x1.7" not in INTENSITY_CONDITIONS  # never a condition a checkpoint is picked on
     with pytest.raises(ValueError, match="intensity condition"):
         apply_condition(a, b, "MRI x0.7")
     x = torch.rand(64, 2, 8, 8)
