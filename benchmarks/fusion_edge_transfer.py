@@ -19,21 +19,22 @@ MRI-SPECT ``val`` pairs with the SPECT luma x1.7 (``moving-x1.7``: a PET-like se
 MRIs, the benchmark's kind). The last column is ``overlap_detail`` (MRI kept inside the uptake).
 
     .venv/bin/python benchmarks/fusion_edge_transfer.py [--eval-root ../shared/eval] [--quick]
+                                                        [--weights build/run/step-0300.pt ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.classical import forward_grads, screened_poisson
+from dicomnode.fusion.classical import graft_stronger_edges
 from dicomnode.fusion.metrics import METRIC_NAMES, overlap_detail
-from dicomnode.fusion.model import WEIGHTS_FILE, CNNFuser
+from dicomnode.fusion.model import WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
 from dicomnode.fusion.training.refine import apply_condition, load_split, mean_metrics
 from dicomnode.fusion.training.specialise import to_u8
 
@@ -53,13 +54,6 @@ VARIANTS: tuple[tuple[float | None, float | None, float | None], ...] = (
 )
 
 
-def _sobel_strength(x: torch.Tensor) -> torch.Tensor:
-    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).to(x)
-    gx = F.conv2d(x, k.view(1, 1, 3, 3), padding=1)
-    gy = F.conv2d(x, k.t().contiguous().view(1, 1, 3, 3), padding=1)
-    return torch.hypot(gx, gy)
-
-
 def stage1_with_edges(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -71,20 +65,34 @@ def stage1_with_edges(
     """Stage-1 image ``s`` (N,1,H,W) with the MRI's stronger edges in the overlap and/or a lone-MRI gain."""
     out = s
     if lam is not None and gain is not None:
-        take_a = (a > 0) & (b > 0) & (_sobel_strength(a) >= _sobel_strength(b))
-        ax, ay = forward_grads(a)
-        sx, sy = forward_grads(s)
-        gx, gy = torch.where(take_a, ax * gain, sx), torch.where(take_a, ay * gain, sy)
-        out = screened_poisson(gx, gy, s, lam)
-        out = torch.where((a <= 0) & (b <= 0), torch.zeros_like(out), out)
+        out = graft_stronger_edges(a, b, s, lam, gain)
     if lone is not None:
         out = torch.where((a > 0) & (b <= 0), a * lone, out)
     return out.clamp(0, 1)
 
 
-def run(eval_root: Path, quick: bool = False) -> dict[str, dict[str, dict[str, float]]]:
-    """Print one table per set; return {set: {method: {metric: % change over stage 1, 'od': ...}}}."""
+def _load_nets(paths: list[Path]) -> dict[str, torch.nn.Module]:
+    """Checkpoints / refined weights files by a short unique name (``run/step-0300.pt``)."""
+    out: dict[str, torch.nn.Module] = {}
+    for path in paths:
+        ck = load_checkpoint(path)
+        net = build_net(ck.get("config"))
+        net.load_state_dict(ck["state_dict"])
+        name = path.name if path.name not in out else f"{path.parent.name}/{path.name}"
+        out[name if name not in out else str(path)] = net.eval()
+    return out
+
+
+def run(
+    eval_root: Path, quick: bool = False, weights: list[Path] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Print one table per set; return {set: {method: {metric: % change over stage 1, 'od': ...}}}.
+
+    ``weights``: refined checkpoints (e.g. a PET entry kept by ``train refine --keep-checkpoints``)
+    scored as more rows, on every set (the MRI-SPECT set is the PET-like one).
+    """
     net = CNNFuser(weights=WEIGHTS_FILE).net
+    extra = _load_nets(list(weights or []))
     gd = get_fuser("gradient-domain")
     variants = VARIANTS[:3] if quick else VARIANTS
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -92,8 +100,14 @@ def run(eval_root: Path, quick: bool = False) -> dict[str, dict[str, dict[str, f
         a0, b0, _ = load_split(eval_root, pair_type, "val")
         a, b = apply_condition(a0, b0, cond)
         a8, b8 = to_u8(a), to_u8(b)
-        with torch.inference_mode():
-            s = torch.cat([net(a[i : i + 16], b[i : i + 16]).clamp(0, 1) for i in range(0, len(a), 16)])
+
+        def fuse(model: torch.nn.Module, a: torch.Tensor = a, b: torch.Tensor = b) -> torch.Tensor:
+            with torch.inference_mode():
+                return torch.cat(
+                    [model(a[i : i + 16], b[i : i + 16]).clamp(0, 1) for i in range(0, len(a), 16)]
+                )
+
+        s = fuse(net)
         fused = {
             "stage 1": s,
             "max": torch.maximum(a, b),
@@ -105,6 +119,8 @@ def run(eval_root: Path, quick: bool = False) -> dict[str, dict[str, dict[str, f
             )
             name = "stage 1 + " + ", ".join(parts)
             fused[name] = stage1_with_edges(a, b, s, lone, lam, gain)
+        for name, model in extra.items():
+            fused[name] = fuse(model)
         base = mean_metrics(s, a8, b8)
         rows = {}
         for name, f in fused.items():
@@ -125,9 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "eval")
     ap.add_argument("--quick", action="store_true", help="only the first three variants")
+    ap.add_argument("--weights", nargs="*", type=Path, default=[], help="refined checkpoints to score too")
     args = ap.parse_args(argv)
+    missing = [p for p in args.weights if not p.is_file()]
+    if missing:
+        print(f"no weights file at {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
     torch.set_flush_denormal(True)
-    run(args.eval_root.resolve(), args.quick)
+    run(args.eval_root.resolve(), args.quick, args.weights)
     return 0
 
 

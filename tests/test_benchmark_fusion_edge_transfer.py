@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dicomnode.fusion import model as FM
 from tests.test_benchmark_fusion_quality import bench_module
 from tests.test_fusion_training import _make_eval
 
@@ -40,10 +41,16 @@ def test_fusion_edge_transfer_prints_changes_over_stage1(
     root = _make_eval(tmp_path / "eval")
     shutil.copytree(root / "harvard" / "MRI-PET", root / "harvard" / "MRI-SPECT")
     mod = bench_module("fusion_edge_transfer")
-    assert mod.main(["--eval-root", str(root), "--quick"]) == 0
+    torch.manual_seed(0)
+    cand = tmp_path / "run" / "step-0025.pt"
+    cand.parent.mkdir()
+    torch.save({"state_dict": FM.build_net({"width": 8}).state_dict(), "config": {"width": 8}}, cand)
+    assert mod.main(["--eval-root", str(root), "--quick", "--weights", str(cand)]) == 0
     out = capsys.readouterr().out
+    assert sum(ln.startswith("step-0025.pt ") for ln in out.splitlines()) == 3  # a row per set
     for key in ("MRI-PET stored", "MRI-PET mri-x0.7", "MRI-SPECT moving-x1.7"):
         assert f"{key} (2 val pairs)" in out
     stage1 = [ln.split() for ln in out.splitlines() if ln.startswith("stage 1 ") and "+ " not in ln]
     assert len(stage1) == 3 and all(set(r[2:11]) == {"+0.0"} for r in stage1)  # itself: no change
     assert out.count("gradient-domain") == 3 and out.count("stage 1 + edges l0.05 g1.0 ") == 3
+    assert mod.main(["--eval-root", str(root), "--weights", str(tmp_path / "none.pt")]) == 2

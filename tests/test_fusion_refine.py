@@ -289,6 +289,23 @@ def test_refine_with_mri_dimming_is_seeded_and_recorded(tmp_path: Path) -> None:
         refine(root, "MRI-PET", tmp_path / "d.pt", mri_dim=1.0, **kw)
 
 
+def test_refine_with_an_edge_target_is_seeded_and_recorded(tmp_path: Path) -> None:
+    root, base = _eval_and_stage1(tmp_path)
+    kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu", pick="last")
+    m = refine(root, "MRI-PET", tmp_path / "a.pt", edge_target=(0.5, 1.1), **kw)
+    assert m["edge_target"] == [0.5, 1.1]
+    refine(root, "MRI-PET", tmp_path / "b.pt", edge_target=(0.5, 1.1), **kw)
+    c = refine(root, "MRI-PET", tmp_path / "c.pt", **kw)
+    assert c["edge_target"] is None
+    sa, sb, sc = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["state_dict"] for n in "abc")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # seeded
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # the grafted edges change the supervision
+    with pytest.raises(ValueError, match="edge_target"):
+        refine(root, "MRI-PET", tmp_path / "d.pt", edge_target=(0.0, 1.1), **kw)
+    with pytest.raises(ValueError, match="diagnostic condition"):  # never picked on the PET-like proxy
+        refine(root, "MRI-PET", tmp_path / "d.pt", val_conditions=("stored", "moving-x1.7"), **kw)
+
+
 def test_refine_keeps_every_scored_checkpoint_as_a_weights_file(tmp_path: Path) -> None:
     root, base = _eval_and_stage1(tmp_path)
     kw = dict(init=base, steps=3, batch_size=2, val_every=2, progress=False, device="cpu", pick="last")
@@ -366,7 +383,7 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
         [*common, "--out", str(out), "--steps", "2", "--val-every", "1", "--val-against-stage1",
          "--reward-weight", "VIF=5", "--reward-weight", "Detail=3",
          "--reward-weight", "SD=0", "--mri-dim", "0.3", "--keep-lone-source", "--device", "cpu",
-         "--keep-checkpoints", str(tmp_path / "kept")]
+         "--keep-checkpoints", str(tmp_path / "kept"), "--edge-target", "0.5,1.1"]
     )  # fmt: skip
     assert args.func(args) == 0
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["step-0001.pt", "step-0002.pt"]
@@ -375,6 +392,11 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]
     assert meta["reward_weights"]["Detail"] == 3  # the MRI-structure term is rewardable too
     assert meta["mri_dim"] == 0.3 and [h["step"] for h in meta["val_history"]] == [0, 1, 2]
+    assert meta["edge_target"] == [0.5, 1.1]
+    for text in ("0.5", "0,1.1", "a,b"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*common, "--out", str(out), "--edge-target", text])
+    assert "LAM,GAIN" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--val-every", "0"])
     assert bad.func(bad) == 2 and "val_every must be >= 1" in capsys.readouterr().err
     assert torch.load(out, weights_only=True)["config"]["keep_lone_source"] is True

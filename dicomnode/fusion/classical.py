@@ -300,15 +300,34 @@ class GradientDomainFuser(TorchFuser):
         self.lam = lam
 
     def fuse_tensors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        sob = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).to(a)
-        kx, ky = sob.view(1, 1, 3, 3), sob.t().contiguous().view(1, 1, 3, 3)
-
-        def strength(x: torch.Tensor) -> torch.Tensor:
-            return torch.hypot(F.conv2d(x, kx, padding=1), F.conv2d(x, ky, padding=1))
-
-        pick_a = strength(a) >= strength(b)
+        pick_a = sobel_strength(a) >= sobel_strength(b)
         ax, ay = forward_grads(a)
         bx, by = forward_grads(b)
         gx, gy = torch.where(pick_a, ax, bx), torch.where(pick_a, ay, by)
         fused = screened_poisson(gx, gy, torch.maximum(a, b), self.lam)
         return torch.where((a <= 0) & (b <= 0), torch.zeros_like(fused), fused)
+
+
+def sobel_strength(x: torch.Tensor) -> torch.Tensor:
+    """Sobel edge strength of (N,1,H,W), zero-padded (the edge Qabf weighs)."""
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).to(x)
+    gx = F.conv2d(x, k.view(1, 1, 3, 3), padding=1)
+    gy = F.conv2d(x, k.t().contiguous().view(1, 1, 3, 3), padding=1)
+    return torch.hypot(gx, gy)
+
+
+def graft_stronger_edges(
+    a: torch.Tensor, b: torch.Tensor, base: torch.Tensor, lam: float, gain: float = 1.0
+) -> torch.Tensor:
+    """``base`` (N,1,H,W) with A's stronger edges grafted in.
+
+    Where both sources have signal and A's Sobel edge is the stronger, the gradient is A's (times
+    ``gain``); elsewhere ``base`` keeps its own gradient; the image is the screened-Poisson solution held to
+    ``base`` with weight ``lam``; air (both sources 0) stays 0. Not clipped.
+    """
+    take_a = (a > 0) & (b > 0) & (sobel_strength(a) >= sobel_strength(b))
+    ax, ay = forward_grads(a)
+    sx, sy = forward_grads(base)
+    gx, gy = torch.where(take_a, ax * gain, sx), torch.where(take_a, ay * gain, sy)
+    out = screened_poisson(gx, gy, base, lam)
+    return torch.where((a <= 0) & (b <= 0), torch.zeros_like(out), out)

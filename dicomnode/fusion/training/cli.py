@@ -144,6 +144,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "(default: per type)",
     )
     ref.add_argument(
+        "--edge-target",
+        type=_lam_gain,
+        default=None,
+        metavar="LAM,GAIN",
+        help="supervise with the stage-1 image with the MRI's stronger edges grafted in where both "
+        "sources have signal (gradient times GAIN, screened Poisson with weight LAM; default: off)",
+    )
+    ref.add_argument(
         "--val-conditions",
         nargs="+",
         default=None,
@@ -199,6 +207,18 @@ def train_command(sub: str, argv: list[str] | None = None) -> str:
     return " ".join(["dicomnode", "train", sub, *args[args.index(sub) + 1 :]])
 
 
+def _lam_gain(text: str) -> tuple[float, float]:
+    """``LAM,GAIN`` (two positive numbers) for ``--edge-target``."""
+    parts = text.split(",")
+    try:
+        lam, gain = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAM,GAIN (two numbers), got {text!r}") from None
+    if lam <= 0 or gain <= 0:
+        raise argparse.ArgumentTypeError(f"LAM and GAIN must be > 0, got {text!r}")
+    return lam, gain
+
+
 def _cmd_refine(args: argparse.Namespace) -> int:
     from dicomnode.fusion.training.refine import refine, reward_weights  # noqa: PLC0415
 
@@ -223,6 +243,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             pick=args.pick,
             intensity_augment=args.intensity_augment,
             mri_dim=args.mri_dim,
+            edge_target=args.edge_target,
             down_stride=args.down_stride,
             keep_saturated=args.keep_saturated,
             keep_lone_source=args.keep_lone_source,

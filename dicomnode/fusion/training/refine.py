@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.classical import LaplacianPyramidFuser
+from dicomnode.fusion.classical import LaplacianPyramidFuser, graft_stronger_edges
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, build_net, load_checkpoint
 from dicomnode.fusion.resample import resolve_device
@@ -306,6 +306,7 @@ def refine(
     val_conditions: tuple[str, ...] | None = None,
     val_against_stage1: bool | None = None,
     keep_checkpoints: Path | None = None,
+    edge_target: tuple[float, float] | None = None,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -315,7 +316,9 @@ def refine(
     ``intensity_augment`` to :data:`INTENSITY_AUGMENT`, ``mri_dim`` to :data:`MRI_DIM`,
     ``val_conditions`` to :data:`VAL_CONDITIONS` (the val score is summed over them),
     ``val_against_stage1`` to :data:`VAL_AGAINST_STAGE1` (the stage-1 model joins the classical
-    fusers the checkpoint must beat on val).
+    fusers the checkpoint must beat on val). ``edge_target`` ``(lam, gain)``: the supervision is
+    the stage-1 image with the MRI's stronger edges grafted in where both sources have signal
+    (:func:`dicomnode.fusion.classical.graft_stronger_edges`; stop 13), made per batch.
     """
     if pair_type not in MODALITY_OF_TYPE:
         raise ValueError(f"unknown pair type {pair_type!r}; one of {sorted(MODALITY_OF_TYPE)}")
@@ -340,10 +343,15 @@ def refine(
     dim = MRI_DIM[pair_type] if mri_dim is None else float(mri_dim)
     if not 0.0 <= dim < 1.0:
         raise ValueError(f"MRI dimming must be in [0, 1), got {dim}")
-    relight = aug > 0 or dim > 0  # the supervision is then made per batch, on the re-lit pair
+    if edge_target is not None and (len(edge_target) != 2 or min(edge_target) <= 0):
+        raise ValueError(f"edge_target must be (lam, gain) with both > 0, got {edge_target}")
+    # the supervision is then made per batch (on the re-lit pair / with the edges grafted in)
+    relight = aug > 0 or dim > 0 or edge_target is not None
     conditions = tuple(val_conditions or VAL_CONDITIONS[pair_type])
     for c in conditions:
         condition(c)  # names checked before any work
+        if c not in INTENSITY_CONDITIONS:
+            raise ValueError(f"{c!r} is a diagnostic condition; pick over {list(INTENSITY_CONDITIONS)}")
     vs_stage1 = VAL_AGAINST_STAGE1[pair_type] if val_against_stage1 is None else bool(val_against_stage1)
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
@@ -427,6 +435,7 @@ def refine(
             "val_against_stage1": vs_stage1,
             "intensity_augment": aug,
             "mri_dim": dim,
+            "edge_target": list(edge_target) if edge_target is not None else None,
             "val_references": refs,
             "val_references_by_condition": refs_by,
             "val_history": history,
@@ -484,6 +493,8 @@ def refine(
         if relight:  # the supervision follows the sources: stage 1 on the re-lit pair
             with torch.no_grad():
                 t = teacher(a, b).clamp(0, 1)
+                if edge_target is not None:
+                    t = graft_stronger_edges(a, b, t, *edge_target).clamp(0, 1)
         pred = net(a, b).clamp(0, 1)
         with torch.no_grad():
             ref_fusions = []
