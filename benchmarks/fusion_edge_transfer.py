@@ -20,6 +20,7 @@ MRIs, the benchmark's kind). The last column is ``overlap_detail`` (MRI kept ins
 
     .venv/bin/python benchmarks/fusion_edge_transfer.py [--eval-root ../shared/eval] [--quick]
                                                         [--weights build/run/step-0300.pt ...]
+                                                        [--proxy-cases 4 11 18 ...]
 """
 
 from __future__ import annotations
@@ -84,12 +85,16 @@ def _load_nets(paths: list[Path]) -> dict[str, torch.nn.Module]:
 
 
 def run(
-    eval_root: Path, quick: bool = False, weights: list[Path] | None = None
+    eval_root: Path,
+    quick: bool = False,
+    weights: list[Path] | None = None,
+    proxy_cases: set[str] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Print one table per set; return {set: {method: {metric: % change over stage 1, 'od': ...}}}.
 
     ``weights``: refined checkpoints (e.g. a PET entry kept by ``train refine --keep-checkpoints``)
-    scored as more rows, on every set (the MRI-SPECT set is the PET-like one).
+    scored as more rows, on every set (the MRI-SPECT set is the PET-like one). ``proxy_cases``:
+    only the MRI-SPECT val rows of these atlas cases (those a checkpoint was not trained on).
     """
     net = CNNFuser(weights=WEIGHTS_FILE).net
     extra = _load_nets(list(weights or []))
@@ -97,7 +102,8 @@ def run(
     variants = VARIANTS[:3] if quick else VARIANTS
     results: dict[str, dict[str, dict[str, float]]] = {}
     for pair_type, cond in SETS:
-        a0, b0, _ = load_split(eval_root, pair_type, "val")
+        cases_in = proxy_cases if pair_type == "MRI-SPECT" else None
+        a0, b0, _ = load_split(eval_root, pair_type, "val", case_in=cases_in)
         a, b = apply_condition(a0, b0, cond)
         a8, b8 = to_u8(a), to_u8(b)
 
@@ -142,13 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "eval")
     ap.add_argument("--quick", action="store_true", help="only the first three variants")
     ap.add_argument("--weights", nargs="*", type=Path, default=[], help="refined checkpoints to score too")
+    ap.add_argument(
+        "--proxy-cases",
+        nargs="+",
+        default=None,
+        metavar="CASE",
+        help="MRI-SPECT val rows of these atlas cases only",
+    )
     args = ap.parse_args(argv)
     missing = [p for p in args.weights if not p.is_file()]
     if missing:
         print(f"no weights file at {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
     torch.set_flush_denormal(True)
-    run(args.eval_root.resolve(), args.quick, args.weights)
+    run(
+        args.eval_root.resolve(),
+        args.quick,
+        args.weights,
+        set(args.proxy_cases) if args.proxy_cases else None,
+    )
     return 0
 
 

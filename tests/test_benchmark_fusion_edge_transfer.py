@@ -54,3 +54,6 @@ def test_fusion_edge_transfer_prints_changes_over_stage1(
     assert len(stage1) == 3 and all(set(r[2:11]) == {"+0.0"} for r in stage1)  # itself: no change
     assert out.count("gradient-domain") == 3 and out.count("stage 1 + edges l0.05 g1.0 ") == 3
     assert mod.main(["--eval-root", str(root), "--weights", str(tmp_path / "none.pt")]) == 2
+    assert mod.main(["--eval-root", str(root), "--quick", "--proxy-cases", "8"]) == 0  # val row 0005 only
+    out = capsys.readouterr().out
+    assert "MRI-SPECT moving-x1.7 (1 val pairs)" in out and "MRI-PET stored (2 val pairs)" in out

@@ -306,6 +306,28 @@ def test_refine_with_an_edge_target_is_seeded_and_recorded(tmp_path: Path) -> No
         refine(root, "MRI-PET", tmp_path / "d.pt", val_conditions=("stored", "moving-x1.7"), **kw)
 
 
+def test_refine_also_trains_on_another_pair_type_re_lit(tmp_path: Path) -> None:
+    import shutil
+
+    root, base = _eval_and_stage1(tmp_path)
+    shutil.copytree(root / "harvard" / "MRI-PET", root / "harvard" / "MRI-SPECT")  # cases 7, 8, 9
+    kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu", pick="last")
+    plain = refine(root, "MRI-PET", tmp_path / "a.pt", **kw)
+    m = refine(
+        root, "MRI-PET", tmp_path / "b.pt", also_train="MRI-SPECT", also_gain=1.7, also_cases={"8"}, **kw
+    )
+    assert plain["n_train"] == 3 and m["n_train"] == 4  # + the one MRI-SPECT train row of case 8
+    assert m["n_val"] == plain["n_val"] == 2  # validation unchanged
+    assert m["also_train"] == {"pair_type": "MRI-SPECT", "gain": 1.7, "cases": ["8"]}
+    assert plain["also_train"] is None
+    with pytest.raises(ValueError, match="another pair type"):
+        refine(root, "MRI-PET", tmp_path / "c.pt", also_train="MRI-PET", **kw)
+    with pytest.raises(ValueError, match="no train rows for MRI-SPECT"):  # case 9 holds only a benchmark row
+        refine(root, "MRI-PET", tmp_path / "c.pt", also_train="MRI-SPECT", also_cases={"9"}, **kw)
+    with pytest.raises(ValueError, match="also_gain"):
+        refine(root, "MRI-PET", tmp_path / "c.pt", also_train="MRI-SPECT", also_gain=0.0, **kw)
+
+
 def test_refine_keeps_every_scored_checkpoint_as_a_weights_file(tmp_path: Path) -> None:
     root, base = _eval_and_stage1(tmp_path)
     kw = dict(init=base, steps=3, batch_size=2, val_every=2, progress=False, device="cpu", pick="last")
@@ -364,7 +386,10 @@ def test_down_stride_one_reads_the_same_weights_at_a_finer_coefficient_grid() ->
 
 
 def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
     root, base = _eval_and_stage1(tmp_path)
+    shutil.copytree(root / "harvard" / "MRI-PET", root / "harvard" / "MRI-SPECT")
     parser = argparse.ArgumentParser(prog="dicomnode")
     add_train_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "r.pt"
@@ -383,7 +408,8 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
         [*common, "--out", str(out), "--steps", "2", "--val-every", "1", "--val-against-stage1",
          "--reward-weight", "VIF=5", "--reward-weight", "Detail=3",
          "--reward-weight", "SD=0", "--mri-dim", "0.3", "--keep-lone-source", "--device", "cpu",
-         "--keep-checkpoints", str(tmp_path / "kept"), "--edge-target", "0.5,1.1"]
+         "--keep-checkpoints", str(tmp_path / "kept"), "--edge-target", "0.5,1.1",
+         "--also-train", "MRI-SPECT", "--also-gain", "1.7", "--also-cases", "7", "8"]
     )  # fmt: skip
     assert args.func(args) == 0
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["step-0001.pt", "step-0002.pt"]
@@ -392,7 +418,7 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["reward_weights"]["VIF"] == 5 and "SD" not in meta["reward_weights"]
     assert meta["reward_weights"]["Detail"] == 3  # the MRI-structure term is rewardable too
     assert meta["mri_dim"] == 0.3 and [h["step"] for h in meta["val_history"]] == [0, 1, 2]
-    assert meta["edge_target"] == [0.5, 1.1]
+    assert meta["edge_target"] == [0.5, 1.1] and meta["also_train"]["cases"] == ["7", "8"]
     for text in ("0.5", "0,1.1", "a,b"):
         with pytest.raises(SystemExit):
             parser.parse_args([*common, "--out", str(out), "--edge-target", text])

@@ -152,6 +152,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "sources have signal (gradient times GAIN, screened Poisson with weight LAM; default: off)",
     )
     ref.add_argument(
+        "--also-train",
+        default=None,
+        choices=list(PAIR_TYPES),
+        help="add the train rows of this pair type to the training pairs (validation unchanged)",
+    )
+    ref.add_argument("--also-gain", type=float, default=1.0, help="gain on their moving image (e.g. 1.7)")
+    ref.add_argument("--also-cases", nargs="+", default=None, metavar="CASE", help="only these atlas cases")
+    ref.add_argument(
         "--val-conditions",
         nargs="+",
         default=None,
@@ -244,6 +252,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             intensity_augment=args.intensity_augment,
             mri_dim=args.mri_dim,
             edge_target=args.edge_target,
+            also_train=args.also_train,
+            also_gain=args.also_gain,
+            also_cases=set(args.also_cases) if args.also_cases else None,
             down_stride=args.down_stride,
             keep_saturated=args.keep_saturated,
             keep_lone_source=args.keep_lone_source,

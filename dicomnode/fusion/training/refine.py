@@ -307,6 +307,9 @@ def refine(
     val_against_stage1: bool | None = None,
     keep_checkpoints: Path | None = None,
     edge_target: tuple[float, float] | None = None,
+    also_train: str | None = None,
+    also_gain: float = 1.0,
+    also_cases: set[str] | None = None,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -319,6 +322,9 @@ def refine(
     fusers the checkpoint must beat on val). ``edge_target`` ``(lam, gain)``: the supervision is
     the stage-1 image with the MRI's stronger edges grafted in where both sources have signal
     (:func:`dicomnode.fusion.classical.graft_stronger_edges`; stop 13), made per batch.
+    ``also_train``: the ``train`` rows of another pair type (only atlas cases ``also_cases`` when
+    given) join the training pairs, their moving image times ``also_gain`` (clipped, 8 bits):
+    e.g. MRI-SPECT x1.7 as PET-like pairs with axial T1/T2 MRIs. Validation is unchanged.
     """
     if pair_type not in MODALITY_OF_TYPE:
         raise ValueError(f"unknown pair type {pair_type!r}; one of {sorted(MODALITY_OF_TYPE)}")
@@ -370,6 +376,14 @@ def refine(
             raise ValueError(f"no atlas case {holdout_case!r} in {pair_type}; cases: {', '.join(known)}")
         a_tr, b_tr, h_tr = load_split(eval_root, pair_type, ("train", "val"), case_out={holdout_case})
         a_va, b_va, h_va = load_split(eval_root, pair_type, ("train", "val"), case_in={holdout_case})
+    if also_train is not None:
+        if also_train not in MODALITY_OF_TYPE or also_train == pair_type:
+            raise ValueError(f"also_train must be another pair type than {pair_type}, got {also_train!r}")
+        if not 0 < also_gain <= 4:
+            raise ValueError(f"also_gain must be in (0, 4], got {also_gain}")
+        a_x, b_x, h_x = load_split(eval_root, also_train, "train", case_in=also_cases)
+        b_x = torch.round((b_x * also_gain).clamp(0, 1) * 255.0) / 255.0
+        a_tr, b_tr, h_tr = torch.cat([a_tr, a_x]), torch.cat([b_tr, b_x]), [*h_tr, *h_x]
     ck = load_checkpoint(Path(init))
     config = ck.get("config")
     teacher = build_net(config)
@@ -436,6 +450,9 @@ def refine(
             "intensity_augment": aug,
             "mri_dim": dim,
             "edge_target": list(edge_target) if edge_target is not None else None,
+            "also_train": None
+            if also_train is None
+            else {"pair_type": also_train, "gain": also_gain, "cases": sorted(also_cases or [], key=int)},
             "val_references": refs,
             "val_references_by_condition": refs_by,
             "val_history": history,
