@@ -14,6 +14,7 @@ from dicomnode.fusion.classical import (
     collapse_pyramid,
     divergence,
     forward_grads,
+    graft_stronger_edges,
     guided_filter,
     laplacian_pyramid,
     screened_poisson,
@@ -148,3 +149,22 @@ def test_gradient_domain_takes_the_stronger_edge_and_keeps_air_black() -> None:
     assert out[15, 12] - out[15, 8] > 0.4
     # A's step survives outside B (F follows A's gradient, not max's flat 0.3 | 0.5 jump alone)
     assert out[6, 18] - out[6, 13] == pytest.approx(0.2, abs=0.05)
+
+
+def test_graft_stronger_edges_takes_a_and_with_both_also_b() -> None:
+    torch.manual_seed(1)
+    a = torch.zeros(1, 1, 32, 32)
+    b = torch.zeros(1, 1, 32, 32)
+    a[..., :, :24] = 0.2 + 0.3 * (torch.arange(24) % 4 == 0)  # A: strong vertical stripes
+    b[..., 8:, 8:] = 0.6 + 0.02 * torch.rand(1, 1, 24, 24)  # B: bright, nearly flat, with its own square edge
+    base = torch.maximum(a, b)  # inside the overlap the base shows flat B, none of A's stripes
+    grafted = graft_stronger_edges(a, b, base, 0.05)
+    fx, ax = torch.diff(grafted, dim=-1)[..., 12:28, 10:20], torch.diff(a, dim=-1)[..., 12:28, 10:20]
+    assert float(torch.corrcoef(torch.stack([fx.flatten(), ax.flatten()]))[0, 1]) > 0.8  # A's stripes are in
+    assert float(grafted[0, 0, 0, 30]) == 0.0  # air stays black
+    # with both, F also follows B's gradient where B's edge is the stronger (B's noise between stripes)
+    with_b = graft_stronger_edges(a, b, torch.zeros_like(base), 0.05, both=True)
+    without_b = graft_stronger_edges(a, b, torch.zeros_like(base), 0.05)
+    assert not torch.allclose(with_b, without_b)
+    same = graft_stronger_edges(a, torch.zeros_like(b), a, 0.05, both=True)  # no overlap: base kept
+    assert torch.allclose(same, a, atol=1e-4)

@@ -419,7 +419,9 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["reward_weights"]["Detail"] == 3  # the MRI-structure term is rewardable too
     assert meta["mri_dim"] == 0.3 and [h["step"] for h in meta["val_history"]] == [0, 1, 2]
     assert meta["edge_target"] == [0.5, 1.1] and meta["also_train"]["cases"] == ["7", "8"]
-    for text in ("0.5", "0,1.1", "a,b"):
+    both = parser.parse_args([*common, "--out", str(out), "--edge-target", "0.05,1.0,both"])
+    assert both.edge_target == (0.05, 1.0, 1.0)
+    for text in ("0.5", "0,1.1", "a,b", "0.5,1.1,all"):
         with pytest.raises(SystemExit):
             parser.parse_args([*common, "--out", str(out), "--edge-target", text])
     assert "LAM,GAIN" in capsys.readouterr().err

@@ -317,17 +317,24 @@ def sobel_strength(x: torch.Tensor) -> torch.Tensor:
 
 
 def graft_stronger_edges(
-    a: torch.Tensor, b: torch.Tensor, base: torch.Tensor, lam: float, gain: float = 1.0
+    a: torch.Tensor, b: torch.Tensor, base: torch.Tensor, lam: float, gain: float = 1.0, both: bool = False
 ) -> torch.Tensor:
     """``base`` (N,1,H,W) with A's stronger edges grafted in.
 
     Where both sources have signal and A's Sobel edge is the stronger, the gradient is A's (times
-    ``gain``); elsewhere ``base`` keeps its own gradient; the image is the screened-Poisson solution held to
-    ``base`` with weight ``lam``; air (both sources 0) stays 0. Not clipped.
+    ``gain``); with ``both``, where B's edge is the stronger, B's gradient too. Elsewhere ``base``
+    keeps its own gradient; the image is the screened-Poisson solution held to ``base`` with
+    weight ``lam``; air (both sources 0) stays 0. Not clipped.
     """
-    take_a = (a > 0) & (b > 0) & (sobel_strength(a) >= sobel_strength(b))
+    overlap = (a > 0) & (b > 0)
+    a_stronger = sobel_strength(a) >= sobel_strength(b)
+    take_a = overlap & a_stronger
     ax, ay = forward_grads(a)
     sx, sy = forward_grads(base)
     gx, gy = torch.where(take_a, ax * gain, sx), torch.where(take_a, ay * gain, sy)
+    if both:
+        take_b = overlap & ~a_stronger
+        bx, by = forward_grads(b)
+        gx, gy = torch.where(take_b, bx * gain, gx), torch.where(take_b, by * gain, gy)
     out = screened_poisson(gx, gy, base, lam)
     return torch.where((a <= 0) & (b <= 0), torch.zeros_like(out), out)

@@ -147,9 +147,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--edge-target",
         type=_lam_gain,
         default=None,
-        metavar="LAM,GAIN",
+        metavar="LAM,GAIN[,both]",
         help="supervise with the stage-1 image with the MRI's stronger edges grafted in where both "
-        "sources have signal (gradient times GAIN, screened Poisson with weight LAM; default: off)",
+        "sources have signal (gradient times GAIN, screened Poisson with weight LAM; with ',both' "
+        "also the moving image's stronger edges; default: off)",
     )
     ref.add_argument(
         "--also-train",
@@ -215,16 +216,17 @@ def train_command(sub: str, argv: list[str] | None = None) -> str:
     return " ".join(["dicomnode", "train", sub, *args[args.index(sub) + 1 :]])
 
 
-def _lam_gain(text: str) -> tuple[float, float]:
-    """``LAM,GAIN`` (two positive numbers) for ``--edge-target``."""
+def _lam_gain(text: str) -> tuple[float, ...]:
+    """``LAM,GAIN`` or ``LAM,GAIN,both`` (two positive numbers) for ``--edge-target``."""
     parts = text.split(",")
+    both = len(parts) == 3 and parts[2] == "both"
     try:
-        lam, gain = (float(p) for p in parts)
+        lam, gain = (float(p) for p in (parts[:2] if both else parts))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LAM,GAIN (two numbers), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected LAM,GAIN[,both] (two numbers), got {text!r}") from None
     if lam <= 0 or gain <= 0:
         raise argparse.ArgumentTypeError(f"LAM and GAIN must be > 0, got {text!r}")
-    return lam, gain
+    return (lam, gain, 1.0) if both else (lam, gain)
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:

@@ -306,7 +306,7 @@ def refine(
     val_conditions: tuple[str, ...] | None = None,
     val_against_stage1: bool | None = None,
     keep_checkpoints: Path | None = None,
-    edge_target: tuple[float, float] | None = None,
+    edge_target: tuple[float, ...] | None = None,
     also_train: str | None = None,
     also_gain: float = 1.0,
     also_cases: set[str] | None = None,
@@ -319,8 +319,9 @@ def refine(
     ``intensity_augment`` to :data:`INTENSITY_AUGMENT`, ``mri_dim`` to :data:`MRI_DIM`,
     ``val_conditions`` to :data:`VAL_CONDITIONS` (the val score is summed over them),
     ``val_against_stage1`` to :data:`VAL_AGAINST_STAGE1` (the stage-1 model joins the classical
-    fusers the checkpoint must beat on val). ``edge_target`` ``(lam, gain)``: the supervision is
-    the stage-1 image with the MRI's stronger edges grafted in where both sources have signal
+    fusers the checkpoint must beat on val). ``edge_target`` ``(lam, gain[, both])``: the supervision is
+    the stage-1 image with the MRI's stronger edges (with ``both`` = 1 also the moving image's
+    stronger edges) grafted in where both sources have signal
     (:func:`dicomnode.fusion.classical.graft_stronger_edges`; stop 13), made per batch.
     ``also_train``: the ``train`` rows of another pair type (only atlas cases ``also_cases`` when
     given) join the training pairs, their moving image times ``also_gain`` (clipped, 8 bits):
@@ -349,8 +350,8 @@ def refine(
     dim = MRI_DIM[pair_type] if mri_dim is None else float(mri_dim)
     if not 0.0 <= dim < 1.0:
         raise ValueError(f"MRI dimming must be in [0, 1), got {dim}")
-    if edge_target is not None and (len(edge_target) != 2 or min(edge_target) <= 0):
-        raise ValueError(f"edge_target must be (lam, gain) with both > 0, got {edge_target}")
+    if edge_target is not None and (len(edge_target) not in (2, 3) or min(edge_target[:2]) <= 0):
+        raise ValueError(f"edge_target must be (lam, gain[, both]) with lam, gain > 0, got {edge_target}")
     # the supervision is then made per batch (on the re-lit pair / with the edges grafted in)
     relight = aug > 0 or dim > 0 or edge_target is not None
     conditions = tuple(val_conditions or VAL_CONDITIONS[pair_type])
@@ -511,7 +512,9 @@ def refine(
             with torch.no_grad():
                 t = teacher(a, b).clamp(0, 1)
                 if edge_target is not None:
-                    t = graft_stronger_edges(a, b, t, *edge_target).clamp(0, 1)
+                    lam_e, gain_e = edge_target[0], edge_target[1]
+                    both_e = len(edge_target) > 2 and bool(edge_target[2])
+                    t = graft_stronger_edges(a, b, t, lam_e, gain_e, both_e).clamp(0, 1)
         pred = net(a, b).clamp(0, 1)
         with torch.no_grad():
             ref_fusions = []
