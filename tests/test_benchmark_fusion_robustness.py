@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -34,12 +35,20 @@ def test_fusion_robustness_prints_detail_and_changes(
     assert mod.main(argv) == 0 and "change over" not in capsys.readouterr().out  # only on request
 
 
-def test_fusion_robustness_splits_qabf_by_region_on_request(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _run_pet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], *flags: str
+) -> tuple[ModuleType, list[str], str]:
+    """fusion_robustness on the tiny eval root's MRI-PET val pairs, stored and MRI x0.7, with ``flags``."""
     root = _make_eval(tmp_path / "eval")
     mod = bench_module("fusion_robustness")
     argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
+    assert mod.main([*argv, *flags]) == 0
+    return mod, argv, capsys.readouterr().out
+
+
+def test_fusion_robustness_splits_qabf_by_region_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.manual_seed(0)
     extra = []
     for d in ("r1", "r2"):  # checkpoints kept by two runs share a file name: both are scored
@@ -47,8 +56,7 @@ def test_fusion_robustness_splits_qabf_by_region_on_request(
         state = {"state_dict": FM.build_net({"width": 8}).state_dict(), "config": {"width": 8}}
         torch.save(state, tmp_path / d / "step-0400.pt")
         extra.append(str(tmp_path / d / "step-0400.pt"))
-    assert mod.main([*argv, "--qabf-regions", "--weights", *extra]) == 0
-    out = capsys.readouterr().out
+    mod, argv, out = _run_pet(tmp_path, capsys, "--qabf-regions", "--weights", *extra)
     table = out[out.index("Qabf by region") :].splitlines()[2:]
     rows = [
         ln for ln in table if ln.startswith(("max", "general (stage 1)", "step-0400.pt", "r2/step-0400.pt"))
@@ -63,16 +71,10 @@ def test_fusion_robustness_splits_qabf_by_region_on_request(
 def test_fusion_robustness_splits_vif_by_source_and_region_on_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = _make_eval(tmp_path / "eval")
-    mod = bench_module("fusion_robustness")
-    argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
-    assert mod.main([*argv, "--vif-regions", "--classical", "gradient-domain"]) == 0
-    out = capsys.readouterr().out
+    mod, argv, out = _run_pet(tmp_path, capsys, "--vif-regions", "--classical", "gradient-domain")
     table = out[out.index("VIF by source and region") :].splitlines()[2:]
     rows = [ln for ln in table if ln.startswith(("max", "general (stage 1)", "gradient-domain"))]
-    assert (
-        len(rows) == 12
-    )  # max, stage 1 and a classical fuser scored as a model; two conditions, two sources
+    assert len(rows) == 12  # max, stage 1 and a classical fuser scored as a model: 2 conditions x 2 sources
     for a_row, b_row in zip(rows[::2], rows[1::2], strict=True):
         a_cells = [float(x) for x in a_row.split()[-6:]]
         b_cells = [float(x) for x in b_row.split()[-7:]]
