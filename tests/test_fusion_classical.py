@@ -18,6 +18,8 @@ from dicomnode.fusion.classical import (
     guided_filter,
     laplacian_pyramid,
     screened_poisson,
+    select_edges_in_overlap,
+    stronger_edge_image,
 )
 
 NAMES = ["average", "max", "laplacian-pyramid", "guided-filter", "gradient-domain"]
@@ -168,3 +170,34 @@ def test_graft_stronger_edges_takes_a_and_with_both_also_b() -> None:
     assert not torch.allclose(with_b, without_b)
     same = graft_stronger_edges(a, torch.zeros_like(b), a, 0.05, both=True)  # no overlap: base kept
     assert torch.allclose(same, a, atol=1e-4)
+
+
+def test_select_edges_in_overlap_moves_only_the_overlap_towards_the_stronger_edges() -> None:
+    torch.manual_seed(2)
+    a = torch.zeros(1, 1, 40, 40)
+    b = torch.zeros(1, 1, 40, 40)
+    a[..., 4:36, 4:36] = 0.3 + 0.3 * (torch.arange(32) % 4 == 0)  # MRI: strong stripes in the head
+    b[..., 12:28, 12:28] = 0.7  # PET: a flat, brighter uptake inside it
+    base = torch.maximum(a, b) + 0.05  # a base brighter than max; it is clipped to [0, 1] first
+    edges = stronger_edge_image(a, b, 1.0)
+    gd = torch.from_numpy(GradientDomainFuser(lam=0.05).fuse(a[:, 0].numpy(), b[:, 0].numpy()))[:, None]
+    torch.testing.assert_close(edges.clamp(0, 1), gd)  # gain 1: the gradient-domain fuser's image
+    assert float((stronger_edge_image(a, b, 1.2) - edges).abs().max()) > 0.01  # the gain scales the edges
+    out = select_edges_in_overlap(a, b, base, 1.0, 1.0, soft=0)
+    overlap = (a > 0) & (b > 0)
+    torch.testing.assert_close(out[overlap], edges[overlap])  # amount 1, no fade: E in the overlap
+    lone = (a > 0) & ~overlap
+    torch.testing.assert_close(out[lone], base[lone])  # outside it: the base, untouched
+    assert bool((out[(a <= 0) & (b <= 0)] == 0).all())  # air black
+    # inside the flat uptake the MRI's stripes are back (the base shows flat PET there)
+    assert float(torch.diff(out, dim=-1)[..., 18, 14:26].abs().max()) > 0.1
+    half = select_edges_in_overlap(a, b, base, 0.5, 1.0, soft=0)
+    torch.testing.assert_close(half[overlap], 0.5 * (base[overlap] + edges[overlap]))
+    soft = select_edges_in_overlap(a, b, base, 1.0, 1.0, soft=3)
+    ring = overlap & (torch.nn.functional.avg_pool2d((~overlap).float(), 7, 1, 3) > 0)
+    assert float((soft[ring] - edges[ring]).abs().max()) > 0.01  # the step fades at the uptake's edge
+    far = lone & (torch.nn.functional.avg_pool2d(overlap.float(), 7, 1, 3) == 0)
+    torch.testing.assert_close(soft[far], base[far])  # further than 3 px from the overlap: the base
+    for bad in ((1.5, 1.0, 5), (0.5, 0.0, 5), (0.5, 1.0, -1)):
+        with pytest.raises(ValueError, match="amount"):
+            select_edges_in_overlap(a, b, base, *bad)

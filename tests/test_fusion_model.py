@@ -84,6 +84,47 @@ def test_keep_lone_source_shows_the_only_source_with_signal_unchanged() -> None:
     assert M.build_net({}).keep_lone_source is False  # old weights files behave as before
 
 
+def test_lone_rim_keeps_the_single_source_next_to_the_air() -> None:
+    torch.manual_seed(0)
+    plain = M.FusionNet()
+    with torch.no_grad():
+        plain.head.weight.normal_(0, 0.3)  # a net that enhances and mixes everywhere
+    rim = M.build_net({"lone_rim": 1})
+    rim.load_state_dict(plain.state_dict())  # a flag, no new parameters
+    a, b = _pair(1, 32, 32)
+    a[..., 0:4, :] = 0.0  # air along the top
+    b[..., 0:12, :] = 0.0  # no PET in the top part: the MRI alone from row 4 to 11
+    b[..., 0:2, 5] = 0.4  # a PET-only speck in the air
+    with torch.inference_mode():
+        out_plain, out_rim = plain(a, b), rim(a, b)
+    assert float((out_plain[..., 4, :] - a[..., 4, :]).abs().max()) > 0.05  # without the flag: changed
+    torch.testing.assert_close(out_rim[..., 4, :], a[..., 4, :], atol=0, rtol=0)  # next to the air: MRI
+    torch.testing.assert_close(out_rim[..., 0:2, 5], b[..., 0:2, 5], atol=0, rtol=0)  # the PET speck: the PET
+    torch.testing.assert_close(out_rim[..., 6:, :], out_plain[..., 6:, :])  # further in: unchanged
+    assert bool((out_rim[..., 0:4, 0:3] == 0).all())  # air black
+    assert M.build_net({}).lone_rim == 0  # old weights files behave as before
+    with pytest.raises(ValueError, match="lone_rim"):
+        M.build_net({"lone_rim": -1})
+
+
+def test_edge_select_is_a_fixed_output_step_from_the_config() -> None:
+    torch.manual_seed(0)
+    plain = M.FusionNet()
+    with torch.no_grad():
+        plain.head.weight.normal_(0, 0.3)
+    step = M.build_net({"edge_select": [0.7, 1.1, 5]})
+    step.load_state_dict(plain.state_dict())  # no new parameters
+    assert step.edge_select == (0.7, 1.1, 5)
+    a, b = (0.05 + 0.95 * x for x in _pair(2, 48, 40))  # no near-black pixel but the PET's zeros
+    b[..., :, :10] = 0.0  # MRI alone on the left
+    with torch.inference_mode():
+        out_plain, out_step = plain(a, b), step(a, b)
+    from dicomnode.fusion.classical import select_edges_in_overlap
+
+    torch.testing.assert_close(out_step, select_edges_in_overlap(a, b, out_plain, 0.7, 1.1, 5))
+    assert M.build_net({}).edge_select is None
+
+
 def test_gradients_flow() -> None:
     net = M.FusionNet()
     a, b = _pair(2, 32, 32)

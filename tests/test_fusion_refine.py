@@ -306,6 +306,32 @@ def test_refine_with_an_edge_target_is_seeded_and_recorded(tmp_path: Path) -> No
         refine(root, "MRI-PET", tmp_path / "d.pt", val_conditions=("stored", "moving-x1.7"), **kw)
 
 
+def test_refine_with_a_select_target_and_the_output_flags(tmp_path: Path) -> None:
+    root, base = _eval_and_stage1(tmp_path)
+    kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu", pick="last")
+    m = refine(root, "MRI-PET", tmp_path / "a.pt", select_target=(0.7, 1.1, 5), lone_rim=1, **kw)
+    assert m["select_target"] == [0.7, 1.1, 5] and m["edge_target"] is None
+    refine(root, "MRI-PET", tmp_path / "b.pt", select_target=(0.7, 1.1, 5), lone_rim=1, **kw)
+    c = refine(root, "MRI-PET", tmp_path / "c.pt", lone_rim=1, **kw)
+    assert c["select_target"] is None
+    ca, cb, cc = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "abc")
+    assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])  # seeded
+    assert any(not torch.equal(ca["state_dict"][k], cc["state_dict"][k]) for k in ca["state_dict"])
+    assert ca["config"]["lone_rim"] == 1 and "edge_select" not in ca["config"]
+    # zero steps with the fixed output step: the init weights with the step in their config
+    d = refine(root, "MRI-PET", tmp_path / "d.pt", edge_select=(0.7, 1.1, 5), **{**kw, "steps": 0})
+    cd = torch.load(tmp_path / "d.pt", weights_only=True)
+    assert d["best_step"] == 0 and cd["config"]["edge_select"] == [0.7, 1.1, 5]
+    init = torch.load(base, weights_only=True)["state_dict"]
+    assert all(torch.equal(cd["state_dict"][k], init[k]) for k in init)
+    with pytest.raises(ValueError, match="not both"):
+        refine(root, "MRI-PET", tmp_path / "e.pt", select_target=(0.7, 1.1, 5), edge_target=(0.5, 1.1), **kw)
+    with pytest.raises(ValueError, match="select_target"):
+        refine(root, "MRI-PET", tmp_path / "e.pt", select_target=(0.0, 1.1, 5), **kw)
+    with pytest.raises(ValueError, match="lone_rim"):
+        refine(root, "MRI-PET", tmp_path / "e.pt", lone_rim=-1, **kw)
+
+
 def test_refine_also_trains_on_another_pair_type_re_lit(tmp_path: Path) -> None:
     import shutil
 
@@ -419,6 +445,12 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["reward_weights"]["Detail"] == 3  # the MRI-structure term is rewardable too
     assert meta["mri_dim"] == 0.3 and [h["step"] for h in meta["val_history"]] == [0, 1, 2]
     assert meta["edge_target"] == [0.5, 1.1] and meta["also_train"]["cases"] == ["7", "8"]
+    sel = parser.parse_args([*common, "--out", str(out), "--select-target", "0.7,1.1,5", "--lone-rim", "1"])
+    assert sel.select_target == (0.7, 1.1, 5) and sel.lone_rim == 1 and sel.edge_select is None
+    for text in ("0.7,1.1", "0,1.1,5", "0.7,1.1,2.5", "0.7,-1,5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*common, "--out", str(out), "--edge-select", text])
+    assert "AMOUNT,GAIN,SOFT" in capsys.readouterr().err
     both = parser.parse_args([*common, "--out", str(out), "--edge-target", "0.05,1.0,both"])
     assert both.edge_target == (0.05, 1.0, 1.0)
     for text in ("0.5", "0,1.1", "a,b", "0.5,1.1,all"):

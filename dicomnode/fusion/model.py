@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dicomnode.fusion.base import register_fuser
-from dicomnode.fusion.classical import TorchFuser
+from dicomnode.fusion.classical import TorchFuser, select_edges_in_overlap
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class FusionNet(nn.Module):
         down_stride: int = 2,
         keep_saturated: bool = False,
         keep_lone_source: bool = False,
+        lone_rim: int = 0,
+        edge_select: tuple[float, float, int] | None = None,
     ) -> None:
         super().__init__()
         if down_stride not in (1, 2):
@@ -81,6 +83,19 @@ class FusionNet(nn.Module):
         # a pixel where only one source has signal (the other is 0: outside the PET uptake, air in
         # the CT window) shows that source unchanged, neither enhanced nor mixed
         self.keep_lone_source = bool(keep_lone_source)
+        # a pixel where only one source has signal and that lies within ``lone_rim`` pixels of the
+        # air (both sources 0: the head's outline, faint noise specks around it) shows that source
+        # unchanged: the network does not enhance background noise or the skin line
+        if int(lone_rim) < 0:
+            raise ValueError(f"lone_rim must be >= 0, got {lone_rim}")
+        self.lone_rim = int(lone_rim)
+        # a fixed output step (no weights): inside the overlap the image moves by ``amount``
+        # towards the gradient-domain image of the sources' stronger edges times ``gain``
+        # (classical.select_edges_in_overlap, mask softened over ``soft`` pixels)
+        self.edge_select: tuple[float, float, int] | None = None
+        if edge_select is not None:
+            amount, gain, soft = edge_select
+            self.edge_select = (float(amount), float(gain), int(soft))
         self.stem = nn.Conv2d(4, width, 3, stride=2, padding=1)  # on the 1/2-res input: 1/4 res
         self.down = nn.Conv2d(width, width, 3, stride=down_stride, padding=1)  # 1/8 res (stride 2)
         self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=d, dilation=d) for d in self.dilations)
@@ -126,7 +141,20 @@ class FusionNet(nn.Module):
             fused = torch.where(top >= 1.0 - 0.5 / 255, torch.ones_like(fused), fused)
         if self.keep_lone_source:
             fused = torch.where(b <= 0.5 / 255, a, torch.where(a <= 0.5 / 255, b, fused))
+        if self.edge_select is not None:
+            amount, gain, soft = self.edge_select
+            fused = select_edges_in_overlap(a, b, fused, amount, gain, soft)
+        if self.lone_rim > 0:
+            fused = keep_lone_rim(a, b, fused, self.lone_rim)
         return torch.where(top <= 0.5 / 255, torch.zeros_like(fused), fused)
+
+
+def keep_lone_rim(a: torch.Tensor, b: torch.Tensor, fused: torch.Tensor, width: int) -> torch.Tensor:
+    """``fused`` with every pixel within ``width`` pixels of the air (both sources black) where one
+    source alone has signal replaced by that source (FusionNet's ``lone_rim``)."""
+    air = (torch.maximum(a, b) <= 0.5 / 255).to(fused.dtype)
+    near = F.max_pool2d(air, 2 * width + 1, 1, width) > 0
+    return torch.where(near & (b <= 0.5 / 255), a, torch.where(near & (a <= 0.5 / 255), b, fused))
 
 
 def mix_with_max(net: FusionNet, alpha: float) -> FusionNet:
@@ -159,6 +187,8 @@ def build_net(config: dict[str, Any] | None = None) -> FusionNet:
         down_stride=int(cfg.get("down_stride", 2)),
         keep_saturated=bool(cfg.get("keep_saturated", False)),
         keep_lone_source=bool(cfg.get("keep_lone_source", False)),
+        lone_rim=int(cfg.get("lone_rim", 0)),
+        edge_select=None if cfg.get("edge_select") is None else tuple(cfg["edge_select"]),
     )
 
 

@@ -153,6 +153,31 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "also the moving image's stronger edges; default: off)",
     )
     ref.add_argument(
+        "--select-target",
+        type=_select,
+        default=None,
+        metavar="AMOUNT,GAIN,SOFT",
+        help="supervise with the stage-1 image moved by AMOUNT (0..1] towards the sources' stronger "
+        "edges (gradient times GAIN) where both have signal, the step faded over SOFT pixels at the "
+        "uptake's edge (default: off)",
+    )
+    ref.add_argument(
+        "--edge-select",
+        type=_select,
+        default=None,
+        metavar="AMOUNT,GAIN,SOFT",
+        help="give the refined model the fixed output step of --select-target (it then fuses with "
+        "it; default: as the init model)",
+    )
+    ref.add_argument(
+        "--lone-rim",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the refined model shows a pixel where one source alone has signal within N pixels of "
+        "the air as that source, unchanged (default: as the init model; 0 = off)",
+    )
+    ref.add_argument(
         "--also-train",
         default=None,
         choices=list(PAIR_TYPES),
@@ -229,6 +254,20 @@ def _lam_gain(text: str) -> tuple[float, ...]:
     return (lam, gain, 1.0) if both else (lam, gain)
 
 
+def _select(text: str) -> tuple[float, float, int]:
+    """``AMOUNT,GAIN,SOFT`` for ``--select-target``: 0 < AMOUNT <= 1, GAIN > 0, SOFT an integer >= 0."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        amount, gain, soft = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected AMOUNT,GAIN,SOFT (0.7,1.1,5), got {text!r}") from None
+    if not 0 < amount <= 1 or gain <= 0 or soft < 0:
+        raise argparse.ArgumentTypeError(f"need 0 < AMOUNT <= 1, GAIN > 0, SOFT >= 0; got {text!r}")
+    return (amount, gain, soft)
+
+
 def _cmd_refine(args: argparse.Namespace) -> int:
     from dicomnode.fusion.training.refine import refine, reward_weights  # noqa: PLC0415
 
@@ -254,6 +293,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             intensity_augment=args.intensity_augment,
             mri_dim=args.mri_dim,
             edge_target=args.edge_target,
+            select_target=args.select_target,
+            lone_rim=args.lone_rim,
+            edge_select=args.edge_select,
             also_train=args.also_train,
             also_gain=args.also_gain,
             also_cases=set(args.also_cases) if args.also_cases else None,

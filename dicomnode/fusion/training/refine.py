@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.classical import LaplacianPyramidFuser, graft_stronger_edges
+from dicomnode.fusion.classical import LaplacianPyramidFuser, graft_stronger_edges, select_edges_in_overlap
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, build_net, load_checkpoint
 from dicomnode.fusion.resample import resolve_device
@@ -307,6 +307,9 @@ def refine(
     val_against_stage1: bool | None = None,
     keep_checkpoints: Path | None = None,
     edge_target: tuple[float, ...] | None = None,
+    select_target: tuple[float, float, int] | None = None,
+    lone_rim: int | None = None,
+    edge_select: tuple[float, float, int] | None = None,
     also_train: str | None = None,
     also_gain: float = 1.0,
     also_cases: set[str] | None = None,
@@ -323,6 +326,13 @@ def refine(
     the stage-1 image with the MRI's stronger edges (with ``both`` = 1 also the moving image's
     stronger edges) grafted in where both sources have signal
     (:func:`dicomnode.fusion.classical.graft_stronger_edges`; stop 13), made per batch.
+    ``select_target`` ``(amount, gain, soft)``: the supervision is the stage-1 image moved by
+    ``amount`` towards the sources' stronger edges inside the overlap
+    (:func:`dicomnode.fusion.classical.select_edges_in_overlap`; stop 14), made per batch.
+    ``lone_rim``: the refined model's ``lone_rim`` (pixels within this many of the air where one
+    source alone has signal show that source unchanged; default: the init model's).
+    ``edge_select`` ``(amount, gain, soft)``: the refined model's fixed output step (FusionNet
+    ``edge_select``: select_edges_in_overlap after the blend; default: the init model's).
     ``also_train``: the ``train`` rows of another pair type (only atlas cases ``also_cases`` when
     given) join the training pairs, their moving image times ``also_gain`` (clipped, 8 bits):
     e.g. MRI-SPECT x1.7 as PET-like pairs with axial T1/T2 MRIs. Validation is unchanged.
@@ -352,8 +362,16 @@ def refine(
         raise ValueError(f"MRI dimming must be in [0, 1), got {dim}")
     if edge_target is not None and (len(edge_target) not in (2, 3) or min(edge_target[:2]) <= 0):
         raise ValueError(f"edge_target must be (lam, gain[, both]) with lam, gain > 0, got {edge_target}")
+    if select_target is not None:
+        if edge_target is not None:
+            raise ValueError("give edge_target or select_target, not both")
+        ok = len(select_target) == 3 and 0 < select_target[0] <= 1 and select_target[1] > 0
+        if not ok or select_target[2] < 0:
+            raise ValueError(f"select_target needs 0 < amount <= 1, gain > 0, soft >= 0: {select_target}")
+    if lone_rim is not None and int(lone_rim) < 0:
+        raise ValueError(f"lone_rim must be >= 0, got {lone_rim}")
     # the supervision is then made per batch (on the re-lit pair / with the edges grafted in)
-    relight = aug > 0 or dim > 0 or edge_target is not None
+    relight = aug > 0 or dim > 0 or edge_target is not None or select_target is not None
     conditions = tuple(val_conditions or VAL_CONDITIONS[pair_type])
     for c in conditions:
         condition(c)  # names checked before any work
@@ -399,6 +417,8 @@ def refine(
         "down_stride": down_stride,
         "keep_saturated": keep_saturated,
         "keep_lone_source": keep_lone,
+        **({} if lone_rim is None else {"lone_rim": int(lone_rim)}),
+        **({} if edge_select is None else {"edge_select": [float(v) for v in edge_select]}),
     }
     net = build_net(config)
     net.load_state_dict(ck["state_dict"])
@@ -451,6 +471,7 @@ def refine(
             "intensity_augment": aug,
             "mri_dim": dim,
             "edge_target": list(edge_target) if edge_target is not None else None,
+            "select_target": list(select_target) if select_target is not None else None,
             "also_train": None
             if also_train is None
             else {"pair_type": also_train, "gain": also_gain, "cases": sorted(also_cases or [], key=int)},
@@ -515,6 +536,9 @@ def refine(
                     lam_e, gain_e = edge_target[0], edge_target[1]
                     both_e = len(edge_target) > 2 and bool(edge_target[2])
                     t = graft_stronger_edges(a, b, t, lam_e, gain_e, both_e).clamp(0, 1)
+                if select_target is not None:
+                    amount, gain_s, soft = select_target
+                    t = select_edges_in_overlap(a, b, t, amount, gain_s, int(soft)).clamp(0, 1)
         pred = net(a, b).clamp(0, 1)
         with torch.no_grad():
             ref_fusions = []
