@@ -20,7 +20,13 @@ MRIs, the benchmark's kind). The last column is ``overlap_detail`` (MRI kept ins
 
     .venv/bin/python benchmarks/fusion_edge_transfer.py [--eval-root ../shared/eval] [--quick]
                                                         [--weights build/run/step-0300.pt ...]
-                                                        [--proxy-cases 4 11 18 ...]
+                                                        [--proxy-cases 4 11 18 ...] [--predict]
+                                                        [--edge-step]
+
+``--edge-step`` scores, instead of the graft variants, the sweep of the fixed edge step of stop 14
+(FusionNet ``edge_select`` / ``lone_rim``: :data:`EDGE_STEPS`). ``--predict`` adds the benchmark
+change predicted as the mean over the three sets (stop 14's predictor) and each row's slack against
+what MRI-PET needs to be first (:data:`REQUIRED`).
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.classical import graft_stronger_edges
+from dicomnode.fusion.classical import graft_stronger_edges, select_edges_in_overlap, stronger_edge_image
 from dicomnode.fusion.metrics import METRIC_NAMES, overlap_detail
-from dicomnode.fusion.model import WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
+from dicomnode.fusion.model import WEIGHTS_FILE, CNNFuser, build_net, keep_lone_rim, load_checkpoint
 from dicomnode.fusion.training.refine import apply_condition, load_split, mean_metrics
 from dicomnode.fusion.training.specialise import to_u8
 
@@ -72,6 +79,74 @@ def stage1_with_edges(
     return out.clamp(0, 1)
 
 
+# the edge-step sweep (``--edge-step``, stop 14): (amount, gain, rim, where, highpass sigma) of
+# "stage 1 + step": stage 1 moved by ``amount`` towards the stronger-edge image (gradient x
+# ``gain``) where both sources have signal (``where`` "overlap") or where the moving image is also
+# the brighter ("brighter"), faded over 5 px; ``highpass``: only the part of the step finer than a
+# Gaussian of that sigma (keeps stage 1's brightness); ``rim``: FusionNet's ``lone_rim``; amount 0:
+# the rim alone
+EDGE_STEPS: tuple[tuple[float, float, int, str, float | None], ...] = (
+    (0.0, 1.0, 1, "overlap", None),
+    (0.0, 1.0, 2, "overlap", None),
+    (0.0, 1.0, 8, "overlap", None),
+    (0.7, 1.1, 0, "overlap", None),
+    *((amount, gain, 1, "overlap", None) for amount in (0.5, 0.7, 0.8, 1.0) for gain in (1.0, 1.1, 1.15)),
+    (0.8, 1.1, 1, "brighter", None),
+    (0.9, 1.05, 1, "brighter", None),
+    (1.0, 1.05, 1, "brighter", None),
+    (0.7, 1.1, 1, "overlap", 4.0),
+    (0.7, 1.1, 1, "overlap", 8.0),
+    (1.0, 1.1, 1, "overlap", 4.0),
+)
+
+
+def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    k = 2 * int(3 * sigma) + 1
+    t = torch.arange(k, dtype=x.dtype) - k // 2
+    g = torch.exp(-(t**2) / (2 * sigma * sigma))
+    g = g / g.sum()
+    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
+    return F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
+
+
+def stage1_with_step(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: torch.Tensor,
+    amount: float,
+    gain: float,
+    rim: int,
+    where: str = "overlap",
+    highpass: float | None = None,
+    soft: int = 5,
+) -> torch.Tensor:
+    """Stage-1 image ``s`` with the edge step of :data:`EDGE_STEPS` (``where`` "overlap": exactly
+    ``classical.select_edges_in_overlap``) and the lone rim, clipped to [0, 1]."""
+    out = s.clamp(0, 1)
+    if amount > 0:
+        if where == "overlap" and highpass is None:
+            out = select_edges_in_overlap(a, b, out, amount, gain, soft)
+        else:
+            region = (a > 0) & (b > 0)
+            if where == "brighter":
+                region = region & (b > a)
+            m = F.avg_pool2d(region.to(s.dtype), 2 * soft + 1, 1, soft, count_include_pad=False)
+            d = stronger_edge_image(a, b, gain) - out
+            if highpass is not None:
+                d = d - _gauss_blur(d, highpass)
+            out = out + amount * m * d
+    if rim > 0:
+        out = keep_lone_rim(a, b, out, rim)
+    return torch.where((a <= 0) & (b <= 0), torch.zeros_like(out), out).clamp(0, 1)
+
+
+def _step_name(amount: float, gain: float, rim: int, where: str, highpass: float | None) -> str:
+    if amount == 0:
+        return f"stage 1 + rim {rim}"
+    extra = ("" if where == "overlap" else f" {where}") + ("" if highpass is None else f" hp{highpass:g}")
+    return f"stage 1 + step a{amount:g} g{gain:g}{extra}" + (f" rim {rim}" if rim else "")
+
+
 def _load_nets(paths: list[Path]) -> dict[str, torch.nn.Module]:
     """Checkpoints / refined weights files by a short unique name (``run/step-0300.pt``)."""
     out: dict[str, torch.nn.Module] = {}
@@ -89,12 +164,14 @@ def run(
     quick: bool = False,
     weights: list[Path] | None = None,
     proxy_cases: set[str] | None = None,
+    edge_step: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Print one table per set; return {set: {method: {metric: % change over stage 1, 'od': ...}}}.
 
     ``weights``: refined checkpoints (e.g. a PET entry kept by ``train refine --keep-checkpoints``)
     scored as more rows, on every set (the MRI-SPECT set is the PET-like one). ``proxy_cases``:
     only the MRI-SPECT val rows of these atlas cases (those a checkpoint was not trained on).
+    ``edge_step``: the rows of :data:`EDGE_STEPS` instead of the graft / lone variants.
     """
     net = CNNFuser(weights=WEIGHTS_FILE).net
     extra = _load_nets(list(weights or []))
@@ -119,7 +196,9 @@ def run(
             "max": torch.maximum(a, b),
             "gradient-domain": torch.from_numpy(gd.fuse(a[:, 0].numpy(), b[:, 0].numpy()))[:, None],
         }
-        for lone, lam, gain in variants:
+        for step in EDGE_STEPS if edge_step else ():
+            fused[_step_name(*step)] = stage1_with_step(a, b, s, *step)
+        for lone, lam, gain in () if edge_step else variants:
             parts = ([] if lam is None else [f"edges l{lam} g{gain}"]) + (
                 [] if lone is None else [f"lone x{lone}"]
             )
@@ -143,6 +222,49 @@ def run(
     return results
 
 
+# what a change over stage 1 must reach on the benchmark for MRI-PET to be first in the column:
+# stage 1's margins over the best other method in the shipped table (dicomnode/fusion/MODEL.md,
+# "Results"): Qabf 0.692 vs max 0.714, SSIM 1.515 vs 1.510, AG 7.929 vs IFCNN 7.883, SF 30.10 vs
+# 29.54, SD 79.80 vs 75.49, SCD 1.810 vs 1.705
+REQUIRED: dict[str, float] = {"Qabf": 3.2, "SSIM": -0.3, "AG": -0.6, "SF": -1.9, "SD": -5.4, "SCD": -5.8}
+
+
+def predict(
+    results: dict[str, dict[str, dict[str, float]]],
+    required: dict[str, float] | None = None,
+    slack: float = 0.3,
+    od_floor: float = 0.364,
+) -> dict[str, dict[str, float | bool]]:
+    """The benchmark change predicted as the mean over the sets; print it with each row's slack.
+
+    A row is ``eligible`` when the predicted change minus ``required`` is at least ``slack`` points
+    in every required column, its Qabf rises on every set, and it keeps at least ``od_floor`` of
+    the MRI inside the uptake at ``mri-x0.7`` (stage 1's ``overlap_detail``). Calibration against
+    the benchmark looks taken so far: MODEL.md, "Stop 14".
+    """
+    req = dict(REQUIRED if required is None else required)
+    sets = list(results)
+    names = [n for n in results[sets[0]] if n != "stage 1"]
+    od_key = next((k for k in sets if k.endswith("mri-x0.7")), sets[-1])
+    out: dict[str, dict[str, float | bool]] = {}
+    width = max(len(n) for n in names) + 2
+    print(
+        f"\npredicted benchmark change over stage 1 (mean of the {len(sets)} sets), %; required: "
+        + ", ".join(f"{k} {v:+.1f}" for k, v in req.items())
+    )
+    head = "".join(f"{k:>7}" for k in req)
+    print(f"{'method':<{width}}{head}{'slack':>7}  Qabf up on all  eligible")
+    for n in names:
+        mean = {k: float(np.mean([results[s][n][k] for s in sets])) for k in req}
+        low = min(mean[k] - req[k] for k in req)
+        up = all(results[s][n]["Qabf"] > 0 for s in sets)
+        ok = low >= slack and up and results[od_key][n]["od"] >= od_floor
+        out[n] = {**mean, "slack": low, "qabf_up_everywhere": up, "eligible": ok}
+        cells = "".join(f"{mean[k]:>+7.1f}" for k in req)
+        print(f"{n:<{width}}{cells}{low:>+7.2f}  {'yes' if up else 'no':<14}  {'ELIGIBLE' if ok else '-'}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "eval")
@@ -155,18 +277,33 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CASE",
         help="MRI-SPECT val rows of these atlas cases only",
     )
+    ap.add_argument(
+        "--edge-step",
+        action="store_true",
+        help="score the edge-step sweep (EDGE_STEPS: stage 1 + the fixed edge step / lone rim) "
+        "instead of the graft and lone variants",
+    )
+    ap.add_argument(
+        "--predict",
+        action="store_true",
+        help="also print the benchmark change predicted as the mean over the three sets, with each "
+        "row's slack against stage 1's MRI-PET margins (REQUIRED)",
+    )
     args = ap.parse_args(argv)
     missing = [p for p in args.weights if not p.is_file()]
     if missing:
         print(f"no weights file at {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
     torch.set_flush_denormal(True)
-    run(
+    results = run(
         args.eval_root.resolve(),
         args.quick,
         args.weights,
         set(args.proxy_cases) if args.proxy_cases else None,
+        args.edge_step,
     )
+    if args.predict:
+        predict(results)
     return 0
 
 

@@ -57,3 +57,63 @@ def test_fusion_edge_transfer_prints_changes_over_stage1(
     assert mod.main(["--eval-root", str(root), "--quick", "--proxy-cases", "8"]) == 0  # val row 0005 only
     out = capsys.readouterr().out
     assert "MRI-SPECT moving-x1.7 (1 val pairs)" in out and "MRI-PET stored (2 val pairs)" in out
+    assert mod.main(["--eval-root", str(root), "--edge-step", "--predict"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("stage 1 + step a0.7 g1.1 rim 1 ") == 4  # a row per set and one predicted
+    assert out.count("stage 1 + rim 8 ") == 4 and "stage 1 + edges" not in out
+    assert "predicted benchmark change over stage 1 (mean of the 3 sets)" in out
+
+
+def test_predict_averages_the_sets_and_applies_the_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    mod = bench_module("fusion_edge_transfer")
+    zero = {k: 0.0 for k in ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")}
+
+    def row(qabf: float, ssim: float, od: float = 0.4) -> dict[str, float]:
+        return {**zero, "Qabf": qabf, "SSIM": ssim, "od": od}
+
+    results = {
+        "MRI-PET stored": {"stage 1": row(0, 0, 0.364), "good": row(4.0, 0.2), "flat": row(-1.0, 0.5)},
+        "MRI-PET mri-x0.7": {"stage 1": row(0, 0, 0.364), "good": row(3.0, 0.0), "flat": row(5.0, 0.5)},
+        "MRI-SPECT moving-x1.7": {"stage 1": row(0, 0, 0.564), "good": row(5.0, 0.1), "flat": row(5.0, 0.5)},
+    }
+    out = mod.predict(results)
+    assert out["good"]["Qabf"] == pytest.approx(4.0) and out["good"]["SSIM"] == pytest.approx(0.1)
+    assert out["good"]["slack"] == pytest.approx(0.4)  # SSIM: +0.1 against -0.3 is the smallest
+    assert out["good"]["eligible"] is True
+    # the same mean Qabf, but it falls on one set: not eligible (the gain must be on every set)
+    assert out["flat"]["Qabf"] == pytest.approx(3.0) and out["flat"]["qabf_up_everywhere"] is False
+    assert out["flat"]["eligible"] is False and "stage 1" not in out
+    results["MRI-PET mri-x0.7"]["good"]["od"] = 0.3  # keeps less MRI than stage 1: not eligible
+    assert mod.predict(results)["good"]["eligible"] is False
+    printed = capsys.readouterr().out
+    assert "predicted benchmark change over stage 1 (mean of the 3 sets)" in printed and "ELIGIBLE" in printed
+
+
+def test_stage1_with_step_is_the_models_output_step() -> None:
+    mod = bench_module("fusion_edge_transfer")
+    from dicomnode.fusion.classical import select_edges_in_overlap
+
+    torch.manual_seed(3)
+    a = torch.zeros(1, 1, 40, 40)
+    b = torch.zeros(1, 1, 40, 40)
+    a[..., 4:36, 4:36] = 0.2 + 0.5 * torch.rand(1, 1, 32, 32)  # MRI: a textured head
+    b[..., 12:28, 12:28] = 0.3 + 0.4 * (torch.arange(16) >= 8)  # PET: dimmer left, brighter right
+    s = torch.maximum(a, b)
+    step = mod.stage1_with_step(a, b, s, 0.7, 1.1, 1)
+    expect = FM.keep_lone_rim(a, b, select_edges_in_overlap(a, b, s, 0.7, 1.1, 5), 1).clamp(0, 1)
+    torch.testing.assert_close(step, expect)
+    rim = mod.stage1_with_step(a, b, s * 1.1, 0.0, 1.0, 1)  # the rim alone
+    edge = (a > 0) & (torch.nn.functional.max_pool2d((a <= 0).float(), 3, 1, 1) > 0)
+    assert torch.equal(rim[edge], a[edge]) and torch.equal(rim[~edge], (s * 1.1).clamp(0, 1)[~edge])
+    # "brighter": the step only near where the PET is also the brighter source
+    bright = mod.stage1_with_step(a, b, s, 1.0, 1.0, 0, "brighter")
+    far = torch.nn.functional.avg_pool2d(((a > 0) & (b > a)).float(), 11, 1, 5) == 0
+    torch.testing.assert_close(bright[far], s[far])
+    assert not torch.allclose(bright, s)
+    # the high-pass step keeps stage 1's brightness over a large window
+    hp = mod.stage1_with_step(a, b, s, 1.0, 1.0, 0, "overlap", 4.0)
+    full = mod.stage1_with_step(a, b, s, 1.0, 1.0, 0)
+    inner = (..., slice(14, 26), slice(14, 26))
+    assert abs(float((hp - s)[inner].mean())) < abs(float((full - s)[inner].mean())) + 1e-6
+    assert mod._step_name(0.0, 1.0, 2, "overlap", None) == "stage 1 + rim 2"
+    assert mod._step_name(0.9, 1.05, 1, "brighter", None) == "stage 1 + step a0.9 g1.05 brighter rim 1"
