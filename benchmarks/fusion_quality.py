@@ -11,7 +11,7 @@ PNG (sources, max, best peer, ours).
                                                   [--weights FILE] [--regions]
 
 ``--regions`` also prints, per method, VIF(MRI, F), VIF(other, F) and Qabf split by where their
-terms sit (``vif_regions``, ``qabf_regions``): where each method wins or loses them.
+terms sit (``vif_regions``, ``qabf_regions``, ``ssim_regions``): where each method wins or loses them.
 
 ``--weights`` scores a weights file other than the shipped one as "ours" (a candidate packed with
 ``dicomnode train pack``), without touching the package.
@@ -40,6 +40,7 @@ from dicomnode.fusion.metrics import (
     evaluate,
     overlap_detail,
     qabf_regions,
+    ssim_regions,
     vif_regions,
 )
 from dicomnode.fusion.model import CNNFuser
@@ -155,13 +156,22 @@ def run(
 
 
 def _print_regions(t: str, fused: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray) -> None:
-    """VIF per source and Qabf, each split by where its terms sit (A = MRI, B = the other source)."""
-    print(f"\n{t}: VIF(A,F), VIF(B,F) and Qabf split by region (means; each row's parts add up to it)")
+    """VIF and SSIM per source and Qabf, each split by where its terms sit (A = MRI, B = the other)."""
+    what = "VIF(A,F), VIF(B,F), Qabf, SSIM(F,A), SSIM(F,B)"
+    print(f"\n{t}: {what} split by region (means; each row's parts add up to it)")
     print(f"{'method':<22}{'part':>6}" + "".join(f"{r:>18}" for r in SIGNAL_REGIONS) + f"{'sum':>8}")
     for k, f in fused.items():
         vr = vif_regions(f, a, b)
         qr = qabf_regions(f, a, b)
-        for label, part in (("VIF A", vr["A"]), ("VIF B", vr["B"]), ("Qabf", qr)):
+        sr = ssim_regions(f, a, b)
+        parts = (
+            ("VIF A", vr["A"]),
+            ("VIF B", vr["B"]),
+            ("Qabf", qr),
+            ("SSIM A", sr["A"]),
+            ("SSIM B", sr["B"]),
+        )
+        for label, part in parts:
             means = {r: float(np.mean(part[r])) for r in SIGNAL_REGIONS}
             cells = "".join(f"{means[r]:>18.4f}" for r in SIGNAL_REGIONS)
             print(f"{k.split(' (')[0]:<22}{label:>6}{cells}{sum(means.values()):>8.4f}")

@@ -58,12 +58,13 @@ def test_fusion_quality_scores_a_candidate_weights_file(
     assert mod.main([*argv, "--regions"]) == 0
     out = capsys.readouterr().out
     assert out.count("split by region") == 3
-    split_rows = [  # "<method>  VIF A|VIF B|Qabf  <five parts>  <sum>"
+    split_rows = [  # "<method>  VIF A|VIF B|Qabf|SSIM A|SSIM B  <five parts>  <sum>"
         row
         for row in (ln.split() for ln in out.splitlines())
         if len(row) >= 7 and row[-7] in ("A", "B", "Qabf") and row[-1].replace(".", "").isdigit()
     ]
-    assert len(split_rows) >= 3 * 3 * 4  # 3 types, 3 parts, ours + average/max/Laplacian (+ IFCNN for PET)
+    assert len(split_rows) >= 3 * 5 * 4  # 3 types, 5 parts, ours + average/max/Laplacian (+ IFCNN for PET)
+    assert sum(row[-8] == "SSIM" for row in split_rows) >= 3 * 2 * 4
     for cells in ([float(x) for x in row[-6:]] for row in split_rows):
         assert sum(cells[:5]) == pytest.approx(cells[5], abs=5e-4)  # the parts add up
     rows = [ln for ln in out.splitlines() if ln.startswith("max ") and "VIF B" in ln]

@@ -233,6 +233,38 @@ def test_vif_regions_add_up_to_vif_and_place_the_windows() -> None:
     assert batch["A"]["A only"].shape == (2,)
 
 
+def test_ssim_regions_add_up_to_ssim_and_place_the_windows() -> None:
+    rng = np.random.default_rng(8)
+    a = np.zeros((48, 48))
+    b = np.zeros((48, 48))
+    a[4:44, 4:36] = rng.integers(20, 120, (40, 32))  # A: a dim head
+    b[16:40, 16:40] = rng.integers(130, 250, (24, 24))  # B: bright, overlapping A
+    for f in (np.maximum(a, b), (a + b) / 2, a, rng.integers(0, 256, (48, 48)).astype(float)):
+        parts = M.ssim_regions(f, a, b)
+        assert set(parts) == {"A", "B"} and tuple(parts["A"]) == M.SIGNAL_REGIONS
+        total = sum(parts["A"].values()) + sum(parts["B"].values())
+        assert total == pytest.approx(M.ssim(f, a, b), abs=1e-12)
+    # F = A: SSIM(F,A) is 1 in every window, so its parts are the regions' window shares
+    at_a = M.ssim_regions(a, a, b)
+    assert sum(at_a["A"].values()) == pytest.approx(1.0)
+    # F = max copies B where B is brighter: SSIM(F,B) is larger there than for F = A
+    at_max = M.ssim_regions(np.maximum(a, b), a, b)
+    assert at_max["B"]["both, B brighter"] > at_a["B"]["both, B brighter"] + 0.05
+    # a faint A speck in the air, 2 grey levels off in F: the 8 windows around it that hold nothing
+    # else lose ~0.2 each (the constants of data_range=2 are negligible), all in "neither"
+    rim = a.copy()
+    rim[1, 44] = 3.0
+    moved = rim.copy()
+    moved[1, 44] = 5.0
+    kept, lost = M.ssim_regions(rim, rim, b), M.ssim_regions(moved, rim, b)
+    assert kept["A"]["neither"] - lost["A"]["neither"] > 8 * 0.1 / (42 * 42)
+    assert kept["A"]["A only"] == pytest.approx(lost["A"]["A only"])
+    batch = M.ssim_regions(np.stack([a, a]), np.stack([a, a]), np.stack([b, b]))
+    assert batch["A"]["A only"].shape == (2,)
+    with pytest.raises(ValueError, match="7x7"):
+        M.ssim_regions(a[:5, :5], a[:5, :5], b[:5, :5])
+
+
 def test_en_black_air_bound_caps_every_image_that_keeps_the_air_one_level() -> None:
     rng = np.random.default_rng(7)
     a = np.zeros((64, 64))
