@@ -123,6 +123,8 @@ def test_edge_select_is_a_fixed_output_step_from_the_config() -> None:
 
     torch.testing.assert_close(out_step, select_edges_in_overlap(a, b, out_plain, 0.7, 1.1, 5))
     assert M.build_net({}).edge_select is None
+    with pytest.raises(ValueError, match="edge_select"):
+        M.build_net({"edge_select": [1.5, 1.1, 5]})
 
 
 def test_gradients_flow() -> None:

@@ -95,6 +95,8 @@ class FusionNet(nn.Module):
         self.edge_select: tuple[float, float, int] | None = None
         if edge_select is not None:
             amount, gain, soft = edge_select
+            if not 0 <= float(amount) <= 1 or float(gain) <= 0 or int(soft) < 0:
+                raise ValueError(f"edge_select needs 0 <= amount <= 1, gain > 0, soft >= 0: {edge_select}")
             self.edge_select = (float(amount), float(gain), int(soft))
         self.stem = nn.Conv2d(4, width, 3, stride=2, padding=1)  # on the 1/2-res input: 1/4 res
         self.down = nn.Conv2d(width, width, 3, stride=down_stride, padding=1)  # 1/8 res (stride 2)
