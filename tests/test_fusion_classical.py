@@ -201,3 +201,22 @@ def test_select_edges_in_overlap_moves_only_the_overlap_towards_the_stronger_edg
     for bad in ((1.5, 1.0, 5), (0.5, 0.0, 5), (0.5, 1.0, -1)):
         with pytest.raises(ValueError, match="amount"):
             select_edges_in_overlap(a, b, base, *bad)
+    with pytest.raises(ValueError, match="anchor"):
+        select_edges_in_overlap(a, b, base, 0.5, anchor="min")
+
+
+def test_the_edge_step_held_to_the_base_keeps_its_brightness() -> None:
+    a = torch.zeros(1, 1, 64, 64)
+    b = torch.zeros(1, 1, 64, 64)
+    a[..., 4:60, 4:60] = 0.9 + 0.1 * (torch.arange(56) % 4 == 0)  # a bright MRI with fine stripes
+    b[..., 12:52, 12:52] = 0.5  # a dimmer, flat uptake
+    base = torch.where((a > 0) & (b > 0), 0.6 * torch.ones_like(a), a)  # a base that shows the uptake dim
+    inner = (..., slice(22, 42), slice(22, 42))
+    to_max = select_edges_in_overlap(a, b, base, 1.0, 1.0, soft=0)
+    to_base = select_edges_in_overlap(a, b, base, 1.0, 1.0, soft=0, anchor="base")
+    assert float(to_max[inner].mean()) > 0.85  # held to max: the uptake goes as bright as the MRI
+    # held to the base, the brightness stays near the base's beyond a few pixels from the uptake's edge
+    assert abs(float(to_base[inner].mean()) - 0.6) < 0.3 * abs(float(to_max[inner].mean()) - 0.6)
+    # and the MRI's stripes are in both
+    for out in (to_max, to_base):
+        assert float(torch.diff(out, dim=-1)[inner].abs().max()) > 0.05

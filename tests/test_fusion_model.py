@@ -125,6 +125,14 @@ def test_edge_select_is_a_fixed_output_step_from_the_config() -> None:
     assert M.build_net({}).edge_select is None
     with pytest.raises(ValueError, match="edge_select"):
         M.build_net({"edge_select": [1.5, 1.1, 5]})
+    held = M.build_net({"edge_select": [0.7, 1.1, 5], "edge_anchor": "base"})
+    held.load_state_dict(plain.state_dict())
+    with torch.inference_mode():
+        out_held = held(a, b)
+    torch.testing.assert_close(out_held, select_edges_in_overlap(a, b, out_plain, 0.7, 1.1, 5, anchor="base"))
+    assert M.build_net({}).edge_anchor == "max"
+    with pytest.raises(ValueError, match="edge_anchor"):
+        M.build_net({"edge_anchor": "min"})
 
 
 def test_gradients_flow() -> None:

@@ -330,6 +330,13 @@ def test_refine_with_a_select_target_and_the_output_flags(tmp_path: Path) -> Non
         refine(root, "MRI-PET", tmp_path / "e.pt", select_target=(0.0, 1.1, 5), **kw)
     with pytest.raises(ValueError, match="lone_rim"):
         refine(root, "MRI-PET", tmp_path / "e.pt", lone_rim=-1, **kw)
+    # the edge image held to the image it is added to: another supervision, recorded in the config
+    f = refine(root, "MRI-PET", tmp_path / "f.pt", select_target=(0.7, 1.1, 5), edge_anchor="base", **kw)
+    cf = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert f["edge_anchor"] == "base" and cf["config"]["edge_anchor"] == "base"
+    assert any(not torch.equal(cf["state_dict"][k], ca["state_dict"][k]) for k in ca["state_dict"])
+    with pytest.raises(ValueError, match="edge_anchor"):
+        refine(root, "MRI-PET", tmp_path / "e.pt", edge_anchor="min", **kw)
 
 
 def test_refine_also_trains_on_another_pair_type_re_lit(tmp_path: Path) -> None:
@@ -447,6 +454,8 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert meta["edge_target"] == [0.5, 1.1] and meta["also_train"]["cases"] == ["7", "8"]
     sel = parser.parse_args([*common, "--out", str(out), "--select-target", "0.7,1.1,5", "--lone-rim", "1"])
     assert sel.select_target == (0.7, 1.1, 5) and sel.lone_rim == 1 and sel.edge_select is None
+    assert sel.edge_anchor is None
+    assert parser.parse_args([*common, "--out", str(out), "--edge-anchor", "base"]).edge_anchor == "base"
     for text in ("0.7,1.1", "0,1.1,5", "0.7,1.1,2.5", "0.7,-1,5"):
         with pytest.raises(SystemExit):
             parser.parse_args([*common, "--out", str(out), "--edge-select", text])

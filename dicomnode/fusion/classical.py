@@ -304,18 +304,23 @@ class GradientDomainFuser(TorchFuser):
 
 
 def stronger_edge_image(
-    a: torch.Tensor, b: torch.Tensor, gain: float = 1.0, lam: float = 0.05
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gain: float = 1.0,
+    lam: float = 0.05,
+    anchor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gradient-domain image of (N,1,H,W) sources (:class:`GradientDomainFuser`), gradient x ``gain``.
 
     Per pixel both forward differences of the source with the stronger Sobel edge, times ``gain``;
-    screened-Poisson image held to the pixel max with weight ``lam``; 0 where both sources are 0.
+    screened-Poisson image held with weight ``lam`` to ``anchor`` (default: the pixel max), which
+    sets its brightness beyond a few pixels; 0 where both sources are 0.
     """
     pick_a = sobel_strength(a) >= sobel_strength(b)
     ax, ay = forward_grads(a)
     bx, by = forward_grads(b)
     gx, gy = torch.where(pick_a, ax, bx) * gain, torch.where(pick_a, ay, by) * gain
-    fused = screened_poisson(gx, gy, torch.maximum(a, b), lam)
+    fused = screened_poisson(gx, gy, torch.maximum(a, b) if anchor is None else anchor, lam)
     return torch.where((a <= 0) & (b <= 0), torch.zeros_like(fused), fused)
 
 
@@ -327,6 +332,7 @@ def select_edges_in_overlap(
     gain: float = 1.0,
     soft: int = 5,
     lam: float = 0.05,
+    anchor: str = "max",
 ) -> torch.Tensor:
     """``base`` (N,1,H,W; clipped to [0, 1]) moved by ``amount`` towards the stronger edges in the overlap.
 
@@ -334,16 +340,21 @@ def select_edges_in_overlap(
     and ``m`` the overlap mask (both sources > 0) averaged over a ``2 * soft + 1`` box, so the
     step fades in over ``soft`` pixels either side of the edge of the PET uptake instead of
     drawing a seam. Further than ``soft`` pixels from the overlap ``F`` is ``base``; where both
-    sources are 0 it is 0. Inside the uptake
-    this keeps, per pixel, the stronger of the two sources' edges (MRI anatomy where the MRI's
-    edge is the stronger) while ``base`` keeps its brightness. Not clipped.
+    sources are 0 it is 0. Inside the uptake this keeps, per pixel, the stronger of the two
+    sources' edges (MRI anatomy where the MRI's edge is the stronger). ``anchor``: what ``E`` is
+    held to, "max" (the pixel max: the uptake brightens towards max, washing out where the MRI is
+    the brighter source) or "base" (``base``'s own brightness, edges only). Not clipped.
     """
-    if not 0.0 <= amount <= 1.0 or gain <= 0 or soft < 0:
-        raise ValueError(f"need 0 <= amount <= 1, gain > 0, soft >= 0; got {amount}, {gain}, {soft}")
+    if not 0.0 <= amount <= 1.0 or gain <= 0 or soft < 0 or anchor not in ("max", "base"):
+        raise ValueError(
+            "need 0 <= amount <= 1, gain > 0, soft >= 0, anchor max|base; "
+            f"got {amount}, {gain}, {soft}, {anchor!r}"
+        )
     base = base.clamp(0, 1)
     overlap = ((a > 0) & (b > 0)).to(base.dtype)
     m = F.avg_pool2d(overlap, 2 * soft + 1, 1, soft, count_include_pad=False) if soft > 0 else overlap
-    out = base + amount * m * (stronger_edge_image(a, b, gain, lam) - base)
+    edges = stronger_edge_image(a, b, gain, lam, None if anchor == "max" else base)
+    out = base + amount * m * (edges - base)
     return torch.where((a <= 0) & (b <= 0), torch.zeros_like(out), out)
 
 

@@ -70,6 +70,7 @@ class FusionNet(nn.Module):
         keep_lone_source: bool = False,
         lone_rim: int = 0,
         edge_select: tuple[float, float, int] | None = None,
+        edge_anchor: str = "max",
     ) -> None:
         super().__init__()
         if down_stride not in (1, 2):
@@ -98,6 +99,9 @@ class FusionNet(nn.Module):
             if not 0 <= float(amount) <= 1 or float(gain) <= 0 or int(soft) < 0:
                 raise ValueError(f"edge_select needs 0 <= amount <= 1, gain > 0, soft >= 0: {edge_select}")
             self.edge_select = (float(amount), float(gain), int(soft))
+        if edge_anchor not in ("max", "base"):
+            raise ValueError(f"edge_anchor must be 'max' or 'base', got {edge_anchor!r}")
+        self.edge_anchor = edge_anchor  # what the step's edge image is held to (select_edges_in_overlap)
         self.stem = nn.Conv2d(4, width, 3, stride=2, padding=1)  # on the 1/2-res input: 1/4 res
         self.down = nn.Conv2d(width, width, 3, stride=down_stride, padding=1)  # 1/8 res (stride 2)
         self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=d, dilation=d) for d in self.dilations)
@@ -145,7 +149,7 @@ class FusionNet(nn.Module):
             fused = torch.where(b <= 0.5 / 255, a, torch.where(a <= 0.5 / 255, b, fused))
         if self.edge_select is not None:
             amount, gain, soft = self.edge_select
-            fused = select_edges_in_overlap(a, b, fused, amount, gain, soft)
+            fused = select_edges_in_overlap(a, b, fused, amount, gain, soft, anchor=self.edge_anchor)
         if self.lone_rim > 0:
             fused = keep_lone_rim(a, b, fused, self.lone_rim)
         return torch.where(top <= 0.5 / 255, torch.zeros_like(fused), fused)
@@ -191,6 +195,7 @@ def build_net(config: dict[str, Any] | None = None) -> FusionNet:
         keep_lone_source=bool(cfg.get("keep_lone_source", False)),
         lone_rim=int(cfg.get("lone_rim", 0)),
         edge_select=None if cfg.get("edge_select") is None else tuple(cfg["edge_select"]),
+        edge_anchor=str(cfg.get("edge_anchor", "max")),
     )
 
 

@@ -170,6 +170,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "it; default: as the init model)",
     )
     ref.add_argument(
+        "--edge-anchor",
+        choices=("max", "base"),
+        default=None,
+        help="what the edge image of --select-target and --edge-select is held to: the pixel max "
+        "(default) or the image it is added to (edges only, no brightening)",
+    )
+    ref.add_argument(
         "--lone-rim",
         type=int,
         default=None,
@@ -296,6 +303,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             select_target=args.select_target,
             lone_rim=args.lone_rim,
             edge_select=args.edge_select,
+            edge_anchor=args.edge_anchor,
             also_train=args.also_train,
             also_gain=args.also_gain,
             also_cases=set(args.also_cases) if args.also_cases else None,

@@ -310,6 +310,7 @@ def refine(
     select_target: tuple[float, float, int] | None = None,
     lone_rim: int | None = None,
     edge_select: tuple[float, float, int] | None = None,
+    edge_anchor: str | None = None,
     also_train: str | None = None,
     also_gain: float = 1.0,
     also_cases: set[str] | None = None,
@@ -333,6 +334,8 @@ def refine(
     source alone has signal show that source unchanged; default: the init model's).
     ``edge_select`` ``(amount, gain, soft)``: the refined model's fixed output step (FusionNet
     ``edge_select``: select_edges_in_overlap after the blend; default: the init model's).
+    ``edge_anchor`` ("max" or "base"): what the edge image of ``select_target`` and of the
+    model's step is held to (default "max"; the model's: the init model's).
     ``also_train``: the ``train`` rows of another pair type (only atlas cases ``also_cases`` when
     given) join the training pairs, their moving image times ``also_gain`` (clipped, 8 bits):
     e.g. MRI-SPECT x1.7 as PET-like pairs with axial T1/T2 MRIs. Validation is unchanged.
@@ -370,6 +373,8 @@ def refine(
             raise ValueError(f"select_target needs 0 < amount <= 1, gain > 0, soft >= 0: {select_target}")
     if lone_rim is not None and int(lone_rim) < 0:
         raise ValueError(f"lone_rim must be >= 0, got {lone_rim}")
+    if edge_anchor not in (None, "max", "base"):
+        raise ValueError(f"edge_anchor must be 'max' or 'base', got {edge_anchor!r}")
     # the supervision is then made per batch (on the re-lit pair / with the edges grafted in)
     relight = aug > 0 or dim > 0 or edge_target is not None or select_target is not None
     conditions = tuple(val_conditions or VAL_CONDITIONS[pair_type])
@@ -419,6 +424,7 @@ def refine(
         "keep_lone_source": keep_lone,
         **({} if lone_rim is None else {"lone_rim": int(lone_rim)}),
         **({} if edge_select is None else {"edge_select": [float(v) for v in edge_select]}),
+        **({} if edge_anchor is None else {"edge_anchor": edge_anchor}),
     }
     net = build_net(config)
     net.load_state_dict(ck["state_dict"])
@@ -472,6 +478,7 @@ def refine(
             "mri_dim": dim,
             "edge_target": list(edge_target) if edge_target is not None else None,
             "select_target": list(select_target) if select_target is not None else None,
+            "edge_anchor": edge_anchor,
             "also_train": None
             if also_train is None
             else {"pair_type": also_train, "gain": also_gain, "cases": sorted(also_cases or [], key=int)},
@@ -538,7 +545,8 @@ def refine(
                     t = graft_stronger_edges(a, b, t, lam_e, gain_e, both_e).clamp(0, 1)
                 if select_target is not None:
                     amount, gain_s, soft = select_target
-                    t = select_edges_in_overlap(a, b, t, amount, gain_s, int(soft)).clamp(0, 1)
+                    anchor = edge_anchor or "max"
+                    t = select_edges_in_overlap(a, b, t, amount, gain_s, int(soft), anchor=anchor).clamp(0, 1)
         pred = net(a, b).clamp(0, 1)
         with torch.no_grad():
             ref_fusions = []
