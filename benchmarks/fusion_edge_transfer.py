@@ -40,7 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.classical import graft_stronger_edges, select_edges_in_overlap, stronger_edge_image
+from dicomnode.fusion.classical import (
+    box_filter,
+    graft_stronger_edges,
+    select_edges_in_overlap,
+    stronger_edge_image,
+)
 from dicomnode.fusion.metrics import METRIC_NAMES, overlap_detail
 from dicomnode.fusion.model import WEIGHTS_FILE, CNNFuser, build_net, keep_lone_rim, load_checkpoint
 from dicomnode.fusion.training.refine import apply_condition, load_split, mean_metrics
@@ -130,7 +135,7 @@ def stage1_with_step(
             region = (a > 0) & (b > 0)
             if where == "brighter":
                 region = region & (b > a)
-            m = F.avg_pool2d(region.to(s.dtype), 2 * soft + 1, 1, soft, count_include_pad=False)
+            m = box_filter(region.to(s.dtype), soft)
             d = stronger_edge_image(a, b, gain) - out
             if highpass is not None:
                 d = d - _gauss_blur(d, highpass)

@@ -1,7 +1,7 @@
 """Fusion speed: slices per second of a fuser at 256x256 and 512x512, batch sizes 1..64, and peak memory.
 
     .venv/bin/python benchmarks/fusion_speed.py [--method default] [--device cpu|cuda|auto] [--threads N]
-        [--modalities general CT PT NM] [--rounds 3]
+        [--modalities general CT PT NM] [--rounds 3] [--weights FILE]
 
 With several ``--modalities`` (the model's entry per moving modality; ``general`` = the general
 model) each cell is measured for every entry in turn, ``--rounds`` times, alternating, and the
@@ -21,6 +21,7 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from dicomnode.fusion.base import Fuser, get_fuser
 from dicomnode.fusion.colour import apply_hot_iron, fuse_colour, fuse_hot_iron
+from dicomnode.fusion.model import CNNFuser
 from dicomnode.fusion.resample import resolve_device
 
 
@@ -94,9 +96,10 @@ def bench(
     min_seconds: float,
     modalities: list[str] | None = None,
     rounds: int = 1,
+    weights: Path | None = None,
 ) -> None:
     dev = resolve_device(device)
-    base = get_fuser(method, device=str(dev))
+    base = get_fuser(method, device=str(dev)) if weights is None else CNNFuser(str(dev), weights=weights)
     entries = modalities or ["general"]
     fusers = {m: _entry(base, m) for m in entries}
     print(
@@ -139,10 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         help="entries to time side by side: general, CT, PT, NM, PT+colour, PT+rgb, ... (default: general)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per cell (median printed)")
+    ap.add_argument("--weights", type=Path, default=None, help="time this weights file (its entries) instead")
     args = ap.parse_args(argv)
+    if args.weights is not None and not args.weights.is_file():
+        print(f"no weights file at {args.weights}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench(args.method, args.device, args.sizes, args.batches, args.min_seconds, args.modalities, args.rounds)
+    bench(
+        args.method,
+        args.device,
+        args.sizes,
+        args.batches,
+        args.min_seconds,
+        args.modalities,
+        args.rounds,
+        args.weights,
+    )
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,3 +25,22 @@ def test_fusion_speed_times_the_colour_path(capsys: pytest.CaptureFixture[str]) 
         assert rgb.shape == (2, 8, 8, 3) and rgb.dtype == np.uint8 and (rgb == 255).all()  # Hot Iron top
     with pytest.raises(SystemExit, match="unknown entry"):
         mod.main([*argv, "--modalities", "PT+grey"])
+
+
+def test_fusion_speed_times_a_weights_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from dicomnode.fusion import model as FM
+
+    mod = bench_module("fusion_speed")
+    cand = tmp_path / "cand.pt"
+    net = FM.build_net({"width": 8})
+    pt = {"state_dict": net.state_dict(), "config": {"width": 8, "edge_select": [0.7, 1.1, 5]}, "meta": {}}
+    torch.save({"state_dict": net.state_dict(), "config": {"width": 8}, "per_modality": {"PT": pt}}, cand)
+    argv = ["--sizes", "16", "--batches", "2", "--min-seconds", "0.01", "--weights", str(cand)]
+    assert mod.main([*argv, "--modalities", "general", "PT"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().endswith(tuple("0123456789"))]
+    assert [r[0] for r in rows if r[1:3] == ["16", "2"]] == ["general", "PT"]
+    assert mod.main(["--weights", str(tmp_path / "none.pt")]) == 2
+    assert "no weights file" in capsys.readouterr().err

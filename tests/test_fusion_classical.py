@@ -19,6 +19,7 @@ from dicomnode.fusion.classical import (
     laplacian_pyramid,
     screened_poisson,
     select_edges_in_overlap,
+    sobel_strength,
     stronger_edge_image,
 )
 
@@ -117,6 +118,15 @@ def test_mismatched_shapes_are_a_clear_error() -> None:
 def test_unknown_base_rule() -> None:
     with pytest.raises(ValueError, match="base rule"):
         LaplacianPyramidFuser(base="median")
+
+
+def test_sobel_strength_is_the_zero_padded_sobel_convolution() -> None:
+    torch.manual_seed(4)
+    x = torch.rand(2, 1, 13, 18)
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    gx = torch.nn.functional.conv2d(x, k.view(1, 1, 3, 3), padding=1)
+    gy = torch.nn.functional.conv2d(x, k.t().contiguous().view(1, 1, 3, 3), padding=1)
+    torch.testing.assert_close(sobel_strength(x), torch.hypot(gx, gy))
 
 
 def test_screened_poisson_recovers_an_image_from_its_own_gradient() -> None:

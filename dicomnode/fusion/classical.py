@@ -271,14 +271,18 @@ def screened_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam
     if lam <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     h, w = base.shape[-2:]
+    # float64 inputs are solved in float64 (exact to ~1e-15), others in float32 (~1e-6 of full
+    # scale: 8-bit images come out the same to a level in a few pixels in 10^4, at 3x the speed)
+    dt = torch.float64 if base.dtype == torch.float64 else torch.float32
     rhs = divergence(gx, gy) - lam * base
     ext = torch.cat([rhs, rhs.flip(-1)], dim=-1)
     ext = torch.cat([ext, ext.flip(-2)], dim=-2)
     ky = 2 * torch.cos(torch.pi * torch.arange(2 * h, dtype=torch.float64) / h) - 2
-    kx = 2 * torch.cos(torch.pi * torch.arange(2 * w, dtype=torch.float64) / w) - 2
-    den = (ky[:, None] + kx[None, :] - lam).to(base.device)
-    spec = torch.fft.fft2(ext.to(torch.float64)) / den
-    return torch.fft.ifft2(spec).real[..., :h, :w].to(base.dtype)
+    kx = 2 * torch.cos(torch.pi * torch.arange(w + 1, dtype=torch.float64) / w) - 2
+    den = (ky[:, None] + kx[None, :] - lam).to(device=base.device, dtype=dt)
+    # the extension is real and even: the half spectrum (rfft2) carries it all
+    spec = torch.fft.rfft2(ext.to(dt)) / den
+    return torch.fft.irfft2(spec, s=(2 * h, 2 * w))[..., :h, :w].to(base.dtype)
 
 
 @register_fuser("gradient-domain")
@@ -352,7 +356,7 @@ def select_edges_in_overlap(
         )
     base = base.clamp(0, 1)
     overlap = ((a > 0) & (b > 0)).to(base.dtype)
-    m = F.avg_pool2d(overlap, 2 * soft + 1, 1, soft, count_include_pad=False) if soft > 0 else overlap
+    m = box_filter(overlap, soft) if soft > 0 else overlap  # = avg_pool2d without the pad, 20x faster
     edges = stronger_edge_image(a, b, gain, lam, None if anchor == "max" else base)
     out = base + amount * m * (edges - base)
     return torch.where((a <= 0) & (b <= 0), torch.zeros_like(out), out)
@@ -360,9 +364,13 @@ def select_edges_in_overlap(
 
 def sobel_strength(x: torch.Tensor) -> torch.Tensor:
     """Sobel edge strength of (N,1,H,W), zero-padded (the edge Qabf weighs)."""
-    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).to(x)
-    gx = F.conv2d(x, k.view(1, 1, 3, 3), padding=1)
-    gy = F.conv2d(x, k.t().contiguous().view(1, 1, 3, 3), padding=1)
+    # separable, by shifted adds (a 1-channel 3x3 conv2d is ~50x slower on a CPU): the central
+    # difference along one axis, smoothed [1, 2, 1] along the other; zero padding
+    p = F.pad(x, (1, 1, 1, 1))
+    dx = p[..., :, 2:] - p[..., :, :-2]  # (H+2, W)
+    dy = p[..., 2:, :] - p[..., :-2, :]  # (H, W+2)
+    gx = dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]
+    gy = dy[..., :, :-2] + 2 * dy[..., :, 1:-1] + dy[..., :, 2:]
     return torch.hypot(gx, gy)
 
 
