@@ -37,11 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.classical import (
+    _sep_blur,
     box_filter,
+    gaussian_kernel1d,
     graft_stronger_edges,
     select_edges_in_overlap,
     stronger_edge_image,
@@ -105,15 +106,6 @@ EDGE_STEPS: tuple[tuple[float, float, int, str, float | None], ...] = (
 )
 
 
-def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    k = 2 * int(3 * sigma) + 1
-    t = torch.arange(k, dtype=x.dtype) - k // 2
-    g = torch.exp(-(t**2) / (2 * sigma * sigma))
-    g = g / g.sum()
-    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
-    return F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
-
-
 def stage1_with_step(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -138,7 +130,7 @@ def stage1_with_step(
             m = box_filter(region.to(s.dtype), soft)
             d = stronger_edge_image(a, b, gain) - out
             if highpass is not None:
-                d = d - _gauss_blur(d, highpass)
+                d = d - _sep_blur(d, gaussian_kernel1d(highpass))
             out = out + amount * m * d
     if rim > 0:
         out = keep_lone_rim(a, b, out, rim)
