@@ -53,6 +53,13 @@ from dicomnode.fusion.training.refine import apply_condition, load_split, mean_m
 from dicomnode.fusion.training.specialise import to_u8
 
 SETS = (("MRI-PET", "stored"), ("MRI-PET", "mri-x0.7"), ("MRI-SPECT", "moving-x1.7"))
+# ``--calibrated`` (stop 15): the MRI-PET val pairs as stored and with the MRI's mid-tones darkened
+# (``mri-gamma2``: the benchmark's MRI level and texture under the uptake), and the offsets that
+# make their mean change reproduce the benchmark change of the three edge-step looks (the
+# gradient-domain fuser, P, r7@225; MODEL.md, "Stop 15"): Qabf is over-predicted by ~0.45 points,
+# SSIM by ~0.25
+CALIBRATED_SETS = (("MRI-PET", "stored"), ("MRI-PET", "mri-gamma2"))
+CALIBRATION: dict[str, float] = {"Qabf": -0.45, "SSIM": -0.25}
 # (lone, lam, gain) of the "stage 1 + ..." variants; lone None: stage 1 where only the MRI has
 # signal; lam None: no edge replacement
 VARIANTS: tuple[tuple[float | None, float | None, float | None], ...] = (
@@ -144,38 +151,69 @@ def _step_name(amount: float, gain: float, rim: int, where: str, highpass: float
     return f"stage 1 + step a{amount:g} g{gain:g}{extra}" + (f" rim {rim}" if rim else "")
 
 
-def _load_nets(paths: list[Path]) -> dict[str, torch.nn.Module]:
-    """Checkpoints / refined weights files by a short unique name (``run/step-0300.pt``)."""
+def split_amount(spec: str | Path) -> tuple[Path, float | None]:
+    """``PATH`` or ``PATH@AMOUNT`` (a checkpoint with its edge step's amount replaced) -> (path, amount)."""
+    text = str(spec)
+    path, sep, amount = text.rpartition("@")
+    if not sep:
+        return Path(text), None
+    try:
+        value = float(amount)
+    except ValueError:
+        raise ValueError(f"{text!r}: the edge-step amount after '@' must be a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{text!r}: the edge-step amount must be in [0, 1]")
+    return Path(path), value
+
+
+def _load_nets(paths: list[Path] | list[str]) -> dict[str, torch.nn.Module]:
+    """Checkpoints / refined weights files by a short unique name (``run/step-0300.pt``).
+
+    ``PATH@AMOUNT``: the checkpoint with its fixed edge step (``edge_select``) at another amount
+    (``run/step-0225.pt@0.55``); the checkpoint must have the step.
+    """
     out: dict[str, torch.nn.Module] = {}
-    for path in paths:
+    for spec in paths:
+        path, amount = split_amount(spec)
         ck = load_checkpoint(path)
         net = build_net(ck.get("config"))
         net.load_state_dict(ck["state_dict"])
-        name = path.name if path.name not in out else f"{path.parent.name}/{path.name}"
-        out[name if name not in out else str(path)] = net.eval()
+        suffix = ""
+        if amount is not None:
+            if net.edge_select is None:
+                raise ValueError(f"{path}: no edge step (edge_select) to set the amount of")
+            _, gain, soft = net.edge_select
+            net.edge_select = (amount, gain, soft)
+            suffix = f"@{amount:g}"
+        name = path.name + suffix
+        if name in out:
+            name = f"{path.parent.name}/{path.name}{suffix}"
+        out[name if name not in out else str(path) + suffix] = net.eval()
     return out
 
 
 def run(
     eval_root: Path,
     quick: bool = False,
-    weights: list[Path] | None = None,
+    weights: list[Path] | list[str] | None = None,
     proxy_cases: set[str] | None = None,
     edge_step: bool = False,
+    sets: tuple[tuple[str, str], ...] = SETS,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Print one table per set; return {set: {method: {metric: % change over stage 1, 'od': ...}}}.
 
     ``weights``: refined checkpoints (e.g. a PET entry kept by ``train refine --keep-checkpoints``)
     scored as more rows, on every set (the MRI-SPECT set is the PET-like one). ``proxy_cases``:
     only the MRI-SPECT val rows of these atlas cases (those a checkpoint was not trained on).
-    ``edge_step``: the rows of :data:`EDGE_STEPS` instead of the graft / lone variants.
+    ``edge_step``: the rows of :data:`EDGE_STEPS` instead of the graft / lone variants. ``sets``:
+    (pair type, condition) of the val sets (:data:`SETS`, or :data:`CALIBRATED_SETS`).
     """
     net = CNNFuser(weights=WEIGHTS_FILE).net
     extra = _load_nets(list(weights or []))
     gd = get_fuser("gradient-domain")
     variants = VARIANTS[:3] if quick else VARIANTS
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for pair_type, cond in SETS:
+    for pair_type, cond in sets:
         cases_in = proxy_cases if pair_type == "MRI-SPECT" else None
         a0, b0, _ = load_split(eval_root, pair_type, "val", case_in=cases_in)
         a, b = apply_condition(a0, b0, cond)
@@ -230,32 +268,40 @@ def predict(
     results: dict[str, dict[str, dict[str, float]]],
     required: dict[str, float] | None = None,
     slack: float = 0.3,
-    od_floor: float = 0.364,
+    od_floor: float | None = None,
+    offsets: dict[str, float] | None = None,
 ) -> dict[str, dict[str, float | bool]]:
     """The benchmark change predicted as the mean over the sets; print it with each row's slack.
 
     A row is ``eligible`` when the predicted change minus ``required`` is at least ``slack`` points
     in every required column, its Qabf rises on every set, and it keeps at least ``od_floor`` of
-    the MRI inside the uptake at ``mri-x0.7`` (stage 1's ``overlap_detail``). Calibration against
-    the benchmark looks taken so far: MODEL.md, "Stop 14".
+    the MRI inside the uptake on the darkened-MRI set (``mri-x0.7``, else ``mri-gamma2``, else the
+    last); ``od_floor`` None: stage 1's ``overlap_detail`` there. ``offsets``: points added to a
+    column's mean (``--calibrated``: :data:`CALIBRATION`). Calibration against the benchmark looks
+    taken so far: MODEL.md, "Stop 14" and "Stop 15".
     """
     req = dict(REQUIRED if required is None else required)
+    shift = dict(offsets or {})
     sets = list(results)
     names = [n for n in results[sets[0]] if n != "stage 1"]
-    od_key = next((k for k in sets if k.endswith("mri-x0.7")), sets[-1])
+    od_key = next((k for k in sets if k.endswith("mri-x0.7")), None)
+    od_key = od_key or next((k for k in sets if k.endswith("mri-gamma2")), sets[-1])
+    floor = float(results[od_key]["stage 1"]["od"]) if od_floor is None else od_floor
     out: dict[str, dict[str, float | bool]] = {}
     width = max(len(n) for n in names) + 2
     print(
-        f"\npredicted benchmark change over stage 1 (mean of the {len(sets)} sets), %; required: "
+        f"\npredicted benchmark change over stage 1 (mean of the {len(sets)} sets"
+        + ("" if not shift else "; " + ", ".join(f"{k} {v:+g}" for k, v in shift.items()))
+        + "), %; required: "
         + ", ".join(f"{k} {v:+.1f}" for k, v in req.items())
     )
     head = "".join(f"{k:>7}" for k in req)
     print(f"{'method':<{width}}{head}{'slack':>7}  Qabf up on all  eligible")
     for n in names:
-        mean = {k: float(np.mean([results[s][n][k] for s in sets])) for k in req}
+        mean = {k: float(np.mean([results[s][n][k] for s in sets])) + shift.get(k, 0.0) for k in req}
         low = min(mean[k] - req[k] for k in req)
         up = all(results[s][n]["Qabf"] > 0 for s in sets)
-        ok = low >= slack and up and results[od_key][n]["od"] >= od_floor
+        ok = low >= slack and up and results[od_key][n]["od"] >= floor
         out[n] = {**mean, "slack": low, "qabf_up_everywhere": up, "eligible": ok}
         cells = "".join(f"{mean[k]:>+7.1f}" for k in req)
         print(f"{n:<{width}}{cells}{low:>+7.2f}  {'yes' if up else 'no':<14}  {'ELIGIBLE' if ok else '-'}")
@@ -266,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "eval")
     ap.add_argument("--quick", action="store_true", help="only the first three variants")
-    ap.add_argument("--weights", nargs="*", type=Path, default=[], help="refined checkpoints to score too")
+    ap.add_argument(
+        "--weights",
+        nargs="*",
+        default=[],
+        help="refined checkpoints to score too; PATH@AMOUNT: with its edge step at that amount",
+    )
     ap.add_argument(
         "--proxy-cases",
         nargs="+",
@@ -286,21 +337,33 @@ def main(argv: list[str] | None = None) -> int:
         help="also print the benchmark change predicted as the mean over the three sets, with each "
         "row's slack against stage 1's MRI-PET margins (REQUIRED)",
     )
+    ap.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="the sets are the MRI-PET val pairs as stored and at mri-gamma2 (CALIBRATED_SETS) and "
+        "the prediction carries stop 15's offsets (CALIBRATION); implies --predict",
+    )
     args = ap.parse_args(argv)
-    missing = [p for p in args.weights if not p.is_file()]
+    try:
+        specs = [split_amount(w) for w in args.weights]
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    missing = [str(p) for p, _ in specs if not p.is_file()]
     if missing:
-        print(f"no weights file at {', '.join(map(str, missing))}", file=sys.stderr)
+        print(f"no weights file at {', '.join(missing)}", file=sys.stderr)
         return 2
     torch.set_flush_denormal(True)
     results = run(
         args.eval_root.resolve(),
         args.quick,
-        args.weights,
+        [str(w) for w in args.weights],
         set(args.proxy_cases) if args.proxy_cases else None,
         args.edge_step,
+        CALIBRATED_SETS if args.calibrated else SETS,
     )
-    if args.predict:
-        predict(results)
+    if args.predict or args.calibrated:
+        predict(results, offsets=CALIBRATION if args.calibrated else None)
     return 0
 
 

@@ -117,3 +117,49 @@ def test_stage1_with_step_is_the_models_output_step() -> None:
     assert abs(float((hp - s)[inner].mean())) < abs(float((full - s)[inner].mean())) + 1e-6
     assert mod._step_name(0.0, 1.0, 2, "overlap", None) == "stage 1 + rim 2"
     assert mod._step_name(0.9, 1.05, 1, "brighter", None) == "stage 1 + step a0.9 g1.05 brighter rim 1"
+
+
+def test_calibrated_prediction_uses_the_pet_sets_the_offsets_and_amounts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _make_eval(tmp_path / "eval")
+    mod = bench_module("fusion_edge_transfer")
+    torch.manual_seed(0)
+    cfg = {"width": 8, "edge_select": [0.7, 1.1, 5], "edge_anchor": "base"}
+    cand = tmp_path / "run" / "step-0025.pt"
+    cand.parent.mkdir()
+    torch.save({"state_dict": FM.build_net(cfg).state_dict(), "config": cfg}, cand)
+    spec = f"{cand}@0.5"
+    assert mod.main(["--eval-root", str(root), "--quick", "--calibrated", "--weights", str(cand), spec]) == 0
+    out = capsys.readouterr().out
+    assert "MRI-PET stored (2 val pairs)" in out and "MRI-PET mri-gamma2 (2 val pairs)" in out
+    assert "MRI-SPECT" not in out and "mri-x0.7" not in out
+    assert "mean of the 2 sets; Qabf -0.45, SSIM -0.25" in out
+    # the same network with its step at another amount is another row, and scores differently
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("step-0025.pt")}
+    assert set(rows) == {"step-0025.pt", "step-0025.pt@0.5"}
+    assert rows["step-0025.pt"] != rows["step-0025.pt@0.5"]
+    assert mod.split_amount("a/b.pt@0.55") == (Path("a/b.pt"), 0.55)
+    assert mod.split_amount("a/b.pt") == (Path("a/b.pt"), None)
+    for bad in ("a.pt@x", "a.pt@1.5"):
+        with pytest.raises(ValueError, match="amount"):
+            mod.split_amount(bad)
+        assert mod.main(["--eval-root", str(root), "--calibrated", "--weights", bad]) == 2
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": FM.build_net({"width": 8}).state_dict(), "config": {"width": 8}}, plain)
+    with pytest.raises(ValueError, match="no edge step"):
+        mod._load_nets([f"{plain}@0.5"])
+
+
+def test_predict_offsets_shift_the_mean_and_the_floor_is_stage1s() -> None:
+    mod = bench_module("fusion_edge_transfer")
+    zero = {k: 0.0 for k in ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")}
+    stored = {"stage 1": {**zero, "od": 0.5}, "c": {**zero, "Qabf": 4.0, "SSIM": 0.2, "od": 0.6}}
+    dark = {"stage 1": {**zero, "od": 0.4}, "c": {**zero, "Qabf": 5.0, "SSIM": 0.0, "od": 0.45}}
+    results = {"MRI-PET stored": stored, "MRI-PET mri-gamma2": dark}
+    out = mod.predict(results, offsets=mod.CALIBRATION)
+    assert out["c"]["Qabf"] == pytest.approx(4.5 - 0.45) and out["c"]["SSIM"] == pytest.approx(0.1 - 0.25)
+    assert out["c"]["slack"] == pytest.approx(-0.15 + 0.3) and out["c"]["eligible"] is False  # 0.15 < 0.3
+    assert mod.predict(results, slack=0.1)["c"]["eligible"] is True
+    results["MRI-PET mri-gamma2"]["c"]["od"] = 0.39  # below stage 1's 0.4 on the darkened set
+    assert mod.predict(results, slack=0.1)["c"]["eligible"] is False

@@ -22,6 +22,7 @@ from dicomnode.fusion.training.refine import (
     REWARD_WEIGHTS,
     apply_condition,
     case_of,
+    darken_mri,
     dim_mri,
     load_split,
     random_intensity,
@@ -275,6 +276,21 @@ def test_dim_mri_dims_each_image_by_its_own_gain_on_the_8_bit_grid() -> None:
     assert torch.equal(dim_mri(a, 0.0, torch.Generator()), torch.round(a * 255) / 255)
 
 
+def test_darken_mri_lowers_mid_tones_per_image_and_keeps_black_and_white() -> None:
+    a = torch.rand(64, 1, 8, 8)
+    a[:, :, 0, 0], a[:, :, 0, 1] = 0.0, 1.0
+    d = darken_mri(a, 2.0, torch.Generator().manual_seed(1))
+    assert torch.equal(d, darken_mri(a, 2.0, torch.Generator().manual_seed(1)))  # seeded
+    assert torch.allclose(d * 255, (d * 255).round(), atol=1e-4)  # requantised to 8 bits
+    assert torch.all(d <= torch.round(a * 255) / 255 + 1e-6)  # a gamma >= 1 never brightens
+    assert torch.all(d[:, :, 0, 0] == 0) and torch.all(d[:, :, 0, 1] == 1)  # black and white stay
+    # the gamma of each image, from its mean log ratio: one per image, within [1, 2]
+    keep = (a > 0.05) & (a < 0.95) & (d > 0)
+    g = torch.stack([(d[i][keep[i]].log() / a[i][keep[i]].log()).median() for i in range(64)])
+    assert float(g.min()) >= 0.97 and float(g.max()) <= 2.03 and float(g.max() - g.min()) > 0.5
+    assert torch.equal(darken_mri(a, 1.0, torch.Generator()), torch.round(a * 255) / 255)
+
+
 def test_refine_with_mri_dimming_is_seeded_and_recorded(tmp_path: Path) -> None:
     root, base = _eval_and_stage1(tmp_path)
     kw = dict(init=base, steps=2, batch_size=2, val_every=1, progress=False, device="cpu", pick="last")
@@ -287,6 +303,16 @@ def test_refine_with_mri_dimming_is_seeded_and_recorded(tmp_path: Path) -> None:
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # the dimming changes the training
     with pytest.raises(ValueError, match="MRI dimming"):
         refine(root, "MRI-PET", tmp_path / "d.pt", mri_dim=1.0, **kw)
+    m = refine(root, "MRI-PET", tmp_path / "e.pt", mri_gamma=2.0, **kw)
+    assert m["mri_gamma"] == 2.0 and c_meta_gamma(tmp_path / "c.pt") == 1.0
+    se = torch.load(tmp_path / "e.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(se[k], sc[k]) for k in se)  # the darkening changes the training
+    with pytest.raises(ValueError, match="MRI gamma"):
+        refine(root, "MRI-PET", tmp_path / "f.pt", mri_gamma=0.5, **kw)
+
+
+def c_meta_gamma(path: Path) -> float:
+    return float(torch.load(path, weights_only=True)["meta"]["mri_gamma"])
 
 
 def test_refine_with_an_edge_target_is_seeded_and_recorded(tmp_path: Path) -> None:
@@ -473,6 +499,9 @@ def test_refine_cli_passes_the_validation_options(tmp_path: Path, capsys: pytest
     assert bad.func(bad) == 2 and "floor cap >= 0" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--mri-dim", "1.2"])
     assert bad.func(bad) == 2 and "MRI dimming must be in [0, 1)" in capsys.readouterr().err
+    assert parser.parse_args([*common, "--out", str(out), "--mri-gamma", "2"]).mri_gamma == 2.0
+    bad = parser.parse_args([*common, "--out", str(out), "--mri-gamma", "5"])
+    assert bad.func(bad) == 2 and "MRI gamma must be in [1, 4]" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--reward-weight", "MI=2"])
     assert bad.func(bad) == 2 and "METRIC=W" in capsys.readouterr().err
     bad = parser.parse_args([*common, "--out", str(out), "--holdout-case", "99"])

@@ -144,6 +144,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "(default: per type)",
     )
     ref.add_argument(
+        "--mri-gamma",
+        type=float,
+        default=1.0,
+        help="also darken the MRI's mid-tones by a random per-image gamma in [1, G] while training, "
+        "G in [1, 4] (default 1: off)",
+    )
+    ref.add_argument(
         "--edge-target",
         type=_lam_gain,
         default=None,
@@ -299,6 +306,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             pick=args.pick,
             intensity_augment=args.intensity_augment,
             mri_dim=args.mri_dim,
+            mri_gamma=args.mri_gamma,
             edge_target=args.edge_target,
             select_target=args.select_target,
             lone_rim=args.lone_rim,
