@@ -173,8 +173,10 @@ def _load_nets(paths: list[Path] | list[str]) -> dict[str, torch.nn.Module]:
     (``run/step-0225.pt@0.55``); the checkpoint must have the step.
     """
     out: dict[str, torch.nn.Module] = {}
-    for spec in paths:
-        path, amount = split_amount(spec)
+    parsed = [split_amount(spec) for spec in paths]
+    names = [p.name for p, _ in parsed]
+    shared = {n for n in names if names.count(n) > 1}  # step-0225.pt of two runs: run/step-0225.pt
+    for path, amount in parsed:
         ck = load_checkpoint(path)
         net = build_net(ck.get("config"))
         net.load_state_dict(ck["state_dict"])
@@ -185,9 +187,7 @@ def _load_nets(paths: list[Path] | list[str]) -> dict[str, torch.nn.Module]:
             _, gain, soft = net.edge_select
             net.edge_select = (amount, gain, soft)
             suffix = f"@{amount:g}"
-        name = path.name + suffix
-        if name in out:
-            name = f"{path.parent.name}/{path.name}{suffix}"
+        name = (f"{path.parent.name}/{path.name}" if path.name in shared else path.name) + suffix
         out[name if name not in out else str(path) + suffix] = net.eval()
     return out
 

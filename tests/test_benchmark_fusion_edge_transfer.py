@@ -136,9 +136,10 @@ def test_calibrated_prediction_uses_the_pet_sets_the_offsets_and_amounts(
     assert "MRI-SPECT" not in out and "mri-x0.7" not in out
     assert "mean of the 2 sets; Qabf -0.45, SSIM -0.25" in out
     # the same network with its step at another amount is another row, and scores differently
-    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("step-0025.pt")}
-    assert set(rows) == {"step-0025.pt", "step-0025.pt@0.5"}
-    assert rows["step-0025.pt"] != rows["step-0025.pt@0.5"]
+    # (named with its run's folder: two rows share the file name)
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("run/step-0025.pt")}
+    assert set(rows) == {"run/step-0025.pt", "run/step-0025.pt@0.5"}
+    assert rows["run/step-0025.pt"] != rows["run/step-0025.pt@0.5"]
     assert mod.split_amount("a/b.pt@0.55") == (Path("a/b.pt"), 0.55)
     assert mod.split_amount("a/b.pt") == (Path("a/b.pt"), None)
     for bad in ("a.pt@x", "a.pt@1.5"):
