@@ -180,6 +180,27 @@ def test_shipped_ct_entry_is_what_the_ct_refine_defaults_train() -> None:
     assert set(DOWN_STRIDE) == set(KEEP_SATURATED) == set(REWARD_WEIGHTS)
 
 
+
+def test_shipped_pt_entry_is_the_recorded_refine_run() -> None:
+    """The PT entry (stop 16) is the edge-step network its recorded command trains, served for PT only."""
+    ck = torch.load(FM.WEIGHTS_FILE, weights_only=True)
+    pt = ck["per_modality"]["PT"]
+    assert pt["config"]["down_stride"] == 2 and list(pt["config"]["edge_select"]) == [0.55, 1.1, 5]
+    meta = pt["meta"]
+    assert meta["pair_type"] == "MRI-PET" and meta["best_step"] == 250 and meta["seed"] == 0
+    flags = ("--type MRI-PET", "--edge-select 0.55,1.1,5", "--select-target 0.55,1.1,5", "--mri-dim 0.45")
+    assert all(f in meta["command"] for f in flags)
+    fuser = FM.CNNFuser(device="cpu")
+    fpt = fuser.for_modality("PT")
+    assert fpt is not fuser and fpt.net.edge_select == (0.55, 1.1, 5)
+    assert fuser.for_modality("NM") is fuser and fuser.net.edge_select is None
+    a, b = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    a[:, 8:56, 8:56], b[:, 20:44, 20:44] = 0.5, 0.8
+    a[:, 30:34, :] = 0.9  # an MRI edge running through the uptake
+    out_pt, out_gen = fpt.fuse(a.numpy(), b.numpy()), fuser.fuse(a.numpy(), b.numpy())
+    assert out_pt.shape == (1, 64, 64) and float(out_pt[0, 0, 0]) == 0.0  # air stays black
+    assert not np.allclose(out_pt, out_gen)
+
 def test_case_of_reads_the_atlas_case() -> None:
     assert case_of("25015") == "25" and case_of("3008") == "3"
     for bad in ("", "12", "ab123"):
