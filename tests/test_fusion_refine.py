@@ -180,7 +180,6 @@ def test_shipped_ct_entry_is_what_the_ct_refine_defaults_train() -> None:
     assert set(DOWN_STRIDE) == set(KEEP_SATURATED) == set(REWARD_WEIGHTS)
 
 
-
 def test_shipped_pt_entry_is_the_recorded_refine_run() -> None:
     """The PT entry (stop 16) is the edge-step network its recorded command trains, served for PT only."""
     ck = torch.load(FM.WEIGHTS_FILE, weights_only=True)
@@ -200,6 +199,7 @@ def test_shipped_pt_entry_is_the_recorded_refine_run() -> None:
     out_pt, out_gen = fpt.fuse(a.numpy(), b.numpy()), fuser.fuse(a.numpy(), b.numpy())
     assert out_pt.shape == (1, 64, 64) and float(out_pt[0, 0, 0]) == 0.0  # air stays black
     assert not np.allclose(out_pt, out_gen)
+
 
 def test_case_of_reads_the_atlas_case() -> None:
     assert case_of("25015") == "25" and case_of("3008") == "3"
