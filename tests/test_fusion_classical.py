@@ -12,6 +12,8 @@ from dicomnode.fusion.classical import (
     LaplacianPyramidFuser,
     box_filter,
     collapse_pyramid,
+    dct_ii,
+    dct_ii_inverse,
     divergence,
     forward_grads,
     graft_stronger_edges,
@@ -147,6 +149,40 @@ def test_screened_poisson_recovers_an_image_from_its_own_gradient() -> None:
     assert torch.allclose(flat.mean((-2, -1)), x.mean((-2, -1))) and flat.std() < x.std()
     with pytest.raises(ValueError, match="lam"):
         screened_poisson(gx, gy, x, 0.0)
+
+
+def _mirror_fft_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam: float) -> torch.Tensor:
+    """The solver as written until stop 16: FFT of the 2H x 2W mirror extension (reference)."""
+    h, w = base.shape[-2:]
+    rhs = divergence(gx, gy) - lam * base
+    ext = torch.cat([rhs, rhs.flip(-1)], dim=-1)
+    ext = torch.cat([ext, ext.flip(-2)], dim=-2)
+    ky = 2 * torch.cos(torch.pi * torch.arange(2 * h, dtype=torch.float64) / h) - 2
+    kx = 2 * torch.cos(torch.pi * torch.arange(2 * w, dtype=torch.float64) / w) - 2
+    spec = torch.fft.fft2(ext.to(torch.float64)) / (ky[:, None] + kx[None, :] - lam)
+    return torch.fft.ifft2(spec).real[..., :h, :w]
+
+
+def test_dct_ii_is_the_cosine_sum_and_inverts() -> None:
+    torch.manual_seed(0)
+    for n in (1, 2, 3, 8, 11):
+        x = torch.rand(2, 3, n, dtype=torch.float64)
+        j = torch.arange(n, dtype=torch.float64)
+        basis = torch.cos(torch.pi * j[:, None] * (2 * j[None, :] + 1) / (2 * n))  # [k, n]
+        torch.testing.assert_close(dct_ii(x), x @ basis.T)
+        torch.testing.assert_close(dct_ii_inverse(dct_ii(x)), x)
+
+
+def test_screened_poisson_matches_the_mirror_extension_solver_and_has_gradients() -> None:
+    torch.manual_seed(1)
+    for h, w in ((17, 24), (1, 5), (6, 1), (64, 33)):
+        g1, g2, base = (torch.rand(2, 1, h, w, dtype=torch.float64) for _ in range(3))
+        ref = _mirror_fft_poisson(g1, g2, base, 0.05)
+        torch.testing.assert_close(screened_poisson(g1, g2, base, 0.05), ref, rtol=0, atol=1e-12)
+        f32 = screened_poisson(g1.float(), g2.float(), base.float(), 0.05)
+        assert f32.dtype == torch.float32 and (f32.double() - ref).abs().max() < 1e-5
+    g1, g2, base = (torch.rand(1, 1, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda x, y, z: screened_poisson(x, y, z, 0.3), (g1, g2, base))
 
 
 def test_gradient_domain_takes_the_stronger_edge_and_keeps_air_black() -> None:

@@ -262,11 +262,46 @@ def divergence(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     return d
 
 
+def _dct_twiddle(n: int, sign: float, like: torch.Tensor) -> torch.Tensor:
+    """``exp(sign * i * pi * k / 2n)`` for k = 0..n//2, complex of ``like``'s precision."""
+    k = torch.arange(n // 2 + 1, dtype=torch.float64)
+    ctype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
+    return torch.polar(torch.ones_like(k), sign * torch.pi * k / (2 * n)).to(device=like.device, dtype=ctype)
+
+
+def dct_ii(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised DCT-II along the last dim, ``X[k] = sum_n x[n] cos(pi k (2n + 1) / 2N)``.
+
+    Makhoul's method: one real FFT of length N of the even samples followed by the odd ones
+    reversed (instead of a length-2N FFT of the mirror extension). Differentiable.
+    """
+    n = x.shape[-1]
+    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+    wv = torch.fft.rfft(v) * _dct_twiddle(n, -1.0, x)  # k = 0 .. n//2
+    # X[k] = Re(w_k V_k) and X[N - k] = -Im(w_k V_k)
+    return torch.cat([wv.real, -wv.imag[..., 1 : (n + 1) // 2].flip(-1)], dim=-1)
+
+
+def dct_ii_inverse(c: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`dct_ii` along the last dim (a scaled DCT-III). Differentiable."""
+    n = c.shape[-1]
+    m = n // 2 + 1
+    mirrored = torch.cat([torch.zeros_like(c[..., :1]), c[..., n - m + 1 :].flip(-1)], dim=-1)  # X[N-k]
+    v = torch.fft.irfft(torch.complex(c[..., :m], -mirrored) * _dct_twiddle(n, 1.0, c), n=n)
+    h = (n + 1) // 2
+    x = torch.empty_like(v)
+    x[..., ::2] = v[..., :h]
+    x[..., 1::2] = v[..., h:].flip(-1)
+    return x
+
+
 def screened_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam: float) -> torch.Tensor:
     """The image F minimising ``|grad F - (gx, gy)|^2 + lam |F - base|^2`` (Neumann border).
 
-    Solved exactly in the Fourier domain of the image's mirror extension (the DCT-II solution):
-    ``(Laplacian - lam) F = div(g) - lam base``. Any image size; ``lam`` > 0.
+    Solved exactly in the DCT-II basis, which diagonalises the Neumann Laplacian:
+    ``(Laplacian - lam) F = div(g) - lam base``. Any image size; ``lam`` > 0. (Until stop 16 this
+    was the FFT of the image's 2H x 2W mirror extension: the same solution to 1e-15 in float64,
+    1.1x-4.6x slower; the DCT is now two length-N real FFTs per axis and direction.)
     """
     if lam <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
@@ -274,15 +309,12 @@ def screened_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam
     # float64 inputs are solved in float64 (exact to ~1e-15), others in float32 (~1e-6 of full
     # scale: 8-bit images come out the same to a level in a few pixels in 10^4, at 3x the speed)
     dt = torch.float64 if base.dtype == torch.float64 else torch.float32
-    rhs = divergence(gx, gy) - lam * base
-    ext = torch.cat([rhs, rhs.flip(-1)], dim=-1)
-    ext = torch.cat([ext, ext.flip(-2)], dim=-2)
-    ky = 2 * torch.cos(torch.pi * torch.arange(2 * h, dtype=torch.float64) / h) - 2
-    kx = 2 * torch.cos(torch.pi * torch.arange(w + 1, dtype=torch.float64) / w) - 2
-    den = (ky[:, None] + kx[None, :] - lam).to(device=base.device, dtype=dt)
-    # the extension is real and even: the half spectrum (rfft2) carries it all
-    spec = torch.fft.rfft2(ext.to(dt)) / den
-    return torch.fft.irfft2(spec, s=(2 * h, 2 * w))[..., :h, :w].to(base.dtype)
+    rhs = (divergence(gx, gy) - lam * base).to(dt)
+    spec = dct_ii(dct_ii(rhs).transpose(-1, -2))  # (..., W, H): coefficient [kx, ky]
+    ky = 2 * torch.cos(torch.pi * torch.arange(h, dtype=torch.float64) / h) - 2
+    kx = 2 * torch.cos(torch.pi * torch.arange(w, dtype=torch.float64) / w) - 2
+    den = (kx[:, None] + ky[None, :] - lam).to(device=base.device, dtype=dt)
+    return dct_ii_inverse(dct_ii_inverse(spec / den).transpose(-1, -2)).to(base.dtype)
 
 
 @register_fuser("gradient-domain")
