@@ -300,8 +300,8 @@ def screened_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam
 
     Solved exactly in the DCT-II basis, which diagonalises the Neumann Laplacian:
     ``(Laplacian - lam) F = div(g) - lam base``. Any image size; ``lam`` > 0. (Until stop 16 this
-    was the FFT of the image's 2H x 2W mirror extension: the same solution to 1e-15 in float64,
-    1.1x-4.6x slower; the DCT is now two length-N real FFTs per axis and direction.)
+    was the FFT of the image's 2H x 2W mirror extension: the same solution to 1e-15 in float64, at
+    more cost; the DCT takes one length-N real FFT per axis and direction. Timings: MODEL.md, Speed.)
     """
     if lam <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
