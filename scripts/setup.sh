@@ -7,14 +7,19 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 need_apt=0
-for bin in storescu echoscu dciodvfy; do command -v "$bin" >/dev/null 2>&1 || need_apt=1; done
+# The peers the tests and the demo start on loopback: Orthanc (the PACS, with its DICOMweb, web
+# viewer and PostgreSQL plugins), dcmtk (the scanner), dicom3tools (dciodvfy), PostgreSQL, and
+# Chromium with its driver for the dashboard and viewer tests.
+APT_PACKAGES="orthanc orthanc-dicomweb orthanc-webviewer orthanc-postgresql dcmtk dicom3tools postgresql chromium chromium-driver"
+for bin in storescu echoscu dciodvfy chromium chromedriver; do command -v "$bin" >/dev/null 2>&1 || need_apt=1; done
 [ -x /usr/sbin/Orthanc ] || need_apt=1
+for pkg in $APT_PACKAGES; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt=1; done
 if [ "$need_apt" = "1" ]; then
-  echo "[setup] apt-get install orthanc dcmtk dicom3tools"
+  echo "[setup] apt-get install $APT_PACKAGES"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   # policy-rc.d may forbid starting services in containers; the packages install all the same.
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    orthanc dcmtk dicom3tools >/dev/null
+    $APT_PACKAGES >/dev/null
 fi
 
 PY=${PYTHON:-python3}
