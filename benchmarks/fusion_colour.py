@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.colour import (
     apply_hot_iron,
     rgb_to_ycbcr,
@@ -32,6 +31,7 @@ from dicomnode.fusion.colour import (
     ycbcr_to_rgb_in_gamut,
 )
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
+from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.training.data import load_pairs, luma_u8
 
 COLOUR_TYPES = {"MRI-PET": "PT", "MRI-SPECT": "NM"}

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.classical import (
     _sep_blur,
     box_filter,
@@ -49,6 +48,7 @@ from dicomnode.fusion.classical import (
 )
 from dicomnode.fusion.metrics import METRIC_NAMES, overlap_detail
 from dicomnode.fusion.model import WEIGHTS_FILE, CNNFuser, build_net, keep_lone_rim, load_checkpoint
+from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.training.refine import apply_condition, load_split, mean_metrics
 from dicomnode.fusion.training.specialise import to_u8
 

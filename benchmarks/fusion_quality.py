@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dicomnode.fusion.base import Fuser, get_fuser
+from dicomnode.fusion.base import Fuser
 from dicomnode.fusion.colour import rgb_to_ycbcr, to_uint8, ycbcr_to_rgb_in_gamut
 from dicomnode.fusion.metrics import (
     METRIC_NAMES,
@@ -44,7 +44,9 @@ from dicomnode.fusion.metrics import (
     vif_regions,
 )
 from dicomnode.fusion.model import CNNFuser
-from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8, read_gray_or_rgb
+from dicomnode.fusion.png import read_gray_or_rgb
+from dicomnode.fusion.registry import get_fuser
+from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8
 
 PEERS = ("IFCNN", "MATR", "U2Fusion", "EMFusion")
 BASELINES = ("average", "max", "laplacian-pyramid")

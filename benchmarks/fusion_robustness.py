@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicomnode.fusion.base import available_fusers, get_fuser
 from dicomnode.fusion.metrics import (
     METRIC_NAMES,
     SIGNAL_REGIONS,
@@ -40,6 +39,7 @@ from dicomnode.fusion.metrics import (
     vif_regions,
 )
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, CNNFuser, build_net, load_checkpoint
+from dicomnode.fusion.registry import available_fusers, get_fuser
 from dicomnode.fusion.training.data import PAIR_TYPES
 from dicomnode.fusion.training.refine import (
     DIAGNOSTIC_CONDITIONS,

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomnode.fusion.base import Fuser, get_fuser
+from dicomnode.fusion.base import Fuser
 from dicomnode.fusion.colour import apply_hot_iron, fuse_colour, fuse_hot_iron
 from dicomnode.fusion.model import CNNFuser
+from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.resample import resolve_device
 
 

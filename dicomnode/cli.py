@@ -83,17 +83,24 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     if args.png:
-        from dicomnode.fusion.training.cli import fuse_png_dirs  # noqa: PLC0415
+        from dicomnode.runner.batch import fuse_png_dirs  # noqa: PLC0415
 
-        n = fuse_png_dirs(
-            args.ref_dir,
-            args.moving_dir,
-            args.out_dir,
-            method=args.method,
-            device=args.device,
-            batch_size=args.batch_size,
-            modality=args.modality,
-        )
+        try:
+            n = fuse_png_dirs(
+                args.ref_dir,
+                args.moving_dir,
+                args.out_dir,
+                method=args.method,
+                device=args.device,
+                batch_size=args.batch_size,
+                modality=args.modality,
+            )
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyError as exc:  # unknown fusion method
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
         print(f"fused {n} PNG pairs into {args.out_dir}")
         return 0
     from dicomnode.fusion.pipeline import FusionError  # noqa: PLC0415

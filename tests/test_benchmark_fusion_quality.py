@@ -75,9 +75,9 @@ def test_fusion_quality_scores_a_candidate_weights_file(
 
 def test_fusion_quality_scores_the_delivered_colour_image(tmp_path: Path) -> None:
     """For PET/SPECT the table scores the luma of what the node sends: fuse_colour's RGB."""
-    from dicomnode.fusion.base import get_fuser
     from dicomnode.fusion.colour import fuse_colour
     from dicomnode.fusion.metrics import evaluate
+    from dicomnode.fusion.registry import get_fuser
     from dicomnode.fusion.training.data import load_pairs, luma_u8
 
     root = _bench(tmp_path / "eval")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomnode.fusion.base import get_fuser
+from dicomnode.fusion.registry import get_fuser
 from tests.test_benchmark_fusion_quality import bench_module
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
-from dicomnode.fusion.training.cli import fuse_png_dirs  # noqa: E402
+from dicomnode.runner.batch import fuse_png_dirs  # noqa: E402
 
 DIGESTS = Path(__file__).parent / "data" / "fused_digests.json"
 BENCHMARK = ROOT.parent / "shared" / "eval" / "harvard-cddfuse"

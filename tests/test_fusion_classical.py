@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from dicomnode.fusion.base import available_fusers, get_fuser
 from dicomnode.fusion.classical import (
     GradientDomainFuser,
     LaplacianPyramidFuser,
@@ -24,6 +23,7 @@ from dicomnode.fusion.classical import (
     sobel_strength,
     stronger_edge_image,
 )
+from dicomnode.fusion.registry import available_fusers, get_fuser
 
 NAMES = ["average", "max", "laplacian-pyramid", "guided-filter", "gradient-domain"]
 

@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 
-from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.colour import (
     HOT_IRON,
     apply_hot_iron,
@@ -17,6 +16,7 @@ from dicomnode.fusion.colour import (
     ycbcr_to_rgb,
     ycbcr_to_rgb_in_gamut,
 )
+from dicomnode.fusion.registry import get_fuser
 
 
 def test_hot_iron_matches_pydicom_standard_palette() -> None:

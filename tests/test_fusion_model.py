@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dicomnode.fusion import model as M
-from dicomnode.fusion.base import default_fuser_name, get_fuser
+from dicomnode.fusion import registry
+from dicomnode.fusion.registry import default_fuser_name, get_fuser
 
 
 def _pair(n: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +166,7 @@ def test_missing_or_bad_weights_are_clear_errors(tmp_path) -> None:
 
 
 def test_default_is_the_model_when_weights_ship() -> None:
+    assert registry._DEFAULT_WEIGHTS == M.WEIGHTS_FILE and registry.DEFAULT_MODEL == M.DEFAULT_MODEL_NAME
     if not M.weights_available():
         assert default_fuser_name() == "laplacian-pyramid"
         pytest.skip("no weights shipped in this checkout")

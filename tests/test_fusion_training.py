@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from dicomnode.fusion import model as M
+from dicomnode.fusion.png import read_gray_or_rgb
 from dicomnode.fusion.training import build_db as B
-from dicomnode.fusion.training.cli import add_train_parser, fuse_png_dirs
-from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, pixel_hash, read_gray_or_rgb
+from dicomnode.fusion.training.cli import add_train_parser
+from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, pixel_hash
 from dicomnode.fusion.training.fit import fit
 
 SHARED_EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
@@ -131,28 +132,13 @@ def test_fit_is_seed_deterministic_and_loadable(tmp_path: Path) -> None:
     assert out.shape == (1, 32, 32)
 
 
-def test_train_parser_and_png_mode(tmp_path: Path) -> None:
+def test_train_parser_builds_the_train_commands(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(prog="dicomnode")
     add_train_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "build-db", "--limit", "2", "--out", str(tmp_path / "db")])
     assert args.train_command == "build-db" and args.limit == 2 and callable(args.func)
     args = parser.parse_args(["train", "fit", "--steps", "7", "--device", "cpu"])
     assert args.steps == 7 and args.device == "cpu"
-
-    a_dir, b_dir, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
-    _save(a_dir / "g.png", _blob(1))
-    _save(b_dir / "g.png", _blob(2))
-    _save(a_dir / "c.png", _blob(3))
-    _save(b_dir / "c.png", np.stack([_blob(4)] * 3, axis=-1))
-    _save(a_dir / "lonely.png", _blob(5))
-    n = fuse_png_dirs(a_dir, b_dir, out, method="max", device="cpu", progress=False)
-    assert n == 2
-    gray = np.asarray(Image.open(out / "g.png"))
-    np.testing.assert_array_equal(gray, np.maximum(_blob(1), _blob(2)))
-    col = np.asarray(Image.open(out / "c.png"))
-    assert col.shape == (32, 32, 3)
-    with pytest.raises(FileNotFoundError):
-        fuse_png_dirs(tmp_path / "nope", b_dir, out, method="max")
 
 
 def _benchmark_hashes_or_skip() -> set[str]:
@@ -213,12 +199,3 @@ def test_select_best_prefer_ranks_first() -> None:
     }
     assert B.select_best(scores) == "many"
     assert B.select_best(scores, prefer=("Qabf",)) == "qabf"
-
-
-def test_fuse_png_dirs_rejects_unknown_modality(tmp_path: Path) -> None:
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    _save(a_dir / "x.png", _blob(1))
-    _save(b_dir / "x.png", _blob(2))
-    with pytest.raises(ValueError, match="modality"):
-        fuse_png_dirs(a_dir, b_dir, tmp_path / "o", method="max", progress=False, modality="MR")
-    assert fuse_png_dirs(a_dir, b_dir, tmp_path / "o", method="max", progress=False, modality="MRI-CT") == 1

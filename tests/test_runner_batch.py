@@ -1,4 +1,4 @@
-"""``dicomnode fuse`` on folders: Enhanced (multi-frame) MR reference and a JPEG 2000 CT, no network."""
+"""``dicomnode fuse`` on folders, no network: DICOM series (Enhanced MR, JPEG 2000 CT) and PNG pairs."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from dicomnode.cli import main as cli_main
+from dicomnode.runner.batch import fuse_png_dirs
 from dicomnode.testing import generate_study
 from dicomnode.testing import variants as V
+from tests.test_fusion_training import _blob, _save
 
 
 def test_fuse_folders_with_multiframe_reference_and_compressed_ct(tmp_path: Path):
@@ -59,9 +63,6 @@ def test_fuse_cli_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_fuse_png_mode_from_the_cli(tmp_path: Path):
-    import numpy as np
-    from PIL import Image
-
     src = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "harvard-cddfuse" / "MRI-PET"
     if not src.is_dir():
         pytest.skip("../shared/eval is absent")
@@ -76,3 +77,39 @@ def test_fuse_png_mode_from_the_cli(tmp_path: Path):
     pet = np.asarray(Image.open(b / "0001.png").convert("RGB"))
     assert out.shape == pet.shape  # colour in, colour out
     assert not np.array_equal(out, pet)  # the MRI contributed
+
+
+def test_fuse_png_dirs_pairs_files_by_name_gray_and_colour(tmp_path: Path) -> None:
+    a_dir, b_dir, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    _save(a_dir / "g.png", _blob(1))
+    _save(b_dir / "g.png", _blob(2))
+    _save(a_dir / "c.png", _blob(3))
+    _save(b_dir / "c.png", np.stack([_blob(4)] * 3, axis=-1))
+    _save(a_dir / "lonely.png", _blob(5))
+    n = fuse_png_dirs(a_dir, b_dir, out, method="max", device="cpu", progress=False)
+    assert n == 2
+    gray = np.asarray(Image.open(out / "g.png"))
+    np.testing.assert_array_equal(gray, np.maximum(_blob(1), _blob(2)))
+    col = np.asarray(Image.open(out / "c.png"))
+    assert col.shape == (32, 32, 3)
+    with pytest.raises(FileNotFoundError):
+        fuse_png_dirs(tmp_path / "nope", b_dir, out, method="max")
+
+
+def test_fuse_png_dirs_rejects_unknown_modality(tmp_path: Path) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    _save(a_dir / "x.png", _blob(1))
+    _save(b_dir / "x.png", _blob(2))
+    with pytest.raises(ValueError, match="modality"):
+        fuse_png_dirs(a_dir, b_dir, tmp_path / "o", method="max", progress=False, modality="MR")
+    assert fuse_png_dirs(a_dir, b_dir, tmp_path / "o", method="max", progress=False, modality="MRI-CT") == 1
+
+
+def test_fuse_png_cli_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["fuse", "--png", str(tmp_path / "nope"), str(empty), str(tmp_path / "o")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    args = ["fuse", "--png", str(empty), str(empty), str(tmp_path / "o"), "--method", "no-such-fuser"]
+    assert cli_main(args) == 2
+    assert "unknown fusion method 'no-such-fuser'" in capsys.readouterr().err

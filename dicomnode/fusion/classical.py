@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicomnode.fusion.base import Fuser, register_fuser
+from dicomnode.fusion.base import Fuser
 from dicomnode.fusion.resample import resolve_device
 
 _BINOMIAL5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
@@ -138,7 +138,6 @@ class TorchFuser(Fuser):
         raise NotImplementedError
 
 
-@register_fuser("average")
 class AverageFuser(TorchFuser):
     """Pixel mean: the lowest-contrast baseline."""
 
@@ -149,7 +148,6 @@ class AverageFuser(TorchFuser):
         return 0.5 * (a + b)
 
 
-@register_fuser("max")
 class MaxFuser(TorchFuser):
     """Pixel maximum: a strong baseline on brain MR/CT/PET/SPECT (bright structures win)."""
 
@@ -201,10 +199,6 @@ class LaplacianPyramidFuser(TorchFuser):
         return collapse_pyramid(fused)
 
 
-register_fuser("laplacian-pyramid")(LaplacianPyramidFuser)
-
-
-@register_fuser("guided-filter")
 class GuidedFilterFuser(TorchFuser):
     """Li, Kang & Hu (2013) GFF: two-scale split, saliency weights refined by guided filtering."""
 
@@ -317,7 +311,6 @@ def screened_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam
     return dct_ii_inverse(dct_ii_inverse(spec / den).transpose(-1, -2)).to(base.dtype)
 
 
-@register_fuser("gradient-domain")
 class GradientDomainFuser(TorchFuser):
     """Gradient-domain fusion: per pixel the gradient of the source with the stronger edge.
 

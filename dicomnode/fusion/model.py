@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dicomnode.fusion.base import register_fuser
 from dicomnode.fusion.classical import TorchFuser, select_edges_in_overlap
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,6 @@ def build_net(config: dict[str, Any] | None = None) -> FusionNet:
     )
 
 
-@register_fuser(DEFAULT_MODEL_NAME)
 class CNNFuser(TorchFuser):
     """The node's default fuser: :class:`FusionNet` with the shipped weights, batched, inference mode."""
 

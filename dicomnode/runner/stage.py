@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Settings
 from dicomnode.db import Delivery, Instance, Job, Output, Series, record, utcnow
 from dicomnode.fusion.align import align
-from dicomnode.fusion.base import Fuser, get_fuser
+from dicomnode.fusion.base import Fuser
 from dicomnode.fusion.pipeline import FusionError, fuse_pair, input_notes
+from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.spatial_registration import (
     SPATIAL_REGISTRATION_STORAGE,

@@ -1,4 +1,4 @@
-"""`python -m dicomnode.fusion.training build-db|fit|fuse-png ...`: the `dicomnode train` commands."""
+"""`python -m dicomnode.fusion.training build-db|fit|refine|pack ...`: the `dicomnode train` commands."""
 
 from __future__ import annotations
 

@@ -31,8 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
+from dicomnode.fusion.png import read_gray_or_rgb
 from dicomnode.fusion.training.candidates import candidate_set
-from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, pixel_hash, read_gray_or_rgb
+from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, pixel_hash
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Command-line glue: `dicomnode train build-db`, `dicomnode train fit`, and `dicomnode fuse --png`."""
+"""Command-line glue of training: `dicomnode train build-db|fit|refine|pack`."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from tqdm import tqdm
-
-from dicomnode.fusion.base import get_fuser
-from dicomnode.fusion.colour import fuse_colour
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE
-from dicomnode.fusion.training.data import PAIR_TYPES, read_gray_or_rgb
-
-log = logging.getLogger(__name__)
+from dicomnode.fusion.training.data import PAIR_TYPES
 
 DEFAULT_EVAL_ROOT = Path("../shared/eval")
 DEFAULT_DB_DIR = Path("build/fusion-db")
@@ -398,116 +390,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def fuse_png_dirs(
-    a_dir: str | Path,
-    b_dir: str | Path,
-    out_dir: str | Path,
-    method: str = "default",
-    device: str = "auto",
-    batch_size: int = 16,
-    progress: bool = True,
-    modality: str | None = None,
-) -> int:
-    """Fuse PNGs of ``a_dir`` (MRI) with same-named PNGs of ``b_dir``; write to ``out_dir``; return the count.
-
-    ``modality`` (CT, PT, NM, or a pair type MRI-CT/MRI-PET/MRI-SPECT) picks the fuser's
-    specialisation (:meth:`Fuser.for_modality`); when None, gray ``b`` images count as CT and
-    colour ones use the general model (PET and SPECT pseudo-colour cannot be told apart).
-
-    A colour ``b`` is fused on its luma and keeps its chroma (RGB out); gray stays gray. Files without
-    a partner are skipped with a warning; pairs of different sizes raise ValueError naming the file.
-    """
-    a_dir, b_dir, out_dir = Path(a_dir), Path(b_dir), Path(out_dir)
-    for d in (a_dir, b_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(f"not a folder: {d}")
-    names = sorted(p.name for p in a_dir.glob("*.png"))
-    missing = [n for n in names if not (b_dir / n).is_file()]
-    if missing:
-        log.warning("%d file(s) of %s have no partner in %s; skipped", len(missing), a_dir, b_dir)
-    names = [n for n in names if (b_dir / n).is_file()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_fuser = get_fuser(method, device=device)
-    mod = MODALITY_OF_TYPE.get(modality, modality) if modality else None
-    if mod is not None and mod.upper() not in ("CT", "PT", "NM"):
-        raise ValueError(f"unknown modality {modality!r}; use CT, PT, NM or MRI-CT, MRI-PET, MRI-SPECT")
-    gray_fuser = base_fuser.for_modality(mod or "CT")
-    colour_fuser = base_fuser.for_modality(mod) if mod else base_fuser
-    fuser = base_fuser
-    done = 0
-    bar = tqdm(total=len(names), desc=f"fuse ({fuser.name})", disable=not progress, unit="slice")
-    for i in range(0, len(names), batch_size):
-        chunk = names[i : i + batch_size]
-        gray_a, gray_b, col_a, col_b, col_n, gray_n = [], [], [], [], [], []
-        for n in chunk:
-            a = read_gray_or_rgb(a_dir / n)
-            b = read_gray_or_rgb(b_dir / n)
-            if a.ndim == 3:
-                a = np.asarray(Image.fromarray(a).convert("L"))
-            if a.shape[:2] != b.shape[:2]:
-                raise ValueError(f"{n}: sizes differ ({a.shape[:2]} vs {b.shape[:2]}); register them first")
-            if b.ndim == 3:
-                col_a.append(a)
-                col_b.append(b)
-                col_n.append(n)
-            else:
-                gray_a.append(a)
-                gray_b.append(b)
-                gray_n.append(n)
-        groups = ((gray_a, gray_b, gray_n, False), (col_a, col_b, col_n, True))
-        for group_a, group_b, group_n, colour in groups:
-            # one size per call: group by shape so any mixture of sizes works
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for k, arr in enumerate(group_a):
-                by_shape.setdefault(arr.shape, []).append(k)
-            for ks in by_shape.values():
-                a01 = np.stack([group_a[k] for k in ks]).astype(np.float32) / 255.0
-                if colour:
-                    out = fuse_colour(colour_fuser, a01, np.stack([group_b[k] for k in ks]))
-                else:
-                    b01 = np.stack([group_b[k] for k in ks]).astype(np.float32) / 255.0
-                    out = np.clip(np.rint(gray_fuser.fuse(a01, b01) * 255.0), 0, 255).astype(np.uint8)
-                for j, k in enumerate(ks):
-                    Image.fromarray(out[j]).save(out_dir / group_n[k])
-                    done += 1
-        bar.update(len(chunk))
-    bar.close()
-    return done
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point until `dicomnode` wires these in: build-db, fit, fuse-png."""
+    """``python -m dicomnode.fusion.training build-db|fit|refine|pack ...`` (= ``dicomnode train ...``)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m dicomnode.fusion.training")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = add_train_parser(sub)
-    del train
-    png = sub.add_parser("fuse-png", help="fuse folders of PNGs (same as `dicomnode fuse --png`)")
-    png.add_argument("a_dir", type=Path)
-    png.add_argument("b_dir", type=Path)
-    png.add_argument("out_dir", type=Path)
-    png.add_argument("--method", default="default")
-    png.add_argument("--device", default="auto")
-    png.add_argument("--batch-size", type=int, default=16)
-    png.add_argument("--modality", default=None, help="CT, PT or NM (or MRI-CT/MRI-PET/MRI-SPECT)")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(
-        ["train", *argv] if argv and argv[0] in ("build-db", "fit", "refine", "pack") else argv
-    )
-    if args.command == "fuse-png":
-        try:
-            n = fuse_png_dirs(
-                args.a_dir,
-                args.b_dir,
-                args.out_dir,
-                args.method,
-                args.device,
-                args.batch_size,
-                modality=args.modality,
-            )
-        except (FileNotFoundError, ValueError, KeyError) as exc:
-            print(f"fuse-png: {exc}", file=sys.stderr)
-            return 2
-        print(f"fused {n} pair(s) into {args.out_dir}")
-        return 0
+    args = parser.parse_args(["train", *argv] if argv and argv[0] != "train" else argv)
     return int(args.func(args))

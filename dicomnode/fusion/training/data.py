@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from dicomnode.fusion.png import read_gray_or_rgb
 
 PAIR_TYPES: tuple[str, ...] = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 
@@ -30,14 +31,6 @@ def luma_u8(rgb: np.ndarray) -> np.ndarray:
     x = np.asarray(rgb, dtype=np.float64)
     y = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
     return np.clip(np.rint(y), 0, 255).astype(np.uint8)
-
-
-def read_gray_or_rgb(path: Path) -> np.ndarray:
-    """PNG as uint8 (H,W) for gray or (H,W,3) for colour; gray-looking RGB stays RGB."""
-    with Image.open(path) as im:
-        if im.mode in ("L", "I;16", "I", "F"):
-            return np.asarray(im.convert("L"))
-        return np.asarray(im.convert("RGB"))
 
 
 def pixel_hash(img: np.ndarray) -> str:

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dicomnode.fusion.base import get_fuser
 from dicomnode.fusion.classical import LaplacianPyramidFuser, graft_stronger_edges, select_edges_in_overlap
 from dicomnode.fusion.metrics import METRIC_NAMES, evaluate
 from dicomnode.fusion.model import MODALITY_OF_TYPE, WEIGHTS_FILE, build_net, load_checkpoint
+from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.training.build_db import benchmark_hashes
 from dicomnode.fusion.training.data import load_pairs, pixel_hash, read_manifest

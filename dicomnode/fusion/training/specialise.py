@@ -100,7 +100,7 @@ def pick_alpha(weights: Path, db_dir: Path, alphas: tuple[float, ...] = ALPHAS) 
 
     Ties go to the larger alpha (closer to the trained model).
     """
-    from dicomnode.fusion.base import get_fuser  # noqa: PLC0415
+    from dicomnode.fusion.registry import get_fuser  # noqa: PLC0415
 
     a, b, _, _ = load_db(db_dir, "val")
     a8 = to_u8(a)
