@@ -48,7 +48,7 @@ from dicomnode.fusion.png import read_gray_or_rgb
 from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.training.data import PAIR_TYPES, load_pairs, luma_u8
 
-PEERS = ("IFCNN", "MATR", "U2Fusion", "EMFusion")
+PEERS = ("IFCNN", "MATR", "U2Fusion", "EMFusion", "MUFusion", "ReFusion", "GIFNet")
 BASELINES = ("average", "max", "laplacian-pyramid")
 
 
