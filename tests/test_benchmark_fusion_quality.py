@@ -13,11 +13,12 @@ from dicomnode.fusion import model as FM
 from tests.test_fusion_training import _blob, _save
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESEARCH = BENCHMARKS / "research"
 
 
-def bench_module(name: str = "fusion_quality"):  # noqa: ANN201
-    """A script of ``benchmarks/`` loaded as a module (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+def bench_module(name: str = "fusion_quality", folder: Path = BENCHMARKS):  # noqa: ANN201
+    """A script of ``benchmarks/`` (or ``folder``) loaded as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

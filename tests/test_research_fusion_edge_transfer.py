@@ -1,4 +1,4 @@
-"""benchmarks/fusion_edge_transfer.py: the stage-1 + edges variants and the table on a tiny eval root."""
+"""benchmarks/research/fusion_edge_transfer.py: stage 1 + edges variants and the table on a tiny eval root."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dicomnode.fusion import model as FM
-from tests.test_benchmark_fusion_quality import bench_module
+from tests.test_benchmark_fusion_quality import RESEARCH, bench_module
 from tests.test_fusion_training import _make_eval
 
 
 def test_stage1_with_edges_changes_only_what_it_says() -> None:
-    mod = bench_module("fusion_edge_transfer")
+    mod = bench_module("fusion_edge_transfer", RESEARCH)
     torch.manual_seed(0)
     a = torch.zeros(1, 1, 32, 32)
     b = torch.zeros(1, 1, 32, 32)
@@ -40,7 +40,7 @@ def test_fusion_edge_transfer_prints_changes_over_stage1(
 ) -> None:
     root = _make_eval(tmp_path / "eval")
     shutil.copytree(root / "harvard" / "MRI-PET", root / "harvard" / "MRI-SPECT")
-    mod = bench_module("fusion_edge_transfer")
+    mod = bench_module("fusion_edge_transfer", RESEARCH)
     torch.manual_seed(0)
     cand = tmp_path / "run" / "step-0025.pt"
     cand.parent.mkdir()
@@ -65,7 +65,7 @@ def test_fusion_edge_transfer_prints_changes_over_stage1(
 
 
 def test_predict_averages_the_sets_and_applies_the_rule(capsys: pytest.CaptureFixture[str]) -> None:
-    mod = bench_module("fusion_edge_transfer")
+    mod = bench_module("fusion_edge_transfer", RESEARCH)
     zero = {k: 0.0 for k in ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")}
 
     def row(qabf: float, ssim: float, od: float = 0.4) -> dict[str, float]:
@@ -90,7 +90,7 @@ def test_predict_averages_the_sets_and_applies_the_rule(capsys: pytest.CaptureFi
 
 
 def test_stage1_with_step_is_the_models_output_step() -> None:
-    mod = bench_module("fusion_edge_transfer")
+    mod = bench_module("fusion_edge_transfer", RESEARCH)
     from dicomnode.fusion.classical import select_edges_in_overlap
 
     torch.manual_seed(3)
@@ -123,7 +123,7 @@ def test_calibrated_prediction_uses_the_pet_sets_the_offsets_and_amounts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = _make_eval(tmp_path / "eval")
-    mod = bench_module("fusion_edge_transfer")
+    mod = bench_module("fusion_edge_transfer", RESEARCH)
     torch.manual_seed(0)
     cfg = {"width": 8, "edge_select": [0.7, 1.1, 5], "edge_anchor": "base"}
     cand = tmp_path / "run" / "step-0025.pt"
@@ -153,7 +153,7 @@ def test_calibrated_prediction_uses_the_pet_sets_the_offsets_and_amounts(
 
 
 def test_predict_offsets_shift_the_mean_and_the_floor_is_stage1s() -> None:
-    mod = bench_module("fusion_edge_transfer")
+    mod = bench_module("fusion_edge_transfer", RESEARCH)
     zero = {k: 0.0 for k in ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")}
     stored = {"stage 1": {**zero, "od": 0.5}, "c": {**zero, "Qabf": 4.0, "SSIM": 0.2, "od": 0.6}}
     dark = {"stage 1": {**zero, "od": 0.4}, "c": {**zero, "Qabf": 5.0, "SSIM": 0.0, "od": 0.45}}

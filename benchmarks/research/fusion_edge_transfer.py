@@ -1,5 +1,7 @@
 """Edge transfer inside the PET uptake: what keeping the MRI's stronger edges buys and costs.
 
+Research script of ``docs/research/pet-edge-step.md`` (not a product benchmark).
+
 Qabf scores, per pixel, how well the fused image keeps each source's Sobel edge (strength and
 orientation), weighted by that edge's strength. Pixel max keeps the PET's edges wherever the PET
 is brighter; the gradient-domain fuser (``dicomnode.fusion.classical.GradientDomainFuser``) keeps,
@@ -18,15 +20,14 @@ Conditions: the MRI-PET ``val`` pairs as stored and with the MRI at 70 % (``mri-
 MRI-SPECT ``val`` pairs with the SPECT luma x1.7 (``moving-x1.7``: a PET-like set with axial T1/T2
 MRIs, the benchmark's kind). The last column is ``overlap_detail`` (MRI kept inside the uptake).
 
-    .venv/bin/python benchmarks/fusion_edge_transfer.py [--eval-root ../shared/eval] [--quick]
-                                                        [--weights build/run/step-0300.pt ...]
-                                                        [--proxy-cases 4 11 18 ...] [--predict]
-                                                        [--edge-step]
+    .venv/bin/python benchmarks/research/fusion_edge_transfer.py [--eval-root ../shared/eval] [--quick]
+        [--weights build/run/step-0300.pt ...] [--proxy-cases 4 11 18 ...] [--predict] [--edge-step]
+        [--calibrated]
 
-``--edge-step`` scores, instead of the graft variants, the sweep of the fixed edge step of stop 14
+``--edge-step`` scores, instead of the graft variants, the sweep of the fixed edge step
 (FusionNet ``edge_select`` / ``lone_rim``: :data:`EDGE_STEPS`). ``--predict`` adds the benchmark
-change predicted as the mean over the three sets (stop 14's predictor) and each row's slack against
-what MRI-PET needs to be first (:data:`REQUIRED`).
+change predicted as the mean over the three sets and each row's slack against what MRI-PET needs
+to be first (:data:`REQUIRED`).
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ from dicomnode.fusion.training.refine import apply_condition, load_split, mean_m
 from dicomnode.fusion.training.specialise import to_u8
 
 SETS = (("MRI-PET", "stored"), ("MRI-PET", "mri-x0.7"), ("MRI-SPECT", "moving-x1.7"))
-# ``--calibrated`` (stop 15): the MRI-PET val pairs as stored and with the MRI's mid-tones darkened
+# ``--calibrated``: the MRI-PET val pairs as stored and with the MRI's mid-tones darkened
 # (``mri-gamma2``: the benchmark's MRI level and texture under the uptake), and the offsets that
 # make their mean change reproduce the benchmark change of the three edge-step looks (the
-# gradient-domain fuser, P, r7@225; MODEL.md, "Stop 15"): Qabf is over-predicted by ~0.45 points,
+# gradient-domain fuser, P, r7@225; docs/research/pet-edge-step.md): Qabf is over-predicted by ~0.45 points,
 # SSIM by ~0.25
 CALIBRATED_SETS = (("MRI-PET", "stored"), ("MRI-PET", "mri-gamma2"))
 CALIBRATION: dict[str, float] = {"Qabf": -0.45, "SSIM": -0.25}
@@ -92,7 +93,7 @@ def stage1_with_edges(
     return out.clamp(0, 1)
 
 
-# the edge-step sweep (``--edge-step``, stop 14): (amount, gain, rim, where, highpass sigma) of
+# the edge-step sweep (``--edge-step``): (amount, gain, rim, where, highpass sigma) of
 # "stage 1 + step": stage 1 moved by ``amount`` towards the stronger-edge image (gradient x
 # ``gain``) where both sources have signal (``where`` "overlap") or where the moving image is also
 # the brighter ("brighter"), faded over 5 px; ``highpass``: only the part of the step finer than a
@@ -258,9 +259,9 @@ def run(
 
 
 # what a change over stage 1 must reach on the benchmark for MRI-PET to be first in the column:
-# stage 1's margins over the best other method in the shipped table (dicomnode/fusion/MODEL.md,
-# "Results"): Qabf 0.692 vs max 0.714, SSIM 1.515 vs 1.510, AG 7.929 vs IFCNN 7.883, SF 30.10 vs
-# 29.54, SD 79.80 vs 75.49, SCD 1.810 vs 1.705
+# stage 1's margins over the best other method in the benchmark table of 2026-12-01
+# (docs/research/README.md, four peers): Qabf 0.692 vs max 0.714, SSIM 1.515 vs 1.510, AG 7.929 vs
+# IFCNN 7.883, SF 30.10 vs 29.54, SD 79.80 vs 75.49, SCD 1.810 vs 1.705
 REQUIRED: dict[str, float] = {"Qabf": 3.2, "SSIM": -0.3, "AG": -0.6, "SF": -1.9, "SD": -5.4, "SCD": -5.8}
 
 
@@ -277,8 +278,8 @@ def predict(
     in every required column, its Qabf rises on every set, and it keeps at least ``od_floor`` of
     the MRI inside the uptake on the darkened-MRI set (``mri-x0.7``, else ``mri-gamma2``, else the
     last); ``od_floor`` None: stage 1's ``overlap_detail`` there. ``offsets``: points added to a
-    column's mean (``--calibrated``: :data:`CALIBRATION`). Calibration against the benchmark looks
-    taken so far: MODEL.md, "Stop 14" and "Stop 15".
+    column's mean (``--calibrated``: :data:`CALIBRATION`). Calibration against the benchmark looks:
+    docs/research/pet-edge-step.md.
     """
     req = dict(REQUIRED if required is None else required)
     shift = dict(offsets or {})
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "--calibrated",
         action="store_true",
         help="the sets are the MRI-PET val pairs as stored and at mri-gamma2 (CALIBRATED_SETS) and "
-        "the prediction carries stop 15's offsets (CALIBRATION); implies --predict",
+        "the prediction carries the fitted offsets (CALIBRATION); implies --predict",
     )
     args = ap.parse_args(argv)
     try:

@@ -1,5 +1,7 @@
 """Fusion quality under other intensities: the model against classical fusers when the sources are re-lit.
 
+Research script of ``docs/research/pet-refinement.md`` and ``pet-mri-kept.md`` (not a product benchmark).
+
 A DICOM series reaches the node under another window, gain or display curve than the atlas PNGs
 the model was trained on. This benchmark takes the ``val`` rows of ``harvard/<type>`` (never a
 benchmark row), applies each intensity condition of
@@ -17,10 +19,9 @@ sit (``qabf_regions``: MRI only, moving image only, both with either brighter, n
 ``--vif-regions`` a fifth splits VIF(MRI, F) and VIF(moving, F) the same way (``vif_regions``).
 ``--classical NAME`` scores other registered fusers (e.g. ``gradient-domain``) beside the models.
 
-    .venv/bin/python benchmarks/fusion_robustness.py [--types MRI-CT MRI-PET] [--weights build/x.pt]
-                                                     [--conditions stored mri-x0.7] [--changes]
-                                                     [--qabf-regions] [--vif-regions]
-                                                     [--classical gradient-domain]
+    .venv/bin/python benchmarks/research/fusion_robustness.py [--types MRI-CT MRI-PET] [--weights build/x.pt]
+        [--conditions stored mri-x0.7] [--changes] [--qabf-regions] [--vif-regions]
+        [--classical gradient-domain]
 """
 
 from __future__ import annotations

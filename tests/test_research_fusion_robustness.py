@@ -1,4 +1,4 @@
-"""benchmarks/fusion_robustness.py on a tiny eval root: firsts, overlap_detail and changes over stage 1."""
+"""benchmarks/research/fusion_robustness.py, tiny eval root: firsts, overlap_detail, changes over stage 1."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dicomnode.fusion import model as FM
-from tests.test_benchmark_fusion_quality import bench_module
+from tests.test_benchmark_fusion_quality import RESEARCH, bench_module
 from tests.test_fusion_training import _make_eval
 
 
@@ -23,7 +23,7 @@ def test_fusion_robustness_prints_detail_and_changes(
     torch.save(
         {"state_dict": FM.build_net({"width": 8}).state_dict(), "config": {"width": 8}, "meta": meta}, extra
     )
-    mod = bench_module("fusion_robustness")
+    mod = bench_module("fusion_robustness", RESEARCH)
     argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
     assert mod.main([*argv, "--changes", "--weights", str(extra)]) == 0
     out = capsys.readouterr().out
@@ -40,7 +40,7 @@ def _run_pet(
 ) -> tuple[ModuleType, list[str], str]:
     """fusion_robustness on the tiny eval root's MRI-PET val pairs, stored and MRI x0.7, with ``flags``."""
     root = _make_eval(tmp_path / "eval")
-    mod = bench_module("fusion_robustness")
+    mod = bench_module("fusion_robustness", RESEARCH)
     argv = ["--eval-root", str(root), "--types", "MRI-PET", "--conditions", "stored", "mri-x0.7"]
     assert mod.main([*argv, *flags]) == 0
     return mod, argv, capsys.readouterr().out
