@@ -152,7 +152,7 @@ def test_screened_poisson_recovers_an_image_from_its_own_gradient() -> None:
 
 
 def _mirror_fft_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam: float) -> torch.Tensor:
-    """The solver as written until stop 16: FFT of the 2H x 2W mirror extension (reference)."""
+    """The former solver: FFT of the 2H x 2W mirror extension (reference)."""
     h, w = base.shape[-2:]
     rhs = divergence(gx, gy) - lam * base
     ext = torch.cat([rhs, rhs.flip(-1)], dim=-1)

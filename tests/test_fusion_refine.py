@@ -181,7 +181,7 @@ def test_shipped_ct_entry_is_what_the_ct_refine_defaults_train() -> None:
 
 
 def test_shipped_pt_entry_is_the_recorded_refine_run() -> None:
-    """The PT entry (stop 16) is the edge-step network its recorded command trains, served for PT only."""
+    """The PT entry is the edge-step network its recorded command trains, served for PT only."""
     ck = torch.load(FM.WEIGHTS_FILE, weights_only=True)
     pt = ck["per_modality"]["PT"]
     assert pt["config"]["down_stride"] == 2 and list(pt["config"]["edge_select"]) == [0.55, 1.1, 5]

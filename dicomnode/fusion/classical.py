@@ -293,9 +293,10 @@ def screened_poisson(gx: torch.Tensor, gy: torch.Tensor, base: torch.Tensor, lam
     """The image F minimising ``|grad F - (gx, gy)|^2 + lam |F - base|^2`` (Neumann border).
 
     Solved exactly in the DCT-II basis, which diagonalises the Neumann Laplacian:
-    ``(Laplacian - lam) F = div(g) - lam base``. Any image size; ``lam`` > 0. (Until stop 16 this
+    ``(Laplacian - lam) F = div(g) - lam base``. Any image size; ``lam`` > 0. (Before e181fcc this
     was the FFT of the image's 2H x 2W mirror extension: the same solution to 1e-15 in float64, at
-    more cost; the DCT takes one length-N real FFT per axis and direction. Timings: MODEL.md, Speed.)
+    more cost; the DCT takes one length-N real FFT per axis and direction. Timings:
+    docs/research/speed.md.)
     """
     if lam <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")

@@ -3,9 +3,9 @@
 For every ``train``/``val`` pair of ``<eval>/harvard/<type>/manifest.csv`` run every candidate
 fuser, score each result with the nine metrics, and keep the best one as the pair's target.
 
-Selection rule (documented in MODEL.md): within one pair, the candidate that beats pixel max on
-the most of the nine metrics wins -- a "successful" result must improve on the trivial baseline;
-ties go to the largest sum of per-metric min-max normalised values (best = 1, worst = 0, equal
+Selection rule (documented in the model card, MODEL.md): within one pair, the candidate that beats
+pixel max on the most of the nine metrics wins -- a "successful" result must improve on the trivial
+baseline; ties go to the largest sum of per-metric min-max normalised values (best = 1, worst = 0, equal
 weights), then to the earlier candidate of :func:`candidate_set`.
 
 Output folder: ``pairs/<type>/<name>_a.png`` (MRI), ``_b.png`` (CT or luma), ``targets/<type>/<name>.png``,

@@ -55,8 +55,9 @@ from dicomnode.fusion.training.specialise import to_u8
 log = logging.getLogger(__name__)
 
 # reward weights per pair type (SSIM weighs most: it is the fidelity every other gain erodes).
-# MRI-CT (stop 9, shipped): Qabf and SSIM heavier, SF lighter than stop 7's (Qabf 3, SF 2, SSIM 10),
-# so that the val margins over pixel max on SSIM and Qabf are ~1.5 % instead of ~0.6 %
+# MRI-CT (the shipped CT entry): Qabf and SSIM heavier, SF lighter than the first CT refinement's
+# (Qabf 3, SF 2, SSIM 10), so that the val margins over pixel max on SSIM and Qabf are ~1.5 % instead
+# of ~0.6 % (docs/research/ct-refinement.md)
 REWARD_WEIGHTS: dict[str, dict[str, float]] = {
     "MRI-CT": {"Qabf": 8, "VIF": 1, "SD": 3, "SF": 1, "AG": 2, "SCD": 1, "SSIM": 15},
     "MRI-PET": {"Qabf": 2, "VIF": 2, "SD": 1, "SF": 1, "AG": 1, "SCD": 1, "SSIM": 4},
@@ -70,7 +71,7 @@ HYPERPARAMETERS: dict[str, dict[str, float]] = {
 }
 # per pair type: the fusions whose metric values the reward measures gains against ("stage1" =
 # the frozen stage-1 model as a floor for the metrics it already leads on; for PET that made a
-# model that lost its SD with the MRI at 70 % of its level, see fusion_robustness.py)
+# model that lost its SD with the MRI at 70 % of its level: docs/research/pet-refinement.md)
 REWARD_REFERENCES: dict[str, tuple[str, ...]] = {
     "MRI-CT": ("max", "laplacian-pyramid"),
     "MRI-PET": ("max", "laplacian-pyramid"),
@@ -122,15 +123,15 @@ MRI_DIM: dict[str, float] = {"MRI-CT": 0.0, "MRI-PET": 0.0, "MRI-SPECT": 0.0}
 VAL_AGAINST_STAGE1: dict[str, bool] = {"MRI-CT": False, "MRI-PET": False, "MRI-SPECT": False}
 
 
-# conditions for diagnostics only (benchmarks/fusion_robustness.py), never used to pick a checkpoint:
+# conditions for diagnostics only (benchmarks/research/), never used to pick a checkpoint:
 # "moving-x1.7" brightens the moving image (clipped at full scale); on the MRI-SPECT val pairs
 # (axial T1/T2 MRIs) it brings the SPECT luma to the benchmark PET's level (mean 116 against 120),
-# a PET-like validation set with the benchmark's kind of MRI (stops 11 and 13).
-# "mri-gamma2" (stop 15) darkens the MRI's mid-tones and keeps its texture: under the PET uptake of
+# a PET-like validation set with the benchmark's kind of MRI.
+# "mri-gamma2" darkens the MRI's mid-tones and keeps its texture: under the PET uptake of
 # the MRI-PET val pairs it brings the MRI from mean 133 / local (7x7) SD 28 to ~69 / ~29, what the
 # benchmark's MRI-PET inputs show there (66 / 25); "mri-x0.7" dims the texture with the level
 # (101 / 19). Input statistics only; with it the val change over stage 1 reproduces the benchmark
-# change of the edge-step looks (MODEL.md, "Stop 15").
+# change of the edge-step looks (docs/research/pet-edge-step.md).
 DIAGNOSTIC_CONDITIONS: dict[str, tuple[float, float, float, float]] = {
     "moving-x1.7": (1.0, 1.0, 1.7, 1.0),
     "mri-gamma2": (1.0, 2.0, 1.0, 1.0),
@@ -179,7 +180,7 @@ def darken_mri(a: torch.Tensor, gamma: float, gen: torch.Generator) -> torch.Ten
 
     Darkens the mid-tones and keeps the texture (``mri-gamma2`` as a training case): the MRI under
     the PET uptake of the benchmark's MRI-PET pairs is darker than the atlas val MRIs there and as
-    textured (stop 15).
+    textured.
     """
     g = 1.0 + (gamma - 1.0) * torch.rand(a.shape[0], 1, 1, 1, generator=gen)
     return torch.round(a.clamp(0, 1) ** g.to(a.device) * 255.0) / 255.0
@@ -348,10 +349,10 @@ def refine(
     fusers the checkpoint must beat on val). ``edge_target`` ``(lam, gain[, both])``: the supervision is
     the stage-1 image with the MRI's stronger edges (with ``both`` = 1 also the moving image's
     stronger edges) grafted in where both sources have signal
-    (:func:`dicomnode.fusion.classical.graft_stronger_edges`; stop 13), made per batch.
+    (:func:`dicomnode.fusion.classical.graft_stronger_edges`), made per batch.
     ``select_target`` ``(amount, gain, soft)``: the supervision is the stage-1 image moved by
     ``amount`` towards the sources' stronger edges inside the overlap
-    (:func:`dicomnode.fusion.classical.select_edges_in_overlap`; stop 14), made per batch.
+    (:func:`dicomnode.fusion.classical.select_edges_in_overlap`), made per batch.
     ``lone_rim``: the refined model's ``lone_rim`` (pixels within this many of the air where one
     source alone has signal show that source unchanged; default: the init model's).
     ``edge_select`` ``(amount, gain, soft)``: the refined model's fixed output step (FusionNet
