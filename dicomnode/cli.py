@@ -82,48 +82,28 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    if args.png:
-        from dicomnode.runner.batch import fuse_png_dirs  # noqa: PLC0415
-
-        try:
-            n = fuse_png_dirs(
-                args.ref_dir,
-                args.moving_dir,
-                args.out_dir,
-                method=args.method,
-                device=args.device,
-                batch_size=args.batch_size,
-                modality=args.modality,
-            )
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except KeyError as exc:  # unknown fusion method
-            print(f"error: {exc.args[0]}", file=sys.stderr)
-            return 2
-        print(f"fused {n} PNG pairs into {args.out_dir}")
-        return 0
     from dicomnode.fusion.pipeline import FusionError  # noqa: PLC0415
     from dicomnode.fusion.volume import VolumeError  # noqa: PLC0415
     from dicomnode.output import OutputError  # noqa: PLC0415
-    from dicomnode.runner.batch import fuse_dicom_dirs  # noqa: PLC0415
+    from dicomnode.runner.batch import fuse_dicom_dirs, fuse_png_dirs  # noqa: PLC0415
 
+    options = {"method": args.method, "device": args.device, "batch_size": args.batch_size}
+    user_errors = (FileNotFoundError, ValueError) if args.png else (VolumeError, FusionError, OutputError)
     try:
-        written = fuse_dicom_dirs(
-            Path(args.ref_dir),
-            Path(args.moving_dir),
-            Path(args.out_dir),
-            method=args.method,
-            device=args.device,
-            batch_size=args.batch_size,
-        )
-    except (VolumeError, FusionError, OutputError) as exc:
+        if args.png:
+            n = fuse_png_dirs(args.ref_dir, args.moving_dir, args.out_dir, modality=args.modality, **options)
+            done = f"fused {n} PNG pairs into {args.out_dir}"
+        else:
+            ref, moving, out = Path(args.ref_dir), Path(args.moving_dir), Path(args.out_dir)
+            written = fuse_dicom_dirs(ref, moving, out, **options)
+            done = f"wrote {len(written)} Secondary Capture instances to {args.out_dir}"
+    except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyError as exc:  # unknown fusion method
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
-    print(f"wrote {len(written)} Secondary Capture instances to {args.out_dir}")
+    print(done)
     return 0
 
 
