@@ -5,13 +5,25 @@ Validation happens at start; an unknown key or a bad value raises ConfigError na
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 MODALITY_CODES = {"MR", "CT", "PT", "NM"}
@@ -47,10 +59,43 @@ class NodeConfig(_Section):
         return [_ae_title(a) for a in v]
 
 
+def check_database_url(url: str) -> str:
+    """A usable SQLAlchemy URL whose driver is installed (the message never repeats the URL: passwords)."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError  # noqa: PLC0415
+
+    example = "write e.g. sqlite:///./var/dicomnode.db or postgresql+psycopg://USER@HOST/DBNAME"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"not a database URL; {example}") from None
+    pg_fix = "write postgresql+psycopg://USER@HOST/DBNAME (psycopg 3, installed with dicomnode)"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        fix = pg_fix if parsed.drivername.startswith("postgres") else example
+        raise ValueError(f"unknown database backend {parsed.drivername!r}; {fix}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        fix = pg_fix if parsed.get_backend_name() == "postgresql" else example
+        raise ValueError(
+            f"{parsed.drivername!r} needs the Python driver {dialect.driver!r}, which is not installed; {fix}"
+        ) from None
+    return url
+
+
 class StorageConfig(_Section):
     spool_dir: Path = Path("./var/spool")
     database_url: str = "sqlite:///./var/dicomnode.db"
     fsync: bool = True
+    # Retention: spool files of patients whose jobs are all finished and delivered are deleted
+    # after this many days (None = keep), oldest first whenever the spool is over max_spool_gb.
+    retention_days: float | None = Field(None, gt=0)
+    max_spool_gb: float | None = Field(None, gt=0)
+    clean_interval_seconds: float = Field(300, gt=0)
+
+    _check_url = field_validator("database_url")(classmethod(lambda cls, v: check_database_url(v)))
 
 
 class AssemblyConfig(_Section):
@@ -124,11 +169,41 @@ class DestinationConfig(_Section):
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
 
+def _metric_name(name: str) -> str:
+    from dicomnode.fusion.metrics import METRIC_NAMES  # noqa: PLC0415
+
+    for known in METRIC_NAMES:
+        if name.strip().lower() == known.lower():
+            return known
+    raise ValueError(f"unknown metric {name!r}; metrics: {', '.join(METRIC_NAMES)}")
+
+
+class QualityGate(_Section):
+    """Thresholds on a job's mean quality metrics; a job below them is held for an admin."""
+
+    min: dict[str, float] = Field(default_factory=dict)  # metric -> lowest accepted mean
+    # metrics on which the job must score at least what pixel max scores on the same slices
+    not_worse_than_pixel_max: list[str] = Field(default_factory=list)
+
+    @field_validator("min")
+    @classmethod
+    def _min_names(cls, v: dict[str, float]) -> dict[str, float]:
+        return {_metric_name(k): float(x) for k, x in v.items()}
+
+    @field_validator("not_worse_than_pixel_max")
+    @classmethod
+    def _max_names(cls, v: list[str]) -> list[str]:
+        return [_metric_name(k) for k in v]
+
+
 class FusionConfig(_Section):
     device: str = "auto"
     batch_size: int = Field(16, ge=1, le=1024)
     method: str = "default"
     poll_seconds: float = Field(1.0, gt=0)
+    quality_metrics: bool = True  # the nine metrics on a sample of slices after each job
+    quality_slices: int = Field(12, ge=1, le=10000)  # sample size (all slices when fewer)
+    quality_gate: dict[str, QualityGate] = Field(default_factory=dict)  # rule name -> gate
 
     @field_validator("device")
     @classmethod
@@ -147,9 +222,78 @@ class DispatchConfig(_Section):
     timeout_seconds: float = Field(30.0, gt=0)
 
 
+class AdminToken(_Section):
+    """A bearer token for the admin API and dashboard: ``read`` sees, ``admin`` also acts."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    token: SecretStr
+    role: Literal["read", "admin"] = "read"
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 16:
+            raise ValueError("a token must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return v
+
+
 class AdminConfig(_Section):
     http_host: str = "127.0.0.1"
-    http_port: int = Field(8080, ge=0, le=65535)
+    http_port: int = Field(8080, ge=0, le=65535)  # 0 = no HTTP server
+    tokens: list[AdminToken] = Field(default_factory=list)  # none: open, allowed on loopback only
+    open_endpoints: list[Literal["healthz", "metrics"]] = Field(
+        default_factory=lambda: ["healthz", "metrics"]
+    )
+    session_hours: float = Field(12, gt=0, le=24 * 30)
+    # HTTP hardening: a request must arrive whole within these times; bounded connections and threads
+    http_header_timeout_seconds: float = Field(10, gt=0)
+    http_body_timeout_seconds: float = Field(30, gt=0)
+    http_keepalive_seconds: float = Field(5, gt=0)
+    http_max_connections: int = Field(64, ge=1, le=100000)
+    http_workers: int = Field(8, ge=1, le=256)
+    http_max_body_bytes: int = Field(65536, ge=1024)
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique_tokens(cls, v: list[AdminToken]) -> list[AdminToken]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"token name {dup[0]!r} is used twice; give each token its own name")
+        secrets = [t.token.get_secret_value() for t in v]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("two entries share one token; give each name its own token")
+        return v
+
+    def on_loopback(self) -> bool:
+        """True when the HTTP server listens on a loopback address only."""
+        host = self.http_host.strip().strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def exposure_problem(self) -> str | None:
+        """Why the admin HTTP server must not start as configured, or None."""
+        if self.http_port and not self.tokens and not self.on_loopback():
+            return (
+                f"admin.http_host is {self.http_host!r}, not a loopback address, and admin.tokens is empty: "
+                "the admin API would be open to the network. Add admin.tokens (or DICOMNODE_ADMIN__TOKENS "
+                "as JSON) or set admin.http_host to 127.0.0.1"
+            )
+        return None
+
+
+class LoggingConfig(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
 
 
 def _default_rules() -> list[RuleConfig]:
@@ -175,14 +319,39 @@ class Settings(BaseSettings):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("rules")
     @classmethod
     def _unique_rules(cls, v: list[RuleConfig]) -> list[RuleConfig]:
-        names = [r.name for r in v]
-        if len(names) != len(set(names)):
-            raise ValueError("rule names must be unique")
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(v):
+            if rule.name in seen:
+                raise ValueError(
+                    f"rule name {rule.name!r} is used by rules {seen[rule.name]} and {i}; "
+                    "give each rule its own name"
+                )
+            seen[rule.name] = i
         return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, v: list[DestinationConfig]) -> list[DestinationConfig]:
+        names = [d.name for d in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"destination name {dup[0]!r} is used twice; give each destination its own name")
+        return v
+
+    @model_validator(mode="after")
+    def _gates_name_rules(self) -> Settings:
+        names = [r.name for r in self.rules]
+        for rule_name in self.fusion.quality_gate:
+            if rule_name not in names:
+                raise ValueError(
+                    f"fusion.quality_gate: {rule_name!r} is not a rule name; rules: {', '.join(names)}"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -197,11 +366,57 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside ``X``, ``list[X]``, ``dict[str, X]`` or ``X | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _inner_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
+    """(the section's dotted name, its valid keys) for the parent of ``loc``."""
+    model: type[BaseModel] | None = Settings
+    mapping_key_next = False
+    for part in loc[:-1]:
+        if model is None:
+            break
+        if isinstance(part, int) or mapping_key_next:  # a list index or a mapping key (a rule name)
+            mapping_key_next = False
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return "", []
+        mapping_key_next = typing.get_origin(field.annotation) is dict
+        model = _inner_model(field.annotation)
+    section = ".".join(str(p) for p in loc[:-1])
+    return section, list(model.model_fields) if model is not None else []
+
+
+def _unknown_key_message(loc: tuple[Any, ...]) -> str:
+    section, keys = _valid_keys(loc)
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name.lower(), keys, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    where = f" of {section}" if section else ""
+    return f"unknown key; {hint}valid keys{where}: {', '.join(keys)}"
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = _unknown_key_message(tuple(e["loc"]))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        if key == "(top level)" and ": " in msg and msg.split(": ", 1)[0].count(".") >= 1:
+            key, msg = msg.split(": ", 1)  # a cross-section check names its own key
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

@@ -7,14 +7,39 @@ import signal
 import threading
 from collections.abc import Iterable
 
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Settings
+from dicomnode.config import ConfigError, Settings
 from dicomnode.db import make_sessionmaker
+from dicomnode.logs import log_context
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.node")
 STAGES = ("receive", "assemble", "fuse", "dispatch", "admin")
+
+
+def open_database(settings: Settings) -> sessionmaker[Session]:
+    """The DB named by ``storage.database_url``; a ConfigError naming the key when it cannot be used."""
+    try:
+        return make_sessionmaker(settings.storage.database_url)
+    except (OSError, ArgumentError, SQLAlchemyError) as exc:
+        why = getattr(exc, "orig", None) or exc
+        raise ConfigError(
+            f"storage.database_url: cannot open the database ({type(why).__name__}: "
+            f"{str(why).splitlines()[0][:200]}); check the path or server and its permissions"
+        ) from None
+
+
+def open_spool(settings: Settings) -> Spool:
+    """The spool at ``storage.spool_dir``; a ConfigError naming the key when it cannot be created."""
+    try:
+        return Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+    except OSError as exc:
+        raise ConfigError(
+            f"storage.spool_dir: cannot create {settings.storage.spool_dir} ({exc.strerror or exc}); "
+            "choose a directory the node's user may write"
+        ) from None
 
 
 class Node:
@@ -26,8 +51,12 @@ class Node:
         unknown = set(self.stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(sorted(unknown))}; known: {', '.join(STAGES)}")
-        self.sessionmaker: sessionmaker[Session] = make_sessionmaker(settings.storage.database_url)
-        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        if "admin" in self.stages:
+            problem = settings.admin.exposure_problem()
+            if problem:
+                raise ConfigError(problem)
+        self.spool = open_spool(settings)
+        self.sessionmaker: sessionmaker[Session] = open_database(settings)
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self.receiver = None
@@ -54,16 +83,28 @@ class Node:
             from dicomnode.dispatch import DispatchOutbox  # noqa: PLC0415
 
             workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool)))
+        if "admin" in self.stages:
+            from dicomnode.admin.retention import SpoolCleaner  # noqa: PLC0415
+
+            cleaner = SpoolCleaner(s, self.sessionmaker)
+            if cleaner.enabled:
+                workers.append(("admin", cleaner))
         for name, worker in workers:
-            t = threading.Thread(target=worker.run_forever, args=(self.stop_event,), name=name, daemon=True)
+            t = threading.Thread(
+                target=log_context.run_as,
+                args=(name, worker.run_forever, self.stop_event),
+                name=name,
+                daemon=True,
+            )
             t.start()
             self._threads.append(t)
         if "admin" in self.stages and s.admin.http_port:
-            from dicomnode.admin.http import StatusServer  # noqa: PLC0415
+            from dicomnode.admin.app import create_app  # noqa: PLC0415
+            from dicomnode.admin.server import AdminServer  # noqa: PLC0415
 
-            self.http = StatusServer(self.sessionmaker, s.admin.http_host, s.admin.http_port)
+            self.http = AdminServer(create_app(s, self.sessionmaker), s.admin)
             self.http.start()
-            log.info("status on http://%s:%d/status", s.admin.http_host, self.http.port)
+            log.info("admin on http://%s:%d/", s.admin.http_host, self.http.port)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -3,6 +3,7 @@
 Layout (paths stored in the DB are relative to ``spool_dir``):
   incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   written by receive
   outgoing/<SeriesInstanceUID>/<SOPInstanceUID>.dcm                      written by the fuse stage
+  thumbnails/<job id>.png                                                thumbnail strip (fuse stage)
   tmp/                                                                   partial writes
 """
 
@@ -28,6 +29,11 @@ def incoming_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
 
 def outgoing_path(series_uid: str, sop_uid: str) -> str:
     return f"outgoing/{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
+
+
+def thumbnail_path(job_id: int) -> str:
+    """Where a job's thumbnail strip (MR | moving | fused) lies in the spool."""
+    return f"thumbnails/{int(job_id)}.png"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,17 +1,27 @@
-"""Status of the node read from the DB: counts by state and the latest audit events."""
+"""Status of the node read from the DB: counts, queues, disk, destinations, jobs, failures, milestones.
+
+Answers "did patient X's fusion reach the PACS?": each job names its patient, study and series and
+counts its deliveries per destination; failed and held jobs and failed deliveries have their own
+list (so a storm of per-instance failures cannot push them out), and the recent events are
+milestones only (associations, series, jobs, destinations, patients, not per-instance rows).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicomnode.db import Association, Delivery, Event, Instance, Job, Output, Series
+from dicomnode.admin import queries
+from dicomnode.admin.retention import spool_usage
+from dicomnode.config import Settings
+from dicomnode.db import Association, Delivery, Instance, Job, Output, Series
 
 SERIES_STATES = ("receiving", "complete")
-JOB_STATES = ("pending", "running", "done", "failed", "superseded")
-DELIVERY_STATES = ("pending", "sent", "failed")
+JOB_STATES = ("pending", "running", "done", "failed", "superseded", "held", "cancelled")
+DELIVERY_STATES = ("pending", "sent", "failed", "held", "cancelled")
 
 
 def _counts(s: Session, column: Any, states: tuple[str, ...]) -> dict[str, int]:
@@ -21,10 +31,22 @@ def _counts(s: Session, column: Any, states: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def collect_status(s: Session, n_events: int = 20) -> dict[str, Any]:
-    """Counts by state for series, jobs and deliveries, totals, and the last ``n_events`` events."""
-    events = s.scalars(select(Event).order_by(Event.id.desc()).limit(n_events)).all()
-    last_jobs = s.scalars(select(Job).order_by(Job.id.desc()).limit(10)).all()
+def collect_status(
+    s: Session,
+    n_events: int = 20,
+    *,
+    settings: Settings | None = None,
+    n_jobs: int = 20,
+    patient: str | None = None,
+) -> dict[str, Any]:
+    """Everything ``dicomnode status`` and ``GET /api/v1/status`` show; ``patient`` narrows the jobs."""
+    jobs = queries.list_jobs(s, patient=patient, limit=n_jobs).items
+    events = queries.list_events(s, milestones=True, limit=n_events).items if n_events else []
+    if settings is not None:
+        destinations = queries.list_destinations(s, settings)
+        disk = spool_usage(s, Path(settings.storage.spool_dir))
+    else:
+        destinations, disk = [], {}
     return {
         "series": _counts(s, Series.state, SERIES_STATES),
         "jobs": _counts(s, Job.state, JOB_STATES),
@@ -34,30 +56,12 @@ def collect_status(s: Session, n_events: int = 20) -> dict[str, Any]:
             "instances": int(s.scalar(select(func.count()).select_from(Instance)) or 0),
             "outputs": int(s.scalar(select(func.count()).select_from(Output)) or 0),
         },
-        "recent_jobs": [
-            {
-                "id": j.id,
-                "rule": j.rule_name,
-                "state": j.state,
-                "method": j.method,
-                "error": j.error,
-                "created_at": j.created_at.isoformat(timespec="seconds"),
-            }
-            for j in last_jobs
-        ],
-        "events": [
-            {
-                "id": e.id,
-                "at": e.at.isoformat(timespec="seconds"),
-                "stage": e.stage,
-                "entity": e.entity,
-                "entity_id": e.entity_id,
-                "old_state": e.old_state,
-                "new_state": e.new_state,
-                "reason": e.reason,
-            }
-            for e in reversed(events)
-        ],
+        "queue": queries.queue_depth(s),
+        "disk": disk,
+        "destinations": destinations,
+        "recent_jobs": jobs,
+        "failures": queries.failures(s, limit=n_jobs),
+        "events": list(reversed(events)),
     }
 
 
@@ -70,8 +74,54 @@ def _table(headers: list[str], rows: list[list[str]], max_width: int = 70) -> li
     return out
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _deliveries(per_dest: dict[str, dict[str, int]]) -> str:
+    return "; ".join(
+        f"{dest}: " + " ".join(f"{k}={v}" for k, v in sorted(states.items()))
+        for dest, states in per_dest.items()
+    )
+
+
+def _job_row(j: dict[str, Any]) -> list[str]:
+    q = j.get("quality") or {}
+    quality = " ".join(f"{k} {q[k]:.2f}" for k in ("SSIM", "Qabf") if k in q)
+    return [
+        str(j["id"]),
+        j["rule"],
+        j["state"],
+        j["patient_key"],
+        (j["study_instance_uid"] or "")[-20:],
+        j["moving_modality"] or "",
+        (j["output_series_uid"] or "")[-20:],
+        _deliveries(j["deliveries"]),
+        quality,
+        j["error"] or "",
+    ]
+
+
+JOB_HEADERS = [
+    "id",
+    "rule",
+    "state",
+    "patient",
+    "study",
+    "moving",
+    "output series",
+    "deliveries",
+    "quality",
+    "error",
+]
+
+
 def format_status(st: dict[str, Any]) -> str:
-    """A readable text table of :func:`collect_status`."""
+    """A readable text report of :func:`collect_status`."""
     lines = ["dicomnode status", ""]
     rows = []
     for what in ("series", "jobs", "deliveries"):
@@ -81,16 +131,46 @@ def format_status(st: dict[str, Any]) -> str:
     lines += _table(["what"] + ["count by state"] + [""] * (width - 2), rows)
     t = st["totals"]
     lines += ["", f"associations={t['associations']}  instances={t['instances']}  outputs={t['outputs']}"]
-    if st["recent_jobs"]:
-        lines += ["", "recent jobs:"]
+    lines += ["queue: " + "  ".join(f"{k}={v}" for k, v in st["queue"].items())]
+    if st.get("disk"):
+        d = st["disk"]
+        lines += [
+            f"spool: {_size(d['spool_bytes'])}; disk free {_size(d['disk_free_bytes'])} "
+            f"of {_size(d['disk_total_bytes'])}"
+        ]
+    if st.get("destinations"):
+        lines += ["", "destinations:"]
         lines += _table(
-            ["id", "rule", "state", "method", "created", "error"],
+            ["name", "address", "state", "pending", "held", "sent", "failed", "last success"],
             [
-                [str(j["id"]), j["rule"], j["state"], j["method"] or "", j["created_at"], j["error"] or ""]
-                for j in st["recent_jobs"]
+                [
+                    d["name"],
+                    f"{d['ae_title']}@{d['host']}:{d['port']}",
+                    d["state"],
+                    str(d["pending"]),
+                    str(d["held"]),
+                    str(d["sent"]),
+                    str(d["failed"]),
+                    d["last_success_at"] or "never",
+                ]
+                for d in st["destinations"]
             ],
         )
-    lines += ["", f"last {len(st['events'])} events:"]
+    fails = st["failures"]
+    if fails["jobs"] or fails["deliveries"]:
+        lines += ["", "needs attention:"]
+        lines += [
+            f"  job {j['id']} ({j['rule']}, {j['patient_key']}) {j['state']}: {j['error']}"
+            for j in fails["jobs"]
+        ]
+        lines += [
+            f"  job {d['job_id']}: {d['failed']} deliveries to {d['destination']} failed: {d['last_error']}"
+            for d in fails["deliveries"]
+        ]
+    if st["recent_jobs"]:
+        lines += ["", "jobs (newest first):"]
+        lines += _table(JOB_HEADERS, [_job_row(j) for j in st["recent_jobs"]])
+    lines += ["", f"last {len(st['events'])} events (per-instance events left out):"]
     lines += _table(
         ["at", "stage", "entity", "id", "change", "reason"],
         [
@@ -100,7 +180,7 @@ def format_status(st: dict[str, Any]) -> str:
                 e["entity"],
                 e["entity_id"][-24:],
                 f"{e['old_state'] or '-'} -> {e['new_state'] or '-'}",
-                e["reason"] or "",
+                (e["reason"] or "") + (f" [by {e['actor']}]" if e.get("actor") else ""),
             ]
             for e in st["events"]
         ],

@@ -15,8 +15,12 @@ def record(
     old_state: str | None,
     new_state: str | None,
     reason: str | None = None,
+    actor: str | None = None,
 ) -> Event:
-    """Add an audit event to ``session`` (committed with the state change it describes)."""
+    """Add an audit event to ``session`` (committed with the state change it describes).
+
+    ``actor`` names who asked for the change when a person did (admin actions), e.g. a token name.
+    """
     ev = Event(
         stage=stage,
         entity=entity,
@@ -24,6 +28,7 @@ def record(
         old_state=old_state,
         new_state=new_state,
         reason=reason,
+        actor=actor,
     )
     session.add(ev)
     return ev

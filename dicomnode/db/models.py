@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -81,6 +82,7 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     association_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    file_deleted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # retention
 
 
 class Series(Base):
@@ -125,6 +127,8 @@ class Job(Base):
             name="uq_job_pair_generation",
         ),
         Index("ix_jobs_state", "state"),
+        Index("ix_jobs_patient", "patient_key"),
+        Index("ix_jobs_rule", "rule_name"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rule_name: Mapped[str] = mapped_column(String(64))
@@ -133,13 +137,15 @@ class Job(Base):
     moving_series_uid: Mapped[str] = mapped_column(String(64))
     reference_generation: Mapped[int] = mapped_column(Integer, default=1)
     moving_generation: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|failed
+    # pending|running|done|failed|superseded|held (quality gate)|cancelled (admin)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     method: Mapped[str | None] = mapped_column(String(64), nullable=True)
     method_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     output_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: geometry, timings
+    quality: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: sampled fusion metrics
     worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -156,7 +162,9 @@ class Output(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     instance_number: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
+    size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    file_deleted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # retention
 
 
 class Delivery(Base):
@@ -166,11 +174,13 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("output_id", "destination", name="uq_delivery"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+        Index("ix_deliveries_destination_state", "destination", "state"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sent|failed
+    # pending|sent|failed|held (job held by the quality gate)|cancelled (admin)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -183,6 +193,7 @@ class Event(Base):
     """Append-only audit event: who changed what from which state to which, and why."""
 
     __tablename__ = "events"
+    __table_args__ = (Index("ix_events_entity", "entity", "entity_id"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     stage: Mapped[str] = mapped_column(String(16))  # receive|assemble|fuse|output|dispatch|admin
@@ -191,3 +202,29 @@ class Event(Base):
     old_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     new_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    actor: Mapped[str | None] = mapped_column(String(80), nullable=True)  # who, for admin actions
+
+
+class DestinationState(Base):
+    """Admin state of a destination: a paused destination keeps its deliveries pending, unsent."""
+
+    __tablename__ = "destination_states"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_by: Mapped[str] = mapped_column(String(80), default="")
+    changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SeriesDecision(Base):
+    """Why a rule chose, skipped or waits on a series (written by assemble; read by admin views)."""
+
+    __tablename__ = "series_decisions"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "rule_name", name="uq_series_decision"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    rule_name: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))  # chosen | skipped | waiting
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

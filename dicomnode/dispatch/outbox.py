@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import DestinationConfig, Settings
-from dicomnode.db import Association, Delivery, Output, record, utcnow
+from dicomnode.db import Association, Delivery, DestinationState, Output, record, utcnow
 from dicomnode.dispatch.scu import (
     MAX_CONTEXTS,
     FileInfo,
@@ -77,10 +77,16 @@ class DispatchOutbox:
         """Send every due delivery (at most ``batch_limit``), grouped per destination; returns number sent."""
         now = self.clock()
         with self.sessionmaker() as s:
+            # an admin paused these: their deliveries stay pending until resumed
+            paused = s.scalars(select(DestinationState.name).where(DestinationState.paused)).all()
             rows = s.execute(
                 select(Delivery.id, Delivery.destination, Output.path)
                 .join(Output, Output.id == Delivery.output_id)
-                .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
+                .where(
+                    Delivery.state == "pending",
+                    Delivery.next_attempt_at <= now,
+                    Delivery.destination.not_in(paused),
+                )
                 .order_by(Delivery.destination, Delivery.id)
                 .limit(self.batch_limit)
             ).all()

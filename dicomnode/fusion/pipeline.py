@@ -7,7 +7,7 @@ Pure computation shared by the node's fuse stage and ``dicomnode fuse``: volumes
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,10 @@ class FusionResult:
     method_version: str
     registered: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    # the windowed inputs in [0, 1] of the slices asked for with ``keep`` (quality metrics, thumbnails)
+    kept_slices: list[int] = field(default_factory=list)
+    kept_reference: np.ndarray | None = None
+    kept_moving: np.ndarray | None = None
 
 
 def input_notes(reference: Volume, moving: Volume) -> list[str]:
@@ -85,8 +89,12 @@ def fuse_pair(
     device: str = "auto",
     transform: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    keep: Sequence[int] = (),
 ) -> FusionResult:
-    """Resample ``moving`` onto ``reference`` (``transform``: reference -> moving patient mm) and fuse."""
+    """Resample ``moving`` onto ``reference`` (``transform``: reference -> moving patient mm) and fuse.
+
+    ``keep``: slice indices whose windowed inputs the result carries (copies of a few slices).
+    """
     if reference.array.ndim != 3 or moving.array.ndim != 3:
         raise FusionError("volumes must be 3-D")
     dev = resolve_device(device)
@@ -121,6 +129,7 @@ def fuse_pair(
         if progress is not None:
             progress(e, n)
     t_fuse = time.perf_counter() - t1
+    kept = sorted({i for i in keep if 0 <= i < n})
     return FusionResult(
         pixels=out,
         photometric="RGB" if functional else "MONOCHROME2",
@@ -137,4 +146,7 @@ def fuse_pair(
             "seconds_resample": round(t_resample, 3),
             "seconds_fuse": round(t_fuse, 3),
         },
+        kept_slices=kept,
+        kept_reference=a[kept].copy() if kept else None,
+        kept_moving=b[kept].copy() if kept else None,
     )

@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
+from dicomnode.logs import log_context
 from dicomnode.receive.filemeta import encode_file_meta
 from dicomnode.receive.header import HeaderError, parse_header
 from dicomnode.receive.index import InstanceIndex
@@ -150,6 +151,7 @@ class ReceiveStage:
             log.error("receive: cannot record association from %s: %s", calling, exc)
         with self._assocs_lock:
             self._assocs[event.assoc] = _AssocState(row_id, calling)
+        log_context.set(stage="receive", association_id=row_id)  # this association's thread
         log.info("receive: association %s accepted from %s@%s:%d", row_id, calling, host, port)
 
     def _rejection_reason(self, calling: str, called: str) -> str:

@@ -27,7 +27,7 @@ from dicomnode.config import Settings
 from dicomnode.db import Delivery, Instance, Job, Output, Series, record, utcnow
 from dicomnode.fusion.align import align
 from dicomnode.fusion.base import Fuser
-from dicomnode.fusion.pipeline import FusionError, fuse_pair, input_notes
+from dicomnode.fusion.pipeline import FUNCTIONAL_MODALITIES, FusionError, FusionResult, fuse_pair, input_notes
 from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.resample import resolve_device
 from dicomnode.fusion.spatial_registration import (
@@ -37,7 +37,9 @@ from dicomnode.fusion.spatial_registration import (
     parse_registration,
 )
 from dicomnode.fusion.volume import Volume, VolumeError, volume_from_datasets
-from dicomnode.spool import Spool, outgoing_path
+from dicomnode.logs import log_context
+from dicomnode.runner import quality
+from dicomnode.spool import Spool, outgoing_path, thumbnail_path
 
 log = logging.getLogger("dicomnode.fuse")
 STAGE = "fuse"
@@ -138,7 +140,8 @@ class FuseStage:
         job_id = self.claim()
         if job_id is None:
             return 0
-        self.run_job(job_id)
+        with log_context.bind(job_id=job_id):
+            self.run_job(job_id)
         return 1
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -158,10 +161,13 @@ class FuseStage:
     # -- one job -------------------------------------------------------------------------------
     def _finish(self, job_id: int, new_state: str, reason: str, **values: object) -> None:
         with self.sessionmaker() as s:
-            s.execute(
-                update(Job).where(Job.id == job_id).values(state=new_state, finished_at=utcnow(), **values)
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "running")  # an admin may have cancelled it
+                .values(state=new_state, finished_at=utcnow(), **values)
             )
-            record(s, STAGE, "job", job_id, "running", new_state, reason)
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                record(s, STAGE, "job", job_id, "running", new_state, reason)
             s.commit()
 
     def _load_series(self, s: Session, series_uid: str) -> Volume:
@@ -248,6 +254,10 @@ class FuseStage:
     ) -> None:
         from dicomnode.output import build_fused_series  # noqa: PLC0415
 
+        cfg = self.settings.fusion
+        n_slices = int(reference.array.shape[0])
+        sample = quality.sample_slices(n_slices, cfg.quality_slices) if cfg.quality_metrics else []
+        thumbs = quality.thumbnail_slices(n_slices)
         try:
             transform, align_info = align(
                 reference, moving, device=self.device, registrations=registrations or []
@@ -256,15 +266,17 @@ class FuseStage:
                 reference,
                 moving,
                 self.fuser,
-                batch_size=self.settings.fusion.batch_size,
+                batch_size=cfg.batch_size,
                 device=self.device,
                 transform=transform,
+                keep=sorted(set(sample) | set(thumbs)),
             )
         except FusionError as exc:
             raise JobFailed(str(exc)) from exc
         notes = input_notes(reference, moving)
         with self.sessionmaker() as s:
             rule_name = s.get(Job, job_id).rule_name  # type: ignore[union-attr]
+        report, thumb_png = self._review(job_id, fused, sample, thumbs, moving.modality, rule_name)
         series_uid = generate_uid(entropy_srcs=[self.worker_id, str(job_id), str(time.time_ns())])
         ref_number = int(getattr(reference.datasets[0], "SeriesNumber", 0) or 0)
         t1 = time.perf_counter()
@@ -285,56 +297,100 @@ class FuseStage:
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             rel = outgoing_path(series_uid, str(ds.SOPInstanceUID))
-            self.spool.write(rel, buf.getvalue())
-            written.append((str(ds.SOPInstanceUID), rel, int(getattr(ds, "InstanceNumber", n))))
+            size = self.spool.write(rel, buf.getvalue())
+            written.append((str(ds.SOPInstanceUID), rel, int(getattr(ds, "InstanceNumber", n)), size))
         t_out = time.perf_counter() - t1
         details = {
             **fused.details,
             **align_info,
             "input_notes": notes,
+            "seconds_quality": round(report.seconds, 3) if report else None,
             "seconds_output": round(t_out, 3),
             "seconds_total": round(time.perf_counter() - t0, 3),
         }
+        held = report.held_reason if report else None
+        end_state = "held" if held else "done"
         destinations = [d.name for d in self.settings.destinations]
         with self.sessionmaker() as s:
-            for sop_uid, rel, number in written:
+            for sop_uid, rel, number, size in written:
                 out = Output(
                     job_id=job_id,
                     sop_instance_uid=sop_uid,
                     series_instance_uid=series_uid,
                     instance_number=number,
                     path=rel,
+                    size_bytes=size,
                 )
                 s.add(out)
                 s.flush()
                 record(s, STAGE, "output", sop_uid, None, "written", f"job {job_id}, instance {number}")
                 for dest in destinations:
-                    d = Delivery(output_id=out.id, destination=dest, state="pending")
+                    d = Delivery(output_id=out.id, destination=dest, state="held" if held else "pending")
                     s.add(d)
                     s.flush()
-                    record(s, STAGE, "delivery", d.id, None, "pending", f"to {dest}")
-            s.execute(
+                    record(s, STAGE, "delivery", d.id, None, d.state, f"to {dest}")
+            res = s.execute(
                 update(Job)
-                .where(Job.id == job_id)
+                .where(Job.id == job_id, Job.state == "running")
                 .values(
-                    state="done",
+                    state=end_state,
                     finished_at=utcnow(),
                     method=fused.method_name,
                     method_version=fused.method_version,
                     output_series_uid=series_uid,
                     details=json.dumps(details),
-                    error=None,
+                    quality=json.dumps(report.as_json()) if report else None,
+                    error=held,
                 )
             )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                s.rollback()
+                for _, rel, _, _ in written:
+                    self.spool.abspath(rel).unlink(missing_ok=True)
+                log.info(
+                    "job %d was cancelled while it ran; its %d outputs are discarded", job_id, len(written)
+                )
+                return
             record(
                 s,
                 STAGE,
                 "job",
                 job_id,
                 "running",
-                "done",
+                end_state,
                 f"{len(written)} instances fused with {fused.method_name} {fused.method_version} "
-                f"on {fused.details['device']}; {align_info['alignment']}" + "".join(f"; {n}" for n in notes),
+                f"on {fused.details['device']}; {align_info['alignment']}"
+                + "".join(f"; {n}" for n in notes)
+                + (f"; {report.summary()}" if report else "")
+                + (f"; held: {held}" if held else ""),
             )
             s.commit()
-        log.info("job %d done: %d instances in %.1f s", job_id, len(written), details["seconds_total"])
+        log.info(
+            "job %d %s: %d instances in %.1f s", job_id, end_state, len(written), details["seconds_total"]
+        )
+
+    def _review(
+        self,
+        job_id: int,
+        fused: FusionResult,
+        sample: list[int],
+        thumbs: list[int],
+        modality: str,
+        rule_name: str,
+    ) -> tuple[quality.QualityReport | None, bytes | None]:
+        """Quality metrics and gate (module ``quality``); a failure here never fails the job."""
+        try:
+            report, png = quality.review(
+                fused,
+                sample,
+                thumbs,
+                functional=modality in FUNCTIONAL_MODALITIES,
+                rule_name=rule_name,
+                gate=self.settings.fusion.quality_gate.get(rule_name),
+            )
+            if png is not None:
+                self.spool.write(thumbnail_path(job_id), png)
+            return report, png
+        except Exception:
+            log.exception("job %d: quality metrics failed; the job goes on without them", job_id)
+            return None, None

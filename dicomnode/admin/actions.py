@@ -1,0 +1,394 @@
+"""The admin actions: retry, cancel, release, re-send, pause/resume a destination, purge.
+
+One implementation for the HTTP API and the command line. Each action changes pipeline rows in one
+transaction with an audit event naming who asked (``actor``: a token name, ``cli:USER``), and raises
+:class:`ActionError` with a message an admin can act on when the rows do not allow it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.db import (
+    Delivery,
+    DestinationState,
+    Instance,
+    Job,
+    Output,
+    Series,
+    SeriesDecision,
+    record,
+    utcnow,
+)
+from dicomnode.spool import thumbnail_path
+
+log = logging.getLogger("dicomnode.admin")
+STAGE = "admin"
+UNFINISHED_JOB_STATES = ("pending", "running", "held")
+
+
+class ActionError(Exception):
+    """An action the rows do not allow; ``status`` is the HTTP status that fits (404, 409)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ActionResult:
+    """What an action did, for the API's JSON answer and the CLI's line."""
+
+    message: str
+    changed: int = 0
+
+
+def _job(s: Session, job_id: int) -> Job:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise ActionError(f"no job {job_id}", 404)
+    return job
+
+
+def remove_spool_file(root: Path, relpath: str) -> bool:
+    """Delete one spool file (and its now-empty folders up to the spool root); False if it was gone."""
+    path = root / relpath
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    parent = path.parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
+    return True
+
+
+class AdminActions:
+    """The documented admin actions over one database and spool."""
+
+    def __init__(self, settings: Settings, sessionmaker: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.spool_root = Path(settings.storage.spool_dir)
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def retry_job(self, job_id: int, actor: str) -> ActionResult:
+        """A failed, held or cancelled job runs again (a held run's outputs are discarded first)."""
+        discarded: list[str] = []
+        with self.sessionmaker() as s, s.begin():
+            job = _job(s, job_id)
+            if job.state not in ("failed", "held", "cancelled"):
+                hint = {
+                    "done": "; use resend to send its outputs again",
+                    "superseded": "; a newer job fuses the newer series",
+                }.get(job.state, "")
+                raise ActionError(
+                    f"job {job_id} is {job.state}: only failed, held or cancelled jobs retry{hint}"
+                )
+            if job.state == "held" or job.output_series_uid:
+                discarded = self._discard_outputs(s, job_id)
+            old = job.state
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == old)
+                .values(state="pending", error=None, output_series_uid=None, finished_at=None)
+            )
+            extra = f"; {len(discarded)} outputs of the previous run discarded" if discarded else ""
+            record(s, STAGE, "job", job_id, old, "pending", f"retry requested by {actor}{extra}", actor)
+        self._unlink(discarded)
+        log.info("job %d queued again by %s", job_id, actor)
+        return ActionResult(f"job {job_id} is pending again", 1)
+
+    def cancel_job(self, job_id: int, actor: str) -> ActionResult:
+        """A pending, running or held job ends ``cancelled``; a held job's outputs are never sent."""
+        with self.sessionmaker() as s, s.begin():
+            job = _job(s, job_id)
+            if job.state not in UNFINISHED_JOB_STATES:
+                raise ActionError(f"job {job_id} is {job.state}: only pending, running or held jobs cancel")
+            old = job.state
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == old)
+                .values(state="cancelled", finished_at=utcnow())
+            )
+            n = self._set_deliveries(
+                s, job_id, "held", "cancelled", f"job {job_id} cancelled by {actor}", actor
+            )
+            why = f"cancelled by {actor}" + (f"; {n} held deliveries cancelled" if n else "")
+            if old == "running":
+                why += "; the worker discards its result"
+            record(s, STAGE, "job", job_id, old, "cancelled", why, actor)
+        return ActionResult(f"job {job_id} cancelled", 1)
+
+    def release_job(self, job_id: int, actor: str) -> ActionResult:
+        """A held job's outputs go out as they are: the job is done and its deliveries pending."""
+        with self.sessionmaker() as s, s.begin():
+            job = _job(s, job_id)
+            if job.state != "held":
+                raise ActionError(f"job {job_id} is {job.state}: only held jobs are released")
+            s.execute(update(Job).where(Job.id == job_id, Job.state == "held").values(state="done"))
+            n = self._set_deliveries(s, job_id, "held", "pending", f"job {job_id} released by {actor}", actor)
+            record(
+                s,
+                STAGE,
+                "job",
+                job_id,
+                "held",
+                "done",
+                f"released by {actor} (quality gate overridden: {job.error or 'no reason recorded'}); "
+                f"{n} deliveries pending",
+                actor,
+            )
+        return ActionResult(f"job {job_id} released: {n} deliveries pending", n)
+
+    def _set_deliveries(self, s: Session, job_id: int, old: str, new: str, reason: str, actor: str) -> int:
+        ids = s.scalars(
+            select(Delivery.id)
+            .join(Output, Output.id == Delivery.output_id)
+            .where(Output.job_id == job_id, Delivery.state == old)
+        ).all()
+        if not ids:
+            return 0
+        s.execute(update(Delivery).where(Delivery.id.in_(ids)).values(state=new, next_attempt_at=utcnow()))
+        # one event for the batch: a series has hundreds of deliveries
+        record(s, STAGE, "delivery", f"job {job_id}", old, new, f"{len(ids)} deliveries: {reason}", actor)
+        return len(ids)
+
+    def _discard_outputs(self, s: Session, job_id: int) -> list[str]:
+        """Delete a job's Output and Delivery rows; returns the files to remove after commit."""
+        outputs = s.execute(select(Output.id, Output.path).where(Output.job_id == job_id)).all()
+        ids = [o.id for o in outputs]
+        if ids:
+            s.execute(delete(Delivery).where(Delivery.output_id.in_(ids)))
+            s.execute(delete(Output).where(Output.id.in_(ids)))
+        return [o.path for o in outputs]
+
+    def _unlink(self, relpaths: list[str]) -> int:
+        n = 0
+        for rel in relpaths:
+            try:
+                n += remove_spool_file(self.spool_root, rel)
+            except OSError as exc:
+                log.error("admin: cannot remove spool file: %s", exc)
+        return n
+
+    # -- deliveries ------------------------------------------------------------------------------
+
+    def _destinations(self, destination: str | None) -> list[str]:
+        configured = [d.name for d in self.settings.destinations]
+        if destination is None:
+            if not configured:
+                raise ActionError("no destinations are configured", 409)
+            return configured
+        if destination not in configured:
+            raise ActionError(
+                f"unknown destination {destination!r}; destinations: {', '.join(configured) or 'none'}", 404
+            )
+        return [destination]
+
+    def resend_output(self, output_id: int, actor: str, destination: str | None = None) -> ActionResult:
+        """Send one output again to one destination (or all): its deliveries go back to pending."""
+        names = self._destinations(destination)
+        with self.sessionmaker() as s, s.begin():
+            out = s.get(Output, output_id)
+            if out is None:
+                raise ActionError(f"no output {output_id}", 404)
+            self._check_sendable(s, out.job_id, [out])
+            n = self._requeue(s, [out], names, actor)
+        return ActionResult(f"output {output_id}: {n} deliveries pending", n)
+
+    def resend_job(self, job_id: int, actor: str, destination: str | None = None) -> ActionResult:
+        """Send every output of a done job again to one destination (or all)."""
+        names = self._destinations(destination)
+        with self.sessionmaker() as s, s.begin():
+            _job(s, job_id)
+            outputs = s.scalars(select(Output).where(Output.job_id == job_id).order_by(Output.id)).all()
+            if not outputs:
+                raise ActionError(f"job {job_id} has no outputs to send")
+            self._check_sendable(s, job_id, outputs)
+            n = self._requeue(s, outputs, names, actor)
+            record(
+                s,
+                STAGE,
+                "job",
+                job_id,
+                None,
+                None,
+                f"re-send of {len(outputs)} outputs to {', '.join(names)} requested by {actor}",
+                actor,
+            )
+        return ActionResult(f"job {job_id}: {n} deliveries pending", n)
+
+    @staticmethod
+    def _check_sendable(s: Session, job_id: int, outputs: list[Output]) -> None:
+        job = _job(s, job_id)
+        if job.state != "done":
+            raise ActionError(
+                f"job {job_id} is {job.state}: only a done job's outputs are re-sent"
+                + ("; release it first" if job.state == "held" else "")
+            )
+        gone = [o for o in outputs if o.file_deleted_at is not None]
+        if gone:
+            raise ActionError(
+                f"{len(gone)} output files were removed by retention on "
+                f"{gone[0].file_deleted_at:%Y-%m-%d}; they cannot be sent again"
+            )
+
+    @staticmethod
+    def _requeue(s: Session, outputs: list[Output], names: list[str], actor: str) -> int:
+        now = utcnow()
+        by_key = {
+            (d.output_id, d.destination): d
+            for d in s.scalars(
+                select(Delivery).where(
+                    Delivery.output_id.in_([o.id for o in outputs]), Delivery.destination.in_(names)
+                )
+            ).all()
+        }
+        counts: dict[str, int] = {}
+        for out in outputs:
+            for name in names:
+                d = by_key.get((out.id, name))
+                if d is None:
+                    s.add(Delivery(output_id=out.id, destination=name, state="pending", next_attempt_at=now))
+                else:
+                    d.state, d.attempts, d.next_attempt_at, d.last_error = "pending", 0, now, None
+                    d.sent_at = None
+                counts[name] = counts.get(name, 0) + 1
+        for name, n in counts.items():
+            record(
+                s,
+                STAGE,
+                "delivery",
+                f"to {name}",
+                None,
+                "pending",
+                f"{n} deliveries re-sent by {actor}",
+                actor,
+            )
+        return sum(counts.values())
+
+    # -- destinations ----------------------------------------------------------------------------
+
+    def pause_destination(self, name: str, actor: str, reason: str | None = None) -> ActionResult:
+        """Stop sending to ``name``: its deliveries stay pending until it is resumed."""
+        return self._set_paused(name, True, actor, reason)
+
+    def resume_destination(self, name: str, actor: str) -> ActionResult:
+        """Send to ``name`` again."""
+        return self._set_paused(name, False, actor, None)
+
+    def _set_paused(self, name: str, paused: bool, actor: str, reason: str | None) -> ActionResult:
+        self._destinations(name)
+        with self.sessionmaker() as s, s.begin():
+            row = s.get(DestinationState, name)
+            was = bool(row and row.paused)
+            if row is None:
+                row = DestinationState(name=name)
+                s.add(row)
+            row.paused, row.changed_by, row.changed_at, row.reason = paused, actor, utcnow(), reason
+            new = "paused" if paused else "active"
+            old = "paused" if was else "active"
+            why = f"{'paused' if paused else 'resumed'} by {actor}" + (f": {reason}" if reason else "")
+            record(s, STAGE, "destination", name, old, new, why, actor)
+        return ActionResult(f"destination {name} {new}", int(was != paused))
+
+    # -- purge -----------------------------------------------------------------------------------
+
+    def purge_patient(self, patient_key: str, actor: str) -> ActionResult:
+        """Delete a patient's spool files and rows (series, instances, jobs, outputs, deliveries).
+
+        The audit events stay. Refused while one of the patient's jobs is running.
+        """
+        with self.sessionmaker() as s, s.begin():
+            series_uids = s.scalars(
+                select(Series.series_instance_uid).where(Series.patient_key == patient_key)
+            ).all()
+            job_ids = s.scalars(select(Job.id).where(Job.patient_key == patient_key)).all()
+            if not series_uids and not job_ids:
+                raise ActionError(f"no patient {patient_key!r}", 404)
+            running = s.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.state == "running")).all()
+            if running:
+                raise ActionError(
+                    f"job {running[0]} of this patient is running; cancel it or wait, then purge"
+                )
+            files = list(
+                s.scalars(
+                    select(Instance.path).where(
+                        Instance.series_instance_uid.in_(series_uids), Instance.file_deleted_at.is_(None)
+                    )
+                ).all()
+            )
+            out_rows = s.execute(
+                select(Output.id, Output.path, Output.file_deleted_at).where(Output.job_id.in_(job_ids))
+            ).all()
+            files += [o.path for o in out_rows if o.file_deleted_at is None]
+            files += [thumbnail_path(j) for j in job_ids]
+            out_ids = [o.id for o in out_rows]
+            n_rows = 0
+            for stmt in (
+                delete(Delivery).where(Delivery.output_id.in_(out_ids)),
+                delete(Output).where(Output.id.in_(out_ids)),
+                delete(Job).where(Job.id.in_(job_ids)),
+                delete(SeriesDecision).where(SeriesDecision.series_instance_uid.in_(series_uids)),
+                delete(Instance).where(Instance.series_instance_uid.in_(series_uids)),
+                delete(Series).where(Series.series_instance_uid.in_(series_uids)),
+            ):
+                n_rows += int(s.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
+            record(
+                s,
+                STAGE,
+                "patient",
+                patient_key,
+                None,
+                "purged",
+                f"purged by {actor}: {len(series_uids)} series, {len(job_ids)} jobs, {n_rows} rows; "
+                "spool files deleted, audit events kept",
+                actor,
+            )
+        n_files = self._unlink(files)
+        log.info("admin: a patient was purged by %s (%d files, %d rows)", actor, n_files, n_rows)
+        return ActionResult(f"patient purged: {n_files} files and {n_rows} rows deleted", n_rows)
+
+    def purge_older_than(self, days: float, actor: str, now: datetime | None = None) -> ActionResult:
+        """Purge every patient with nothing unfinished whose last activity is older than ``days``."""
+        if days < 0:
+            raise ActionError("days must be 0 or more", 422)
+        cutoff = (now or utcnow()) - timedelta(days=days)
+        with self.sessionmaker() as s:
+            last_rx = dict(
+                s.execute(
+                    select(Series.patient_key, func.max(Series.last_received_at)).group_by(Series.patient_key)
+                ).all()
+            )
+            last_job = dict(
+                s.execute(
+                    select(
+                        Job.patient_key, func.max(func.coalesce(Job.finished_at, Job.created_at))
+                    ).group_by(Job.patient_key)
+                ).all()
+            )
+            busy = set(s.scalars(select(Job.patient_key).where(Job.state.in_(UNFINISHED_JOB_STATES))).all())
+            busy |= set(s.scalars(select(Series.patient_key).where(Series.state == "receiving")).all())
+        old = []
+        for key in sorted(set(last_rx) | set(last_job)):
+            last = max(t for t in (last_rx.get(key), last_job.get(key)) if t is not None)
+            if key not in busy and last < cutoff:
+                old.append(key)
+        for key in old:
+            self.purge_patient(key, actor)
+        return ActionResult(
+            f"{len(old)} patients purged (last activity before {cutoff:%Y-%m-%d %H:%M})", len(old)
+        )

@@ -1,0 +1,255 @@
+"""The admin API under /api/v1: read views (paged, filtered) and the audited admin actions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from sqlalchemy.orm import Session
+
+from dicomnode.admin import queries, schemas
+from dicomnode.admin.actions import ActionResult
+from dicomnode.admin.auth import Principal
+from dicomnode.admin.context import AdminContext
+from dicomnode.admin.status import collect_status
+
+MAX_ID = 2**62  # ids beyond this cannot exist (SQLite integers are 64-bit)
+Limit = Annotated[int, Query(ge=1, le=500, description="items per page")]
+Cursor = Annotated[int | None, Query(ge=1, le=MAX_ID, description="next_cursor of the previous page")]
+Offset = Annotated[int, Query(ge=0, le=100000, description="items to skip")]
+Text = Annotated[str | None, Query(max_length=140)]
+JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
+Destination = Annotated[str | None, Query(max_length=64, description="one destination; default: all")]
+
+
+def reader(request: Request) -> Principal:
+    """The caller, when it may read (401 or 403 otherwise)."""
+    ctx: AdminContext = request.app.state.ctx
+    return ctx.auth.require(request, "read")
+
+
+def admin(request: Request) -> Principal:
+    """The caller, when it may act (401 or 403 otherwise; CSRF checked for the dashboard)."""
+    ctx: AdminContext = request.app.state.ctx
+    return ctx.auth.require(request, "admin")
+
+
+Reader = Annotated[Principal, Depends(reader)]
+Admin = Annotated[Principal, Depends(admin)]
+
+
+def make_api(ctx: AdminContext) -> APIRouter:
+    """The /api/v1 router over one node's DB."""
+    router = APIRouter(prefix="/api/v1")
+
+    @contextmanager
+    def session() -> Iterator[Session]:
+        with ctx.sessionmaker() as s:
+            yield s
+
+    def act(fn: Callable[..., ActionResult], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = fn(*args, **kwargs)
+        return {"ok": True, "message": result.message, "changed": result.changed}
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    @router.get("/status", response_model=schemas.StatusOut, tags=["status"])
+    def status(_: Reader, patient: Text = None) -> dict[str, Any]:
+        """Counts, queues, disk, destinations, recent jobs, failures and milestone events."""
+        with session() as s:
+            return collect_status(s, settings=ctx.settings, patient=patient)
+
+    @router.get("/patients", response_model=schemas.Page[schemas.PatientOut], tags=["index"])
+    def patients(_: Reader, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+        """Patients, most recently active first, with their jobs by state."""
+        with session() as s:
+            return queries.list_patients(s, limit=limit, offset=offset).as_json()
+
+    @router.get("/studies", response_model=schemas.Page[schemas.StudyOut], tags=["index"])
+    def studies(_: Reader, patient: Text = None, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+        """Studies, most recently received first."""
+        with session() as s:
+            return queries.list_studies(s, patient=patient, limit=limit, offset=offset).as_json()
+
+    @router.get("/series", response_model=schemas.Page[schemas.SeriesOut], tags=["index"])
+    def series(
+        _: Reader,
+        patient: Text = None,
+        study: Text = None,
+        state: Text = None,
+        modality: Text = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Series with state, modality, instances, description and each rule's decision and reason."""
+        with session() as s:
+            return queries.list_series(
+                s,
+                patient=patient,
+                study=study,
+                state=state,
+                modality=modality,
+                limit=limit,
+                cursor=cursor,
+                offset=offset,
+            ).as_json()
+
+    @router.get("/jobs", response_model=schemas.Page[schemas.JobOut], tags=["jobs"])
+    def jobs(
+        _: Reader,
+        state: Text = None,
+        rule: Text = None,
+        patient: Text = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Jobs newest first: rule, state, method, alignment, timings, error, quality, output series."""
+        with session() as s:
+            return queries.list_jobs(
+                s, state=state, rule=rule, patient=patient, limit=limit, cursor=cursor, offset=offset
+            ).as_json()
+
+    @router.get("/jobs/{job_id}", response_model=schemas.JobDetailOut, tags=["jobs"])
+    def job(_: Reader, job_id: JobId) -> dict[str, Any]:
+        """One job with its events, source series (and why they were chosen) and deliveries."""
+        with session() as s:
+            found = queries.job_detail(s, job_id)
+        if found is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return found
+
+    @router.get("/outputs", response_model=schemas.Page[schemas.OutputOut], tags=["outputs"])
+    def outputs(
+        _: Reader,
+        job_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Fused instances written to the spool."""
+        with session() as s:
+            return queries.list_outputs(s, job_id=job_id, limit=limit, cursor=cursor, offset=offset).as_json()
+
+    @router.get("/deliveries", response_model=schemas.Page[schemas.DeliveryOut], tags=["outputs"])
+    def deliveries(
+        _: Reader,
+        state: Text = None,
+        destination: Text = None,
+        job_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """The outbox: state, attempts, next attempt and last error per (output, destination)."""
+        with session() as s:
+            return queries.list_deliveries(
+                s,
+                state=state,
+                destination=destination,
+                job_id=job_id,
+                limit=limit,
+                cursor=cursor,
+                offset=offset,
+            ).as_json()
+
+    @router.get("/destinations", response_model=list[schemas.DestinationOut], tags=["destinations"])
+    def destinations(_: Reader) -> list[dict[str, Any]]:
+        """Configured destinations: active or paused, pending count, last success."""
+        with session() as s:
+            return queries.list_destinations(s, ctx.settings)
+
+    @router.get("/associations", response_model=schemas.Page[schemas.AssociationOut], tags=["index"])
+    def associations(
+        _: Reader,
+        direction: Text = None,
+        state: Text = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """DICOM associations, inbound (scanners) and outbound (to destinations)."""
+        with session() as s:
+            return queries.list_associations(
+                s, direction=direction, state=state, limit=limit, cursor=cursor, offset=offset
+            ).as_json()
+
+    @router.get("/events", response_model=schemas.Page[schemas.EventOut], tags=["audit"])
+    def events(
+        _: Reader,
+        entity: Annotated[str | None, Query(max_length=16)] = None,
+        entity_id: Annotated[str | None, Query(max_length=140)] = None,
+        since: datetime | None = None,
+        stage: Annotated[str | None, Query(max_length=16)] = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """The audit log, newest first; ``since`` is an ISO time (UTC when it has no offset)."""
+        if since is not None and since.tzinfo is not None:
+            since = since.astimezone(UTC).replace(tzinfo=None)
+        with session() as s:
+            return queries.list_events(
+                s,
+                entity=entity,
+                entity_id=entity_id,
+                since=since,
+                stage=stage,
+                limit=limit,
+                cursor=cursor,
+                offset=offset,
+            ).as_json()
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    @router.post("/jobs/{job_id}/retry", response_model=schemas.ActionOut, tags=["actions"])
+    def retry(who: Admin, job_id: JobId) -> dict[str, Any]:
+        """A failed, held or cancelled job runs again."""
+        return act(ctx.actions.retry_job, job_id, who.name)
+
+    @router.post("/jobs/{job_id}/cancel", response_model=schemas.ActionOut, tags=["actions"])
+    def cancel(who: Admin, job_id: JobId) -> dict[str, Any]:
+        """A pending, running or held job ends cancelled; nothing of it is sent."""
+        return act(ctx.actions.cancel_job, job_id, who.name)
+
+    @router.post("/jobs/{job_id}/release", response_model=schemas.ActionOut, tags=["actions"])
+    def release(who: Admin, job_id: JobId) -> dict[str, Any]:
+        """A job held by the quality gate is sent as it is."""
+        return act(ctx.actions.release_job, job_id, who.name)
+
+    @router.post("/jobs/{job_id}/resend", response_model=schemas.ActionOut, tags=["actions"])
+    def resend_job(who: Admin, job_id: JobId, destination: Destination = None) -> dict[str, Any]:
+        """Every output of a done job is sent again (to one destination or all)."""
+        return act(ctx.actions.resend_job, job_id, who.name, destination)
+
+    @router.post("/outputs/{output_id}/resend", response_model=schemas.ActionOut, tags=["actions"])
+    def resend_output(
+        who: Admin, output_id: Annotated[int, Path(ge=1, le=MAX_ID)], destination: Destination = None
+    ) -> dict[str, Any]:
+        """One output is sent again (to one destination or all)."""
+        return act(ctx.actions.resend_output, output_id, who.name, destination)
+
+    @router.post("/destinations/{name}/pause", response_model=schemas.ActionOut, tags=["actions"])
+    def pause(
+        who: Admin,
+        name: Annotated[str, Path(max_length=64)],
+        reason: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> dict[str, Any]:
+        """Stop sending to a destination; its deliveries wait."""
+        return act(ctx.actions.pause_destination, name, who.name, reason)
+
+    @router.post("/destinations/{name}/resume", response_model=schemas.ActionOut, tags=["actions"])
+    def resume(who: Admin, name: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+        """Send to a paused destination again."""
+        return act(ctx.actions.resume_destination, name, who.name)
+
+    @router.delete("/patients/{key:path}", response_model=schemas.ActionOut, tags=["actions"])
+    def purge(who: Admin, key: Annotated[str, Path(min_length=1, max_length=140)]) -> dict[str, Any]:
+        """Delete a patient's spool files and rows; the audit events stay."""
+        return act(ctx.actions.purge_patient, key, who.name)
+
+    return router
