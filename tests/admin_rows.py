@@ -74,7 +74,9 @@ def add_patient(
             attempts=1,
             method="li2021-cnn" if finished else None,
             error=error,
-            details=json.dumps({"alignment": "same frame of reference", "seconds_fuse": 1.5, "seconds_total": 2.0}),
+            details=json.dumps(
+                {"alignment": "same frame of reference", "seconds_fuse": 1.5, "seconds_total": 2.0}
+            ),
             quality=json.dumps({"metrics": {"SSIM": 1.2, "Qabf": 0.5}, "slices": [1], "pixel_max": {}}),
             created_at=now,
             started_at=now if job_state != "pending" else None,
@@ -82,8 +84,16 @@ def add_patient(
         )
         s.add(job)
         s.flush()
-        record(s, "assemble", "job", job.id, None, "pending", "rule mr-ct: MR series complete with CT series. "
-               "Reference: T1 3D first. Moving: soft tissue kernel")
+        record(
+            s,
+            "assemble",
+            "job",
+            job.id,
+            None,
+            "pending",
+            "rule mr-ct: MR series complete with CT series. "
+            "Reference: T1 3D first. Moving: soft tissue kernel",
+        )
         if job_state in ("done", "held", "cancelled"):
             job.output_series_uid = f"1.2.826.0.3.{job.id}"
             for n in range(1, n_outputs + 1):
@@ -113,8 +123,17 @@ def add_patient(
                             created_at=now,
                         )
                     )
-        s.add(Event(stage="fuse", entity="job", entity_id=str(job.id), old_state="running", new_state=job_state,
-                    reason=error or "fused", at=now))
+        s.add(
+            Event(
+                stage="fuse",
+                entity="job",
+                entity_id=str(job.id),
+                old_state="running",
+                new_state=job_state,
+                reason=error or "fused",
+                at=now,
+            )
+        )
         s.commit()
         return job.id
 

@@ -43,7 +43,7 @@ Admin = Annotated[Principal, Depends(admin)]
 
 def make_api(ctx: AdminContext) -> APIRouter:
     """The /api/v1 router over one node's DB."""
-    router = APIRouter(prefix="/api/v1")
+    router = APIRouter(prefix="/api/v1", responses=schemas.ERROR_RESPONSES)
 
     @contextmanager
     def session() -> Iterator[Session]:

@@ -172,6 +172,18 @@ class AssociationOut(BaseModel):
     ended_at: str | None
 
 
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what went wrong, for a person to act on")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut, "description": "no or unknown credentials"},
+    403: {"model": ErrorOut, "description": "the token's role may not do this, or a missing CSRF token"},
+    404: {"model": ErrorOut, "description": "no such job, output, destination or patient"},
+    409: {"model": ErrorOut, "description": "the action does not apply in the current state"},
+}
+
+
 class ActionOut(BaseModel):
     ok: bool = True
     message: str

@@ -37,6 +37,10 @@ def guarded_protocol(header_timeout: float, body_timeout: float) -> type[H11Prot
         _deadline: asyncio.TimerHandle | None = None
         _phase = "idle"
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.access_log = False  # uvicorn's line has the raw path and query (a patient ID)
+
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm("headers", header_timeout)
