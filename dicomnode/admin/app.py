@@ -44,8 +44,11 @@ SECURITY_HEADERS = {
 }
 
 
+MAX_HEADER_BYTES = 16 * 1024
+
+
 class BodyLimit:
-    """Refuses request bodies over ``max_bytes`` with 413 (declared or streamed) before a route reads them."""
+    """Refuses headers over 16 kB (431) and bodies over ``max_bytes`` (413) before a route reads them."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -54,6 +57,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            await PlainTextResponse("request headers too large", 431)(scope, receive, send)
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):

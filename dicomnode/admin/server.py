@@ -6,8 +6,8 @@
   as surely as one that sends nothing.
 - An idle kept-alive connection closes after ``http_keepalive_seconds``.
 - At most ``http_max_connections`` connections are served (503 beyond), headers are limited to
-  16 kB, bodies to ``http_max_body_bytes``, and route code runs in a pool of ``http_workers``
-  threads.
+  16 kB (here while they arrive, in the app once parsed), bodies to ``http_max_body_bytes``, and
+  route code runs in a pool of ``http_workers`` threads.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from dicomnode.admin.app import MAX_HEADER_BYTES
 from dicomnode.config import AdminConfig, ConfigError
 
 log = logging.getLogger("dicomnode.admin")
-MAX_HEADER_BYTES = 16 * 1024
 
 
 def guarded_protocol(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
