@@ -151,7 +151,10 @@ def thumbnail_strip(
         row = Image.new("RGB", (3 * size, size))
         for k, t in enumerate((mr, mov, fu)):
             tile = Image.fromarray(np.ascontiguousarray(t))
-            tile.thumbnail((size, size))  # keeps the aspect ratio
+            f = size / max(tile.width, tile.height)  # up or down, keeping the aspect ratio
+            tile = tile.resize(
+                (max(1, round(tile.width * f)), max(1, round(tile.height * f))), Image.BILINEAR
+            )
             row.paste(tile, (k * size + (size - tile.width) // 2, (size - tile.height) // 2))
         rows.append(row)
     strip = Image.new("RGB", (3 * size, size * max(1, len(rows))))
