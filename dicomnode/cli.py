@@ -61,23 +61,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dicomnode.admin import collect_status, format_status  # noqa: PLC0415
 
     settings, sm = _db(args)
-    while True:
-        with sm() as s:
-            st = collect_status(
-                s, n_events=args.events, settings=settings, n_jobs=args.jobs, patient=args.patient
-            )
-        text = json.dumps(st, indent=1) if args.json else format_status(st)
-        if args.watch and sys.stdout.isatty():
-            text = "\x1b[2J\x1b[H" + text  # clear the screen, then draw
-        print(text, flush=True)
-        if not args.watch:
-            return 0
-        try:
+    try:
+        while True:
+            with sm() as s:
+                st = collect_status(
+                    s, n_events=args.events, settings=settings, n_jobs=args.jobs, patient=args.patient
+                )
+            text = json.dumps(st, indent=1) if args.json else format_status(st)
+            if args.watch and sys.stdout.isatty():
+                text = "\x1b[2J\x1b[H" + text  # clear the screen, then draw
+            print(text + ("\n" if args.watch and not sys.stdout.isatty() else ""), flush=True)
+            if not args.watch:
+                return 0
             time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 0
-        if not sys.stdout.isatty():
-            print("", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch
+        return 0
 
 
 def _print_result(result: Any, as_json: bool) -> int:

@@ -85,7 +85,7 @@ def _size(n: int) -> str:
 def _deliveries(per_dest: dict[str, dict[str, int]]) -> str:
     return "; ".join(
         f"{dest}: " + " ".join(f"{k}={v}" for k, v in sorted(states.items()))
-        for dest, states in per_dest.items()
+        for dest, states in sorted(per_dest.items())
     )
 
 
