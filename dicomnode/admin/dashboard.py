@@ -45,12 +45,29 @@ def _size(n: int | None) -> str:
     return ""
 
 
+def _person_name(pn: str | None) -> str:
+    """A DICOM Person Name (``Family^Given^Middle``) as people write it."""
+    parts = [p for p in (pn or "").split("=")[0].split("^") if p]
+    return f"{parts[0]}, {' '.join(parts[1:])}" if len(parts) > 1 else (parts[0] if parts else "")
+
+
+def _short(text: str | None, n: int = 160) -> str:
+    text = text or ""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def make_dashboard(ctx: AdminContext) -> APIRouter:
     """Routes of the dashboard pages, sign-in and static files."""
     router = APIRouter(include_in_schema=False)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["size"] = _size
+    templates.env.filters["pn"] = _person_name
+    templates.env.filters["short"] = _short
     static = StaticFiles(directory=str(HERE / "static"))
+
+    @router.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status_code=204)
 
     @router.get("/static/{name}")
     async def static_file(request: Request, name: Annotated[str, PathParam(max_length=64)]) -> Response:
