@@ -324,7 +324,8 @@ def _add_global_options_everywhere(p: argparse.ArgumentParser) -> None:
                 _add_global_options_everywhere(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
+    """The parser; without ``with_train`` the ``train`` commands are a stub (they import torch: seconds)."""
     p = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
     _global_options(p, top=True)
@@ -431,9 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_demo)
 
     try:
+        if not with_train:
+            raise ImportError
         from dicomnode.fusion.training.cli import add_train_parser  # noqa: PLC0415
     except ImportError:
-        pass
+        sub.add_parser("train", help="build the fusion training database and fit the CNN")
     else:
         add_train_parser(sub)
     _add_global_options_everywhere(p)
@@ -441,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_train="train" in argv)
     args = parser.parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:

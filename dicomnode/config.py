@@ -366,6 +366,29 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+class _DataOnlySettings(Settings):
+    """Settings from the given data alone: DICOMNODE_* environment overrides do not apply."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def isolated_settings(**data: Any) -> Settings:
+    """Settings exactly as given, ignoring the environment (the demo must never reach a real PACS)."""
+    try:
+        return _DataOnlySettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, "built-in settings")) from None
+
+
 def _inner_model(annotation: Any) -> type[BaseModel] | None:
     """The model class inside ``X``, ``list[X]``, ``dict[str, X]`` or ``X | None``."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

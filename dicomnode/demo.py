@@ -1,7 +1,8 @@
 """``dicomnode demo``: Orthanc as the PACS, the node, a generated study sent by storescu, the fused result.
 
 Everything runs on loopback with free ports inside ``workdir``; nothing from the user's config
-but the fusion settings is used, so the demo never touches a real PACS.
+but the fusion settings and rules is used, and ``DICOMNODE_*`` environment overrides are ignored,
+so the demo never touches a real PACS or database.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.config import load_settings
+from dicomnode.config import isolated_settings, load_settings
 
 
 def _wait(predicate, timeout: float, what: str, poll: float = 0.5):  # type: ignore[no-untyped-def]
@@ -123,8 +124,8 @@ def run_demo(
     print(f"[demo] working in {workdir}")
     with Orthanc(workdir / "orthanc") as orthanc:
         print(f"[demo] Orthanc (the PACS) on DICOM port {orthanc.dicom_port}, REST {orthanc.url}")
-        settings = load_settings(
-            None,
+        # the environment's DICOMNODE_* overrides (a production PACS, its database) must not apply here
+        settings = isolated_settings(
             node={"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
             storage={
                 "spool_dir": str(workdir / "spool"),
@@ -144,7 +145,7 @@ def run_demo(
         try:
             print(
                 f"[demo] dicomnode listening as DICOMNODE on port {settings.node.port}; "
-                f"status on http://127.0.0.1:{settings.admin.http_port}/status"
+                f"dashboard on http://127.0.0.1:{settings.admin.http_port}/"
             )
             t0 = time.monotonic()
             study = generate_study(workdir / "study", modalities=tuple(modalities), scale=scale)
@@ -186,7 +187,7 @@ def run_demo(
                 _preview(orthanc, f, workdir / "study", png)
                 print(f"[demo] preview (MR | {mod} | fused) written to {png}")
             with node.sessionmaker() as s:
-                st = collect_status(s)
+                st = collect_status(s, settings=settings)
             print()
             print(format_status(st))
             (workdir / "status.json").write_text(json.dumps(st, indent=1))

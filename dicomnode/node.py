@@ -116,10 +116,10 @@ class Node:
             t.join(timeout=30)
 
     def serve_forever(self) -> None:
-        """Start, then block until SIGINT/SIGTERM."""
-        self.start()
+        """Start, then block until SIGINT/SIGTERM (a signal during start stops it once started)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop_event.set())
+        self.start()
         try:
             while not self.stop_event.wait(1.0):
                 pass

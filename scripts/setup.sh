@@ -33,6 +33,14 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "[setup] pip install torch==2.13.0"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 fi
-echo "[setup] pip install -e .[test]"
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# The project is installed editable: code changes need no reinstall, only a changed pyproject.toml.
+STAMP=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ -f "$STAMP" ] && .venv/bin/python -c "import dicomnode" >/dev/null 2>&1; then
+  echo "[setup] .venv already has this pyproject.toml installed"
+else
+  echo "[setup] pip install -e .[test]"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  rm -f .venv/.installed-*
+  touch "$STAMP"
+fi
 echo "[setup] done"

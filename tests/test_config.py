@@ -57,3 +57,19 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("node: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(bad)
+
+
+def test_isolated_settings_ignore_the_environment(monkeypatch):
+    """The demo's settings: a production host's DICOMNODE_* overrides must not send test data to its PACS."""
+    from dicomnode.config import isolated_settings
+
+    monkeypatch.setenv(
+        "DICOMNODE_DESTINATIONS", '[{"name": "prod", "ae_title": "PACS", "host": "pacs", "port": 104}]'
+    )
+    monkeypatch.setenv("DICOMNODE_STORAGE__DATABASE_URL", "sqlite:////var/lib/dicomnode/dicomnode.db")
+    assert [d.name for d in load_settings(None).destinations] == ["prod"]
+    demo = isolated_settings(
+        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}]
+    )
+    assert [d.name for d in demo.destinations] == ["pacs"]
+    assert demo.storage.database_url == "sqlite:///./var/dicomnode.db"

@@ -95,6 +95,8 @@ def create_app(settings: Settings, sessionmaker: sessionmaker[Session]) -> FastA
         version=__version__,
         description="Read the node's state and act on it: jobs, outputs, deliveries, destinations, patients.",
         lifespan=lifespan,
+        docs_url=None,  # the interactive pages load scripts from a CDN: nothing is fetched from outside
+        redoc_url=None,
     )
     app.state.ctx = ctx
 
