@@ -79,14 +79,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is when a record comes (not as it was when configured)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def configure_logging(fmt: str = "text", level: str = "INFO", verbose: bool = False) -> None:
-    """Send all logs to stderr in ``fmt`` (text | json) at ``level`` (DEBUG with ``verbose``)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send all logs to stderr in ``fmt`` (text | json) at ``level`` (DEBUG with ``verbose``).
+
+    Replaces the handler an earlier call installed; handlers others installed stay.
+    """
+    handler = StderrHandler()
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, StderrHandler):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO))
     net = logging.DEBUG if os.environ.get("DICOMNODE_DEBUG_NET") else logging.WARNING

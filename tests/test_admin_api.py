@@ -20,7 +20,17 @@ from sqlalchemy import func, select
 from dicomnode.admin.app import create_app
 from dicomnode.admin.server import AdminServer
 from dicomnode.config import ConfigError, load_settings
-from dicomnode.db import Delivery, DestinationState, Event, Instance, Job, Output, Series, make_sessionmaker
+from dicomnode.db import (
+    Delivery,
+    DestinationState,
+    Event,
+    Instance,
+    Job,
+    Output,
+    Series,
+    make_sessionmaker,
+    record,
+)
 from dicomnode.dispatch import DispatchOutbox
 from dicomnode.node import Node
 from dicomnode.spool import Spool
@@ -339,12 +349,14 @@ def test_purge_patient_keeps_the_audit(api: Api):
 def test_metrics_parse_with_help_per_destination_and_durations(api: Api):
     text = api.client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
+    types = re.findall(r"^# TYPE (\S+)", text, re.M)
+    assert len(types) == len(set(types)) == len(families), "two metric families share a name"
     for name in (
         "dicomnode_instances_received",
         "dicomnode_received_bytes",
         "dicomnode_instances_refused",
         "dicomnode_jobs_finished",
-        "dicomnode_deliveries",
+        "dicomnode_delivery_attempts",
         "dicomnode_fusion_phase_seconds",
         "dicomnode_study_complete_to_delivered_seconds",
         "dicomnode_queue_depth",
@@ -371,6 +383,25 @@ def test_metrics_parse_with_help_per_destination_and_durations(api: Api):
     assert spool > 0
     queue = {s.labels["stage"]: s.value for s in families["dicomnode_queue_depth"].samples}
     assert set(queue) == {"assemble", "fuse", "held", "dispatch"}
+
+    def value(fams, name, **labels):  # type: ignore[no-untyped-def]
+        return sum(
+            s.value for s in fams[name].samples if all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    # later scrapes follow the events appended since the last one
+    before = (
+        value(families, "dicomnode_jobs_finished", state="done"),
+        value(families, "dicomnode_delivery_attempts", destination="archive", result="sent"),
+    )
+    job = add_patient(api.sm, api.spool, "P-METRICS", destinations=("archive",), n_outputs=1)
+    with api.sm() as s:
+        d = s.scalars(select(Delivery).join(Output).where(Output.job_id == job)).one()
+        record(s, "dispatch", "delivery", d.id, "pending", "sent", "stored at archive")
+        s.commit()
+    again = {f.name: f for f in text_string_to_metric_families(api.client.get("/metrics").text)}
+    assert value(again, "dicomnode_jobs_finished", state="done") == before[0] + 1
+    assert value(again, "dicomnode_delivery_attempts", destination="archive", result="sent") == before[1] + 1
 
 
 # -- the schema, fuzzed ---------------------------------------------------------------------------
@@ -401,7 +432,7 @@ def test_schema_fuzz_no_server_errors(tmp_path: Path):
 
             @given(case=op.as_strategy())
             @settings(
-                max_examples=12,
+                max_examples=8,
                 deadline=None,
                 database=None,
                 suppress_health_check=list(HealthCheck),

@@ -123,9 +123,7 @@ class AdminActions:
                 .where(Job.id == job_id, Job.state == old)
                 .values(state="cancelled", finished_at=utcnow())
             )
-            n = self._set_deliveries(
-                s, job_id, "held", "cancelled", f"job {job_id} cancelled by {actor}", actor
-            )
+            n = self._set_deliveries(s, job_id, "held", "cancelled")
             why = f"cancelled by {actor}" + (f"; {n} held deliveries cancelled" if n else "")
             if old == "running":
                 why += "; the worker discards its result"
@@ -139,7 +137,7 @@ class AdminActions:
             if job.state != "held":
                 raise ActionError(f"job {job_id} is {job.state}: only held jobs are released")
             s.execute(update(Job).where(Job.id == job_id, Job.state == "held").values(state="done"))
-            n = self._set_deliveries(s, job_id, "held", "pending", f"job {job_id} released by {actor}", actor)
+            n = self._set_deliveries(s, job_id, "held", "pending")
             record(
                 s,
                 STAGE,
@@ -153,7 +151,8 @@ class AdminActions:
             )
         return ActionResult(f"job {job_id} released: {n} deliveries pending", n)
 
-    def _set_deliveries(self, s: Session, job_id: int, old: str, new: str, reason: str, actor: str) -> int:
+    @staticmethod
+    def _set_deliveries(s: Session, job_id: int, old: str, new: str) -> int:
         ids = s.scalars(
             select(Delivery.id)
             .join(Output, Output.id == Delivery.output_id)
@@ -162,9 +161,7 @@ class AdminActions:
         if not ids:
             return 0
         s.execute(update(Delivery).where(Delivery.id.in_(ids)).values(state=new, next_attempt_at=utcnow()))
-        # one event for the batch: a series has hundreds of deliveries
-        record(s, STAGE, "delivery", f"job {job_id}", old, new, f"{len(ids)} deliveries: {reason}", actor)
-        return len(ids)
+        return len(ids)  # the job's own event counts them: a series has hundreds of deliveries
 
     def _discard_outputs(self, s: Session, job_id: int) -> list[str]:
         """Delete a job's Output and Delivery rows; returns the files to remove after commit."""
@@ -268,16 +265,8 @@ class AdminActions:
                     d.sent_at = None
                 counts[name] = counts.get(name, 0) + 1
         for name, n in counts.items():
-            record(
-                s,
-                STAGE,
-                "delivery",
-                f"to {name}",
-                None,
-                "pending",
-                f"{n} deliveries re-sent by {actor}",
-                actor,
-            )
+            # one event per destination (delivery events name one delivery each)
+            record(s, STAGE, "destination", name, None, None, f"{n} deliveries re-sent by {actor}", actor)
         return sum(counts.values())
 
     # -- destinations ----------------------------------------------------------------------------

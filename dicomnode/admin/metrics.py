@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
-from sqlalchemy import func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.admin import queries
@@ -32,6 +32,13 @@ PHASES = ("resample", "fuse", "quality", "output", "total")
 PHASE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 DELIVERED_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 CHUNK = 20000
+
+
+def _delivery_result(old: str | None, new: str | None) -> str | None:
+    """sent | failed (gave up) | retry (an attempt failed, another follows) | None (not an attempt)."""
+    if new in ("sent", "failed"):
+        return new
+    return "retry" if old == "pending" and new == "pending" else None
 
 
 class _Histogram:
@@ -62,6 +69,7 @@ class NodeCollector(Collector):
         self.sessionmaker = sessionmaker
         self._lock = threading.Lock()
         self._last_event = 0
+        self._bootstrapped = False
         self._jobs_ended: Counter[str] = Counter()
         self._deliveries: Counter[tuple[str, str]] = Counter()
         self._refused: Counter[str] = Counter()
@@ -71,7 +79,80 @@ class NodeCollector(Collector):
 
     # -- following the audit ---------------------------------------------------------------------
 
+    def _bootstrap(self, s: Session) -> None:
+        """The first scrape: the whole audit so far in a few aggregate queries (not event by event)."""
+        last = int(s.scalar(select(func.max(Event.id))) or 0)
+        upto = Event.id <= last
+        ended = Event.new_state.in_(JOB_END_STATES) & (
+            Event.old_state.is_(None) | Event.old_state.not_in(JOB_END_STATES)
+        )
+        for new, n in s.execute(
+            select(Event.new_state, func.count())
+            .where(Event.entity == "job", ended, upto)
+            .group_by(Event.new_state)
+        ):
+            self._jobs_ended[new] += int(n)
+        runs = s.execute(
+            select(Event.entity_id, func.count())
+            .where(
+                Event.entity == "job",
+                Event.old_state == "running",
+                Event.new_state.in_(("done", "held")),
+                upto,
+            )
+            .group_by(Event.entity_id)
+        ).all()
+        self._observe_phases(s, [int(j) for j, n in runs if j.isdigit() for _ in range(int(n))])
+        for reason, n in s.execute(
+            select(func.substr(Event.reason, 1, 6), func.count())
+            .where(Event.entity == "instance", Event.new_state == "failed", upto)
+            .group_by(func.substr(Event.reason, 1, 6))
+        ):
+            self._refused[reason if (reason or "").startswith("0x") else "other"] += int(n)
+        destination = dict(s.execute(select(Delivery.id, Delivery.destination)).all())
+        for entity_id, old, new, n in s.execute(
+            select(Event.entity_id, Event.old_state, Event.new_state, func.count())
+            .where(Event.entity == "delivery", upto)
+            .group_by(Event.entity_id, Event.old_state, Event.new_state)
+        ):
+            result = _delivery_result(old, new)
+            if result and entity_id.isdigit():
+                self._deliveries[(destination.get(int(entity_id), "(purged)"), result)] += int(n)
+        self._bootstrap_delivered(s)
+        self._last_event = last
+
+    def _bootstrap_delivered(self, s: Session) -> None:
+        unsent = func.sum(case((Delivery.state.in_(("sent", "cancelled")), 0), else_=1))
+        sent = func.sum(case((Delivery.state == "sent", 1), else_=0))
+        done = {
+            job_id: last_sent
+            for job_id, last_sent, n_unsent, n_sent in s.execute(
+                select(Output.job_id, func.max(Delivery.sent_at), unsent, sent)
+                .join(Delivery, Delivery.output_id == Output.id)
+                .group_by(Output.job_id)
+            )
+            if not n_unsent and n_sent and last_sent is not None
+        }
+        source = or_(
+            Series.series_instance_uid == Job.reference_series_uid,
+            Series.series_instance_uid == Job.moving_series_uid,
+        )
+        ids = sorted(done)
+        for i in range(0, len(ids), 500):
+            for job_id, completed in s.execute(
+                select(Job.id, func.max(Series.completed_at))
+                .join(Series, source)
+                .where(Job.id.in_(ids[i : i + 500]))
+                .group_by(Job.id)
+            ):
+                if completed is not None:
+                    self._delivered.observe(max(0.0, (done[job_id] - completed).total_seconds()))
+        self._delivered_jobs.update(ids)
+
     def _advance(self, s: Session) -> None:
+        if not self._bootstrapped:
+            self._bootstrap(s)
+            self._bootstrapped = True
         while True:
             rows = s.execute(
                 select(
@@ -92,9 +173,7 @@ class NodeCollector(Collector):
                     if new in ("done", "held") and entity_id.isdigit():
                         finished_jobs.append(int(entity_id))
                 elif entity == "delivery" and entity_id.isdigit():
-                    result = {"sent": "sent", "failed": "failed"}.get(new or "")
-                    if result is None and old == "pending" and new == "pending":
-                        result = "retry"
+                    result = _delivery_result(old, new)
                     if result:
                         delivery_events.append((int(entity_id), result))
                 elif entity == "instance" and new == "failed":
@@ -205,7 +284,7 @@ class NodeCollector(Collector):
             c.add_metric([state], float(self._jobs_ended[state]))
         yield c
         c = CounterMetricFamily(
-            "dicomnode_deliveries",
+            "dicomnode_delivery_attempts",
             "Delivery attempts per destination by result (sent; retry: failed, will retry; failed: gave up).",
             labels=["destination", "result"],
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.config import Settings
@@ -219,18 +219,24 @@ def job_detail(s: Session, job_id: int, n_events: int = 200) -> dict[str, Any] |
     out["n_outputs"] = int(
         s.scalar(select(func.count()).select_from(Output).where(Output.job_id == job.id)) or 0
     )
-    source_uids = [job.reference_series_uid, job.moving_series_uid]
-    events = s.scalars(
+    # two indexed lookups (entity, entity_id), merged: one query with OR would scan the audit by id
+    events = list(
+        s.scalars(
+            select(Event)
+            .where(Event.entity == "job", Event.entity_id == str(job.id))
+            .order_by(Event.id.desc())
+            .limit(n_events)
+        )
+    )
+    events += s.scalars(
         select(Event)
         .where(
-            or_(
-                (Event.entity == "job") & (Event.entity_id == str(job.id)),
-                (Event.entity == "series") & Event.entity_id.in_(source_uids),
-            )
+            Event.entity == "series", Event.entity_id.in_([job.reference_series_uid, job.moving_series_uid])
         )
         .order_by(Event.id.desc())
         .limit(n_events)
-    ).all()
+    )
+    events = sorted(events, key=lambda e: e.id, reverse=True)[:n_events]
     out["events"] = [event_dict(e) for e in reversed(events)]
     return out
 

@@ -26,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dicomnode.admin.app import MAX_HEADER_BYTES
 from dicomnode.config import AdminConfig, ConfigError
+from dicomnode.logs import log_context
 
 log = logging.getLogger("dicomnode.admin")
 
@@ -132,6 +133,7 @@ class AdminServer:
         self._thread = threading.Thread(target=self._run, name="admin-http", daemon=True)
 
     def _run(self) -> None:
+        log_context.set(stage="admin")  # route threads copy this context
         try:
             self.server.run(sockets=[self.sock])
         except Exception:
