@@ -1,9 +1,10 @@
 """Admin API latency over a large audit: 10,000 jobs and 1,000,000 events in SQLite.
 
 Builds the database once (jobs over 2,500 patients, 20 outputs and deliveries per job, events of
-all kinds), then times requests to a real uvicorn server on loopback: ``GET /api/v1/jobs?limit=50``
-and the other pages an admin opens. With ``--compare-indexes`` a copy without the indexes the
-admin work added is served too and the two are asked in alternating rounds.
+all kinds), then times requests to the admin stage (``dicomnode serve --stage admin``, its own
+process) on loopback: ``GET /api/v1/jobs?limit=50`` and the other pages an admin opens. With
+``--compare-indexes`` a copy without the indexes the admin views need is served too, and the two
+are asked in alternating rounds.
 
     .venv/bin/python benchmarks/admin_api.py [--jobs 10000] [--events 1000000] [--requests 200]
 """
@@ -16,6 +17,7 @@ import random
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +27,16 @@ from pathlib import Path
 import httpx
 from sqlalchemy import insert
 
-from dicomnode.admin.app import create_app
-from dicomnode.admin.server import AdminServer
-from dicomnode.config import load_settings
 from dicomnode.db import Delivery, Event, Job, Output, Series, make_sessionmaker, utcnow
+from dicomnode.testing.peers import free_port, peer_env, stop_process, wait_until
 
-ADDED_INDEXES = ("ix_events_entity", "ix_jobs_patient", "ix_jobs_rule", "ix_deliveries_destination_state")
+ADDED_INDEXES = (
+    "ix_events_entity",
+    "ix_jobs_patient",
+    "ix_jobs_rule",
+    "ix_deliveries_destination_state",
+    "ix_deliveries_state",
+)
 CHUNK = 20000
 
 
@@ -154,17 +160,34 @@ def build(db: Path, n_jobs: int, n_events: int, outputs_per_job: int) -> None:
     sm.kw["bind"].dispose()
 
 
-def serve(db: Path, spool: Path) -> tuple[AdminServer, httpx.Client]:
-    settings = load_settings(
-        None,
-        storage={"spool_dir": str(spool), "database_url": f"sqlite:///{db}"},
-        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
-        admin={"http_port": 0},
+def serve(db: Path, spool: Path) -> tuple[subprocess.Popen[bytes], httpx.Client]:
+    """The admin stage over ``db`` as its own process (as deployed: no GIL shared with the client)."""
+    port = free_port()
+    env = peer_env() | {
+        "DICOMNODE_STORAGE__DATABASE_URL": f"sqlite:///{db}",
+        "DICOMNODE_STORAGE__SPOOL_DIR": str(spool),
+        "DICOMNODE_ADMIN__HTTP_PORT": str(port),
+        "DICOMNODE_DESTINATIONS": json.dumps(
+            [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode.cli", "serve", "--stage", "admin"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(db.with_suffix(".log"), "wb"),  # noqa: SIM115
     )
-    spool.mkdir(parents=True, exist_ok=True)
-    srv = AdminServer(create_app(settings, make_sessionmaker(settings.storage.database_url)), settings.admin)
-    srv.start()
-    return srv, httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=120)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+
+    def up() -> bool:
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_until(up, proc, timeout=120, interval=0.2):
+        raise RuntimeError(f"the admin stage did not start; see {db.with_suffix('.log')}")
+    return proc, client
 
 
 def timed(client: httpx.Client, path: str) -> float:
@@ -213,16 +236,16 @@ def main() -> int:
             "/api/v1/jobs?limit=50",
             "/api/v1/jobs?limit=50&state=failed",
             f"/api/v1/jobs?limit=50&patient={patient}",
-            "/api/v1/jobs/5000",
+            f"/api/v1/jobs/{args.jobs // 2}",
             "/api/v1/events?limit=50",
-            "/api/v1/events?limit=50&entity=job&entity_id=5000",
+            f"/api/v1/events?limit=50&entity=job&entity_id={args.jobs // 2}",
             "/api/v1/deliveries?limit=50&state=sent",
             "/api/v1/destinations",
             "/api/v1/status",
             "/",
         ]
         results: dict[tuple[str, str], list[float]] = {}
-        for name, (_srv, client) in servers.items():
+        for name, (_proc, client) in servers.items():
             client.headers["Accept"] = "application/json"
             for path in endpoints:  # warm up: caches and the first request's imports
                 timed(client, path)
@@ -236,7 +259,7 @@ def main() -> int:
         for _ in range(
             rounds
         ):  # alternate databases and endpoints so the shared machine's load spreads evenly
-            for name, (_srv, client) in servers.items():
+            for name, (_proc, client) in servers.items():
                 for path in [*endpoints, "/metrics"]:
                     for _ in range(per_round):
                         results.setdefault((name, path), []).append(timed(client, path))
@@ -256,9 +279,9 @@ def main() -> int:
         print(
             f"\nGET /api/v1/jobs?limit=50: p95 {p:.1f} ms, target < 100 ms: {'MET' if p < 100 else 'NOT MET'}"
         )
-        for _srv, client in servers.values():
+        for proc, client in servers.values():
             client.close()
-            _srv.stop()
+            stop_process(proc)
     return 0
 
 

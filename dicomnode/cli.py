@@ -196,14 +196,14 @@ def cmd_destinations(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    headers = ["name", "address", "state", "pending", "held", "sent", "failed", "last success"]
+    headers = ["name", "address", "state", "pending", "held", "failed", "last success"]
     print(
         "\n".join(
             _table(
                 headers,
                 [
                     [d["name"], f"{d['ae_title']}@{d['host']}:{d['port']}", d["state"]]
-                    + [str(d[k]) for k in ("pending", "held", "sent", "failed")]
+                    + [str(d[k]) for k in ("pending", "held", "failed")]
                     + [d["last_success_at"] or "never"]
                     for d in rows
                 ],
@@ -382,7 +382,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
 
     sp = sub.add_parser("destinations", help="list destinations, pause or resume one")
     dests = sp.add_subparsers(dest="destinations_command", required=True)
-    dp = dests.add_parser("list", help="state, pending, sent, failed, last success")
+    dp = dests.add_parser("list", help="state, pending, held, failed, last success")
     dp.add_argument("--json", action="store_true")
     dp.set_defaults(func=cmd_destinations)
     dp = dests.add_parser("pause", help="stop sending to a destination (deliveries wait)")

@@ -12,7 +12,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -311,6 +311,8 @@ class Settings(BaseSettings):
         env_prefix="DICOMNODE_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
     )
 
+    environment_overrides: ClassVar[bool] = True
+
     node: NodeConfig = Field(default_factory=NodeConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
@@ -363,22 +365,13 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats the YAML file (passed as init kwargs).
-        return (env_settings, init_settings)
+        return (env_settings, init_settings) if cls.environment_overrides else (init_settings,)
 
 
 class _DataOnlySettings(Settings):
     """Settings from the given data alone: DICOMNODE_* environment overrides do not apply."""
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
+    environment_overrides: ClassVar[bool] = False
 
 
 def isolated_settings(**data: Any) -> Settings:

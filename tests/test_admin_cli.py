@@ -195,9 +195,9 @@ def test_status_answers_did_the_fusion_reach_the_pacs(db, capsys):
     assert job["patient_key"] == "PAT-OK" and job["study_instance_uid"] and job["output_series_uid"]
     assert job["reference_series_uid"] and job["moving_series_uid"]
     assert job["deliveries"] == {"pacs": {"sent": 2}, "archive": {"sent": 2}}
-    assert {d["name"]: (d["sent"], d["failed"]) for d in st["destinations"]} == {
-        "pacs": (2, 25),
-        "archive": (2, 0),
+    assert {d["name"]: (d["pending"], d["failed"]) for d in st["destinations"]} == {
+        "pacs": (0, 25),
+        "archive": (0, 0),
     }
 
     assert cli_main(["--config", str(cfg), "status", "--json"]) == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from pathlib import Path
 
 import pydicom
@@ -24,7 +23,7 @@ from dicomnode.db import Delivery, Event, Instance, Job
 from dicomnode.logs import ContextFilter, JsonFormatter
 from dicomnode.node import Node
 from dicomnode.testing import generate_study
-from dicomnode.testing.peers import Orthanc, free_port, have_dcmtk, have_orthanc, storescu
+from dicomnode.testing.peers import Orthanc, free_port, have_dcmtk, have_orthanc, storescu, wait_until
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "dashboard-admin-token-0123456789"
@@ -40,14 +39,8 @@ pytestmark = [
 ]
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.3):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    assert wait_until(predicate, None, timeout, interval=0.3), f"timed out after {timeout:.0f} s: {what}"
 
 
 class Run:
@@ -117,7 +110,8 @@ def run(tmp_path_factory: pytest.TempPathFactory):
                 rows = s.scalars(select(Job)).all()
             return {j.rule_name: j.id for j in rows} if len(rows) == 2 else None
 
-        r.jobs = wait_for(two_jobs, 120, "two pending jobs")
+        wait_for(two_jobs, 120, "two pending jobs")
+        r.jobs = two_jobs()
         with sm() as s:
             pet_file = s.scalars(
                 select(Instance.path).where(

@@ -41,6 +41,16 @@ Reader = Annotated[Principal, Depends(reader)]
 Admin = Annotated[Principal, Depends(admin)]
 
 
+class PageArgs:
+    """The page a list request asks for: ``limit`` items after ``cursor`` (or ``offset``)."""
+
+    def __init__(self, limit: Limit = 50, cursor: Cursor = None, offset: Offset = 0) -> None:
+        self.limit, self.cursor, self.offset = limit, cursor, offset
+
+
+Paging = Annotated[PageArgs, Depends()]
+
+
 def make_api(ctx: AdminContext) -> APIRouter:
     """The /api/v1 router over one node's DB."""
     router = APIRouter(prefix="/api/v1", responses=schemas.ERROR_RESPONSES)
@@ -49,6 +59,16 @@ def make_api(ctx: AdminContext) -> APIRouter:
     def session() -> Iterator[Session]:
         with ctx.sessionmaker() as s:
             yield s
+
+    def page_of(
+        list_fn: Callable[..., queries.Page], page: PageArgs, keyset: bool = True, **filters: Any
+    ) -> Any:
+        """One page of a list from ``queries`` (patients and studies page by offset only)."""
+        paging: dict[str, Any] = {"limit": page.limit, "offset": page.offset}
+        if keyset:
+            paging["cursor"] = page.cursor
+        with session() as s:
+            return list_fn(s, **filters, **paging).as_json()
 
     def act(fn: Callable[..., ActionResult], *args: Any, **kwargs: Any) -> dict[str, Any]:
         result = fn(*args, **kwargs)
@@ -63,56 +83,39 @@ def make_api(ctx: AdminContext) -> APIRouter:
             return collect_status(s, settings=ctx.settings, patient=patient)
 
     @router.get("/patients", response_model=schemas.Page[schemas.PatientOut], tags=["index"])
-    def patients(_: Reader, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
-        """Patients, most recently active first, with their jobs by state."""
-        with session() as s:
-            return queries.list_patients(s, limit=limit, offset=offset).as_json()
+    def patients(_: Reader, page: Paging) -> dict[str, Any]:
+        """Patients, most recently active first, with their jobs by state (``offset`` pages)."""
+        return page_of(queries.list_patients, page, keyset=False)
 
     @router.get("/studies", response_model=schemas.Page[schemas.StudyOut], tags=["index"])
-    def studies(_: Reader, patient: Text = None, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
-        """Studies, most recently received first."""
-        with session() as s:
-            return queries.list_studies(s, patient=patient, limit=limit, offset=offset).as_json()
+    def studies(_: Reader, page: Paging, patient: Text = None) -> dict[str, Any]:
+        """Studies, most recently received first (``offset`` pages)."""
+        return page_of(queries.list_studies, page, keyset=False, patient=patient)
 
     @router.get("/series", response_model=schemas.Page[schemas.SeriesOut], tags=["index"])
     def series(
         _: Reader,
+        page: Paging,
         patient: Text = None,
         study: Text = None,
         state: Text = None,
         modality: Text = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
-        offset: Offset = 0,
     ) -> dict[str, Any]:
         """Series with state, modality, instances, description and each rule's decision and reason."""
-        with session() as s:
-            return queries.list_series(
-                s,
-                patient=patient,
-                study=study,
-                state=state,
-                modality=modality,
-                limit=limit,
-                cursor=cursor,
-                offset=offset,
-            ).as_json()
+        return page_of(
+            queries.list_series, page, patient=patient, study=study, state=state, modality=modality
+        )
 
     @router.get("/jobs", response_model=schemas.Page[schemas.JobOut], tags=["jobs"])
     def jobs(
         _: Reader,
+        page: Paging,
         state: Text = None,
         rule: Text = None,
         patient: Text = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
-        offset: Offset = 0,
     ) -> dict[str, Any]:
         """Jobs newest first: rule, state, method, alignment, timings, error, quality, output series."""
-        with session() as s:
-            return queries.list_jobs(
-                s, state=state, rule=rule, patient=patient, limit=limit, cursor=cursor, offset=offset
-            ).as_json()
+        return page_of(queries.list_jobs, page, state=state, rule=rule, patient=patient)
 
     @router.get("/jobs/{job_id}", response_model=schemas.JobDetailOut, tags=["jobs"])
     def job(_: Reader, job_id: JobId) -> dict[str, Any]:
@@ -126,36 +129,22 @@ def make_api(ctx: AdminContext) -> APIRouter:
     @router.get("/outputs", response_model=schemas.Page[schemas.OutputOut], tags=["outputs"])
     def outputs(
         _: Reader,
+        page: Paging,
         job_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
-        offset: Offset = 0,
     ) -> dict[str, Any]:
         """Fused instances written to the spool."""
-        with session() as s:
-            return queries.list_outputs(s, job_id=job_id, limit=limit, cursor=cursor, offset=offset).as_json()
+        return page_of(queries.list_outputs, page, job_id=job_id)
 
     @router.get("/deliveries", response_model=schemas.Page[schemas.DeliveryOut], tags=["outputs"])
     def deliveries(
         _: Reader,
+        page: Paging,
         state: Text = None,
         destination: Text = None,
         job_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
-        offset: Offset = 0,
     ) -> dict[str, Any]:
         """The outbox: state, attempts, next attempt and last error per (output, destination)."""
-        with session() as s:
-            return queries.list_deliveries(
-                s,
-                state=state,
-                destination=destination,
-                job_id=job_id,
-                limit=limit,
-                cursor=cursor,
-                offset=offset,
-            ).as_json()
+        return page_of(queries.list_deliveries, page, state=state, destination=destination, job_id=job_id)
 
     @router.get("/destinations", response_model=list[schemas.DestinationOut], tags=["destinations"])
     def destinations(_: Reader) -> list[dict[str, Any]]:
@@ -166,43 +155,28 @@ def make_api(ctx: AdminContext) -> APIRouter:
     @router.get("/associations", response_model=schemas.Page[schemas.AssociationOut], tags=["index"])
     def associations(
         _: Reader,
+        page: Paging,
         direction: Text = None,
         state: Text = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
-        offset: Offset = 0,
     ) -> dict[str, Any]:
         """DICOM associations, inbound (scanners) and outbound (to destinations)."""
-        with session() as s:
-            return queries.list_associations(
-                s, direction=direction, state=state, limit=limit, cursor=cursor, offset=offset
-            ).as_json()
+        return page_of(queries.list_associations, page, direction=direction, state=state)
 
     @router.get("/events", response_model=schemas.Page[schemas.EventOut], tags=["audit"])
     def events(
         _: Reader,
+        page: Paging,
         entity: Annotated[str | None, Query(max_length=16)] = None,
         entity_id: Annotated[str | None, Query(max_length=140)] = None,
         since: datetime | None = None,
         stage: Annotated[str | None, Query(max_length=16)] = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
-        offset: Offset = 0,
     ) -> dict[str, Any]:
         """The audit log, newest first; ``since`` is an ISO time (UTC when it has no offset)."""
         if since is not None and since.tzinfo is not None:
             since = since.astimezone(UTC).replace(tzinfo=None)
-        with session() as s:
-            return queries.list_events(
-                s,
-                entity=entity,
-                entity_id=entity_id,
-                since=since,
-                stage=stage,
-                limit=limit,
-                cursor=cursor,
-                offset=offset,
-            ).as_json()
+        return page_of(
+            queries.list_events, page, entity=entity, entity_id=entity_id, since=since, stage=stage
+        )
 
     # -- actions ---------------------------------------------------------------------------------
 

@@ -329,7 +329,7 @@ class NodeCollector(Collector):
         dests = queries.list_destinations(s, self.settings)
         pending = GaugeMetricFamily(
             "dicomnode_destination_deliveries",
-            "Deliveries per destination and state.",
+            "Deliveries waiting (pending, held) or failed, per destination.",
             labels=["destination", "state"],
         )
         paused = GaugeMetricFamily(
@@ -341,7 +341,7 @@ class NodeCollector(Collector):
             labels=["destination"],
         )
         for d in dests:
-            for state in ("pending", "held", "sent", "failed"):
+            for state in ("pending", "held", "failed"):
                 pending.add_metric([d["name"], state], float(d[state]))
             paused.add_metric([d["name"]], 1.0 if d["state"] == "paused" else 0.0)
             t = d["last_success_at"]

@@ -153,7 +153,6 @@ class DestinationOut(BaseModel):
     pending: int
     failed: int
     held: int
-    sent: int
     last_success_at: str | None
 
 

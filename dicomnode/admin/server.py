@@ -104,7 +104,9 @@ class AdminServer:
     def __init__(self, app: FastAPI, cfg: AdminConfig) -> None:
         self.cfg = cfg
         family = socket.AF_INET6 if ":" in cfg.http_host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say they are TCP
+        # (proto 0 would leave Nagle on: ~40 ms per kept-alive request against delayed ACKs)
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((cfg.http_host, cfg.http_port))

@@ -141,7 +141,7 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("destinations"):
         lines += ["", "destinations:"]
         lines += _table(
-            ["name", "address", "state", "pending", "held", "sent", "failed", "last success"],
+            ["name", "address", "state", "pending", "held", "failed", "last success"],
             [
                 [
                     d["name"],
@@ -149,7 +149,6 @@ def format_status(st: dict[str, Any]) -> str:
                     d["state"],
                     str(d["pending"]),
                     str(d["held"]),
-                    str(d["sent"]),
                     str(d["failed"]),
                     d["last_success_at"] or "never",
                 ]

@@ -175,6 +175,7 @@ class Delivery(Base):
         UniqueConstraint("output_id", "destination", name="uq_delivery"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
         Index("ix_deliveries_destination_state", "destination", "state", "sent_at"),
+        Index("ix_deliveries_state", "state"),  # (state, id): a page of one state, newest first
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
