@@ -202,7 +202,7 @@ class FusionConfig(_Section):
     method: str = "default"
     poll_seconds: float = Field(1.0, gt=0)
     quality_metrics: bool = True  # the nine metrics on a sample of slices after each job
-    quality_slices: int = Field(12, ge=1, le=10000)  # sample size (all slices when fewer)
+    quality_slices: int = Field(8, ge=1, le=10000)  # sample size (all slices when fewer)
     quality_gate: dict[str, QualityGate] = Field(default_factory=dict)  # rule name -> gate
 
     @field_validator("device")

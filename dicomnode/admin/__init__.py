@@ -1,4 +1,4 @@
-"""Admin: status views of the DB (CLI table, JSON, HTTP)."""
+"""Admin: the admin app (API, dashboard, auth, metrics), the documented actions, retention, status views."""
 
 from dicomnode.admin.status import collect_status, format_status
 
