@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +140,58 @@ class FusionConfig(_Section):
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    """A duration from seconds (number) or text with a unit: ``90s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or e.g. 30m, 12h, 7d")
+    if isinstance(value, int | float):
+        return timedelta(seconds=float(value))
+    m = _DURATION.match(str(value))
+    if m is None:
+        raise ValueError(f"not a duration: {value!r} (use seconds or e.g. 30m, 12h, 7d)")
+    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[(m.group(2) or "s").lower()])
+
+
 class DispatchConfig(_Section):
-    max_attempts: int = Field(10, ge=1)
+    """Outbox retries: transient failures are retried with capped exponential backoff until
+    ``give_up_after`` has passed since the first failed attempt; permanent refusals end at once."""
+
+    give_up_after: timedelta = timedelta(days=7)
+    max_attempts: int | None = Field(None, ge=1)  # optional extra cap on attempts; None = time decides
     backoff_initial_seconds: float = Field(2.0, gt=0)
     backoff_max_seconds: float = Field(300.0, gt=0)
     poll_seconds: float = Field(0.5, gt=0)
     timeout_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("give_up_after", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> timedelta:
+        d = parse_duration(v)
+        if d.total_seconds() <= 0:
+            raise ValueError("give_up_after must be positive")
+        return d
+
+
+class WorkersConfig(_Section):
+    """Leases: every claimed job, delivery and open association carries its worker's id and an expiry
+    the worker renews; another worker takes the work over when a lease expires (a dead process)."""
+
+    lease_seconds: float = Field(30.0, ge=1.0, le=3600.0)
+    worker_id: str | None = Field(None, min_length=1, max_length=64)  # None = <host>-<pid>-<random>
+    max_job_attempts: int = Field(3, ge=1, le=100)  # a job whose worker keeps dying fails after this
+
+    @field_validator("worker_id")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and (not v.isprintable() or not v.strip() or not v.isascii()):
+            raise ValueError("worker_id must be printable ASCII text")
+        return v.strip() if v is not None else None
 
 
 class AdminConfig(_Section):
@@ -174,6 +221,7 @@ class Settings(BaseSettings):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @field_validator("rules")

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
 from dicomnode.db import make_sessionmaker
+from dicomnode.db.leases import WorkerLeases
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.node")
@@ -27,7 +28,17 @@ class Node:
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(sorted(unknown))}; known: {', '.join(STAGES)}")
         self.sessionmaker: sessionmaker[Session] = make_sessionmaker(settings.storage.database_url)
-        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        # One worker identity per process: its heartbeat and every lease its stages hold.
+        self.leases = WorkerLeases(
+            self.sessionmaker,
+            settings.workers.lease_seconds,
+            settings.workers.worker_id,
+            stages=self.stages,
+        )
+        self.leases.register()  # before the spool's tmp folder exists, so no sweep takes it for a dead one
+        self.spool = Spool(
+            settings.storage.spool_dir, fsync=settings.storage.fsync, tmp_dir=self.leases.tmp_dir
+        )
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self.receiver = None
@@ -35,10 +46,12 @@ class Node:
 
     def start(self) -> None:
         s = self.settings
+        self.leases.start()
+        log.info("worker id %s (lease %g s)", self.leases.owner, self.leases.seconds)
         if "receive" in self.stages:
             from dicomnode.receive import ReceiveStage  # noqa: PLC0415
 
-            self.receiver = ReceiveStage(s, self.sessionmaker, self.spool)
+            self.receiver = ReceiveStage(s, self.sessionmaker, self.spool, leases=self.leases)
             self.receiver.start()
             log.info("receiving as %s on %s:%d", s.node.ae_title, s.node.host, self.receiver.port)
         workers = []
@@ -49,11 +62,11 @@ class Node:
         if "fuse" in self.stages:
             from dicomnode.runner import FuseStage  # noqa: PLC0415
 
-            workers.append(("fuse", FuseStage(s, self.sessionmaker, self.spool)))
+            workers.append(("fuse", FuseStage(s, self.sessionmaker, self.spool, leases=self.leases)))
         if "dispatch" in self.stages:
             from dicomnode.dispatch import DispatchOutbox  # noqa: PLC0415
 
-            workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool)))
+            workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool, leases=self.leases)))
         for name, worker in workers:
             t = threading.Thread(target=worker.run_forever, args=(self.stop_event,), name=name, daemon=True)
             t.start()
@@ -73,6 +86,7 @@ class Node:
             self.http.stop()
         for t in self._threads:
             t.join(timeout=30)
+        self.leases.stop()  # gives back what is still held, so other workers take it at once
 
     def serve_forever(self) -> None:
         """Start, then block until SIGINT/SIGTERM."""

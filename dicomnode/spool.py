@@ -3,7 +3,7 @@
 Layout (paths stored in the DB are relative to ``spool_dir``):
   incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   written by receive
   outgoing/<SeriesInstanceUID>/<SOPInstanceUID>.dcm                      written by the fuse stage
-  tmp/                                                                   partial writes
+  tmp/<worker tmp folder>/                                               partial writes (.part)
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Durable writes into the spool directory: temp file, fsync, rename, fsync the directory."""
 
-    def __init__(self, root: str | os.PathLike[str], fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], fsync: bool = True, tmp_dir: str | None = None) -> None:
         self.root = Path(root)
         self.fsync = fsync
-        self.tmp = self.root / "tmp"
+        # Each worker writes its partial files in its own folder, so leftovers name their writer.
+        self.tmp = self.root / "tmp" / tmp_dir if tmp_dir else self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 

@@ -11,6 +11,8 @@ from dicomnode.db.models import (
     Job,
     Output,
     Series,
+    SeriesDecision,
+    Worker,
     utcnow,
 )
 
@@ -23,6 +25,8 @@ __all__ = [
     "Job",
     "Output",
     "Series",
+    "SeriesDecision",
+    "Worker",
     "init_db",
     "make_engine",
     "make_sessionmaker",

@@ -38,9 +38,14 @@ class SchemaInfo(Base):
 
 
 class Association(Base):
-    """One DICOM association (accepted or rejected)."""
+    """One DICOM association (accepted or rejected).
+
+    An open association carries the lease of the process that serves it; when that lease expires
+    (the process died) any stage closes the row as aborted.
+    """
 
     __tablename__ = "associations"
+    __table_args__ = (Index("ix_associations_state_owner", "state", "lease_owner"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     direction: Mapped[str] = mapped_column(String(8), default="in")  # in | out
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
@@ -53,6 +58,8 @@ class Association(Base):
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Instance(Base):
@@ -125,6 +132,7 @@ class Job(Base):
             name="uq_job_pair_generation",
         ),
         Index("ix_jobs_state", "state"),
+        Index("ix_jobs_lease_owner", "lease_owner"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rule_name: Mapped[str] = mapped_column(String(64))
@@ -144,6 +152,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # A running job is leased: its worker renews the expiry; ``attempts`` is the fencing token.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Output(Base):
@@ -166,6 +177,7 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("output_id", "destination", name="uq_delivery"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+        Index("ix_deliveries_lease_owner", "lease_owner"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
@@ -177,6 +189,37 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # first failed attempt
+    # A delivery being sent stays 'pending' and is leased by its dispatcher.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Worker(Base):
+    """A live stage process: its heartbeat expiry, renewed with its leases (spool leftovers of a
+    worker whose heartbeat expired are removed by the next stage that starts)."""
+
+    __tablename__ = "workers"
+    worker_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stages: Mapped[str] = mapped_column(String(128), default="")
+    host: Mapped[str] = mapped_column(String(128), default="")  # for people; never used for liveness
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    tmp_dir: Mapped[str] = mapped_column(String(64), default="")  # its partial writes: spool tmp/<tmp_dir>/
+
+
+class SeriesDecision(Base):
+    """What a rule decided about a series: chosen (for a job), skipped (and why) or waiting."""
+
+    __tablename__ = "series_decisions"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "rule_name", name="uq_series_decision"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    rule_name: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))  # chosen | skipped | waiting
+    reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 class Event(Base):

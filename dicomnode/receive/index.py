@@ -196,8 +196,17 @@ class InstanceIndex:
             record(s, STAGE, entity, entity_id, old, new, reason)
             s.commit()
 
-    def open_association(self, calling: str, called: str, host: str, port: int) -> int:
-        """Insert an accepted association (state open) with its event; returns its id."""
+    def open_association(
+        self,
+        calling: str,
+        called: str,
+        host: str,
+        port: int,
+        lease_owner: str | None = None,
+        lease_expires_at: datetime | None = None,
+    ) -> int:
+        """Insert an accepted association (state open, leased to this process) with its event;
+        returns its id."""
         with self._write_lock, self._sessionmaker() as s:
             row = Association(
                 direction="in",
@@ -206,6 +215,8 @@ class InstanceIndex:
                 peer_host=host,
                 peer_port=port,
                 state="open",
+                lease_owner=lease_owner,
+                lease_expires_at=lease_expires_at,
             )
             s.add(row)
             s.flush()
@@ -233,20 +244,23 @@ class InstanceIndex:
             return row.id
 
     def close_association(self, assoc_id: int, state: str, n_stored: int, n_failed: int, reason: str) -> None:
-        """Move an open association to released/aborted with its final counts."""
+        """Move an open association to released/aborted with its final counts (unless another
+        process already closed it because this one's lease had expired)."""
         with self._write_lock, self._sessionmaker() as s:
-            s.execute(
+            res = s.execute(
                 update(Association)
-                .where(Association.id == assoc_id)
+                .where(Association.id == assoc_id, Association.state == "open")
                 .values(
                     state=state,
                     n_stored=n_stored,
                     n_failed=n_failed,
                     ended_at=utcnow(),
                     reason=None if state == "released" else reason,
+                    lease_expires_at=None,
                 )
             )
-            record(s, STAGE, "association", assoc_id, "open", state, reason)
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                record(s, STAGE, "association", assoc_id, "open", state, reason)
             s.commit()
 
 

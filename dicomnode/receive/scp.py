@@ -22,6 +22,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
+from dicomnode.db.leases import WorkerLeases, close_orphaned_associations
+from dicomnode.partial_writes import sweep_partials
 from dicomnode.receive.filemeta import encode_file_meta
 from dicomnode.receive.header import HeaderError, parse_header
 from dicomnode.receive.index import InstanceIndex
@@ -79,9 +81,21 @@ def _status(code: int, comment: str = "") -> Dataset | int:
 class ReceiveStage:
     """C-ECHO and C-STORE SCP on settings.node.host:port; writes spool files and index rows."""
 
-    def __init__(self, settings: Settings, sessionmaker: sessionmaker[Session], spool: Spool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: sessionmaker[Session],
+        spool: Spool,
+        *,
+        leases: WorkerLeases | None = None,
+    ) -> None:
         self.settings = settings
         self.spool = spool
+        self.sessionmaker = sessionmaker
+        self._own_leases = leases is None
+        self.leases = leases or WorkerLeases(
+            sessionmaker, settings.workers.lease_seconds, settings.workers.worker_id, stages=("receive",)
+        )
         self.index = InstanceIndex(sessionmaker)
         self.port: int | None = None
         self._server: Any = None
@@ -116,10 +130,22 @@ class ReceiveStage:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        self.leases.start()
+        self.remove_leftovers()
+        self.leases.add_sweep(self.remove_leftovers)
         ae = self._make_ae()
         self._server = start_threaded_server(ae, (node.host, node.port), handlers)
         self.port = int(self._server.server_address[1])
         log.info("receive: %s listening on %s:%d", node.ae_title, node.host, self.port)
+
+    def remove_leftovers(self) -> None:
+        """Close inbound associations and remove partial writes of receivers whose lease expired."""
+        try:
+            with self.sessionmaker() as s:
+                close_orphaned_associations(s, self.leases.clock(), "in", "receive")
+            sweep_partials(self.sessionmaker, self.spool.root, self.leases)
+        except Exception as exc:  # the DB is busy or down: the next sweep tries again
+            log.warning("receive: cannot clean up after stopped receivers: %s", exc)
 
     def stop(self) -> None:
         """Stop accepting, end the open associations and close the listening socket."""
@@ -130,6 +156,8 @@ class ReceiveStage:
         for assoc in list(server.active_associations):
             assoc.abort()
         self.index.close()
+        if self._own_leases:
+            self.leases.stop()
         log.info("receive: stopped")
 
     # -- association policy and bookkeeping ------------------------------------------------
@@ -145,7 +173,10 @@ class ReceiveStage:
         calling, called, host, port = self._peer(event.assoc)
         row_id: int | None = None
         try:
-            row_id = self.index.open_association(calling, called, host, port)
+            row_id = self.index.open_association(
+                calling, called, host, port, self.leases.owner, self.leases.expiry()
+            )
+            self.leases.hold("association", [row_id])
         except Exception as exc:  # the DB is down: stores will fail with 0xA700 and say so
             log.error("receive: cannot record association from %s: %s", calling, exc)
         with self._assocs_lock:
@@ -181,6 +212,7 @@ class ReceiveStage:
         )
         if info.row_id is None:
             return
+        self.leases.drop("association", [info.row_id])
         try:
             self.index.close_association(info.row_id, state, info.n_stored, info.n_failed, reason)
         except Exception as exc:
