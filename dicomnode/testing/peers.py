@@ -374,8 +374,17 @@ class StatusScp:
         _LIVE.discard(self)
 
 
-def start_status_scp(*, status: int = 0x0000, aet: str = "STATUSSCP") -> StatusScp:
-    """Start an in-process SCP on a free loopback port answering C-STORE with ``status``."""
+def start_status_scp(
+    *,
+    status: int = 0x0000,
+    aet: str = "STATUSSCP",
+    port: int = 0,
+    sop_classes: Sequence[str] | None = None,
+) -> StatusScp:
+    """Start an in-process SCP on loopback answering C-STORE with ``status``.
+
+    ``port`` 0 picks a free one; ``sop_classes`` limits the storage SOP classes it accepts (default all).
+    """
     from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: PLC0415
 
     handle = StatusScp(port=0, aet=aet, status=status)
@@ -385,9 +394,13 @@ def start_status_scp(*, status: int = 0x0000, aet: str = "STATUSSCP") -> StatusS
         return handle.status
 
     ae = AE(ae_title=aet)
-    ae.supported_contexts = AllStoragePresentationContexts
+    if sop_classes is None:
+        ae.supported_contexts = AllStoragePresentationContexts
+    else:
+        for uid in sop_classes:
+            ae.add_supported_context(uid)
     for attempt in range(3):
-        handle.port = free_port()
+        handle.port = port or free_port()
         try:
             handle.server = ae.start_server(
                 ("127.0.0.1", handle.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
