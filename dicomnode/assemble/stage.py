@@ -3,7 +3,9 @@
 A series is complete when nothing arrived for ``assembly.series_stable_seconds``. For every rule
 and patient (once nothing of the patient is still arriving), the best reference series of each
 study is chosen by the rule's preferences (``SeriesSelector``) and paired with the best complete
-moving series of the same study or of a study within ``assembly.pair_window_hours``. A job is keyed by
+moving series of the same study or of a study within ``assembly.pair_window_hours``. What each rule
+decided about each series (chosen for a job, skipped and why, waiting for what) is kept in
+``series_decisions`` and audited when it changes (``decisions.py``). A job is keyed by
 (rule, reference series, moving series, their generations), so re-running never duplicates it;
 a series that received new instances after completion has a new generation and gets a new job.
 """
@@ -19,7 +21,8 @@ from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.assemble.selection import Choice, SeriesSelector
+from dicomnode.assemble.decisions import SeriesDecisions
+from dicomnode.assemble.selection import Choice, SeriesGeometry, SeriesSelector
 from dicomnode.config import RuleConfig, Settings
 from dicomnode.db import Instance, Job, Series, record, utcnow
 
@@ -99,9 +102,12 @@ class AssembleStage:
         return abs(ref.study_datetime - mov.study_datetime) <= window
 
     def _create_for_rule(self, s: Session, rule: RuleConfig) -> int:
-        refs = s.scalars(
-            select(Series).where(Series.state == "complete", Series.modality == rule.reference)
+        complete = s.scalars(
+            select(Series).where(
+                Series.state == "complete", Series.modality.in_({rule.reference, rule.moving})
+            )
         ).all()
+        refs = [x for x in complete if x.modality == rule.reference]
         if not refs:
             return 0
         patients = {r.patient_key for r in refs}
@@ -113,54 +119,64 @@ class AssembleStage:
                 )
             ).all()
         )
-        movs = s.scalars(
-            select(Series).where(
-                Series.state == "complete",
-                Series.modality == rule.moving,
-                Series.patient_key.in_(patients - busy),
-            )
-        ).all()
-        if not movs:
-            return 0
-        geometry = self._geometry(s, [x.series_instance_uid for x in (*refs, *movs)])
+        settled = [x for x in complete if x.patient_key in patients - busy]
+        refs = [x for x in settled if x.modality == rule.reference]
+        movs = [x for x in settled if x.modality == rule.moving]
+        geometry = self._geometry(s, [x.series_instance_uid for x in settled])
         selector = SeriesSelector(rule, geometry)
+        decisions = SeriesDecisions(rule, selector)
         created = 0
         for patient in sorted(patients - busy):
             p_refs = [r for r in refs if r.patient_key == patient]
             p_movs = [m for m in movs if m.patient_key == patient]
             for study_uid in sorted({r.study_instance_uid for r in p_refs}):
-                ref_choice = selector.choose(
-                    [r for r in p_refs if r.study_instance_uid == study_uid], "reference"
-                )
+                candidates = [r for r in p_refs if r.study_instance_uid == study_uid]
+                ref_choice = selector.choose(candidates, "reference")
+                decisions.not_chosen(candidates, ref_choice.series)
                 if ref_choice.series is None:
                     continue
                 ref = ref_choice.series
-                mov_choice = selector.choose(
-                    [m for m in p_movs if self._pairable(ref, m)], "moving", near=ref
-                )
+                pairable = [m for m in p_movs if self._pairable(ref, m)]
+                mov_choice = selector.choose(pairable, "moving", near=ref)
+                decisions.not_chosen(pairable, mov_choice.series)
                 if mov_choice.series is None:
+                    decisions.waiting(ref, f"no eligible {rule.moving} series to pair with: {mov_choice.why}")
                     continue
-                if self._create_job(s, rule, ref, mov_choice.series, ref_choice, mov_choice):
-                    created += 1
+                job, is_new = self._create_job(s, rule, ref, mov_choice.series, ref_choice, mov_choice)
+                created += is_new
+                decisions.chosen(ref, ref_choice.why, job.id)
+                decisions.chosen(mov_choice.series, mov_choice.why, job.id)
+            for m in p_movs:
+                decisions.waiting(
+                    m,
+                    f"no eligible {rule.reference} series of the patient in its study or within "
+                    f"{self.settings.assembly.pair_window_hours:g} h",
+                )
+        decisions.save(s, self.clock())
         return created
 
     @staticmethod
-    def _geometry(s: Session, series_uids: list[str]) -> dict[str, tuple[int, int]]:
-        """Per series: (slices incl. frames, number of distinct orientations)."""
+    def _geometry(s: Session, series_uids: list[str]) -> dict[str, SeriesGeometry]:
+        """Per series: slices (incl. frames), distinct orientations, smallest rows and columns."""
+        if not series_uids:
+            return {}
         rows = s.execute(
             select(
                 Instance.series_instance_uid,
                 func.sum(Instance.number_of_frames),
                 func.count(func.distinct(Instance.image_orientation)),
+                func.min(Instance.rows),
+                func.min(Instance.columns),
             )
             .where(Instance.series_instance_uid.in_(series_uids))
             .group_by(Instance.series_instance_uid)
         ).all()
-        return {uid: (int(n or 0), int(o or 0)) for uid, n, o in rows}
+        return {uid: SeriesGeometry(int(n or 0), int(o or 0), r, c) for uid, n, o, r, c in rows}
 
     def _create_job(
         self, s: Session, rule: RuleConfig, ref: Series, mov: Series, ref_choice: Choice, mov_choice: Choice
-    ) -> bool:
+    ) -> tuple[Job, bool]:
+        """The job of this pair at the series' generations: (the existing one, False) or (new, True)."""
         key = and_(
             Job.rule_name == rule.name,
             Job.reference_series_uid == ref.series_instance_uid,
@@ -168,8 +184,9 @@ class AssembleStage:
         )
         existing = s.scalars(select(Job).where(key).order_by(Job.id)).all()
         gens = (ref.generation, mov.generation)
-        if any((j.reference_generation, j.moving_generation) == gens for j in existing):
-            return False
+        same = [j for j in existing if (j.reference_generation, j.moving_generation) == gens]
+        if same:
+            return same[0], False
         reason = f"rule {rule.name}: {rule.reference} series complete with {rule.moving} series"
         if existing:
             prev = existing[-1]
@@ -196,10 +213,13 @@ class AssembleStage:
                 s.add(job)
                 s.flush()
         except IntegrityError:  # another assembler created it first: idempotent
-            return False
+            other = s.scalars(
+                select(Job).where(key, Job.reference_generation == gens[0], Job.moving_generation == gens[1])
+            ).one()
+            return other, False
         record(s, STAGE, "job", job.id, None, "pending", reason)
         log.info("job %d created (rule %s)", job.id, rule.name)
-        return True
+        return job, True
 
     def create_jobs(self) -> int:
         created = 0
