@@ -1,5 +1,6 @@
 """Config: the shipped config.yaml validates, env overrides apply, bad keys/values are named."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ def test_shipped_config_is_valid():
     assert s.rules[1].moving == "PT"
     assert s.destinations[0].port == 4242
     assert s.fusion.batch_size == 16
+    assert s.dispatch.give_up_after == timedelta(days=7) and s.dispatch.max_attempts is None
+    assert s.workers.lease_seconds == 30 and s.workers.worker_id is None
 
 
 def test_env_override_beats_file(monkeypatch):
@@ -36,6 +39,10 @@ def test_env_override_beats_file(monkeypatch):
         ({"fusion": {"device": "tpu"}}, "fusion.device"),
         ({"rules": [{"name": "x", "reference": "MR", "moving": "XX"}]}, "rules.0.moving"),
         ({"bogus": {}}, "bogus"),
+        ({"dispatch": {"give_up_after": "soon"}}, "dispatch.give_up_after"),
+        ({"dispatch": {"give_up_after": 0}}, "dispatch.give_up_after"),
+        ({"workers": {"lease_seconds": 0.1}}, "workers.lease_seconds"),
+        ({"workers": {"worker_id": "a\tb"}}, "workers.worker_id"),
     ],
 )
 def test_bad_key_or_value_is_named(data, key):
@@ -57,3 +64,19 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("node: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(bad)
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90", 90), (3600, 3600), ("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("2w", 1209600)],
+)
+def test_give_up_after_takes_units(text, seconds):
+    s = load_settings(None, dispatch={"give_up_after": text})
+    assert s.dispatch.give_up_after == timedelta(seconds=seconds)
+
+
+def test_env_sets_worker_id_and_lease(monkeypatch):
+    monkeypatch.setenv("DICOMNODE_WORKERS__WORKER_ID", "fuse-1")
+    monkeypatch.setenv("DICOMNODE_WORKERS__LEASE_SECONDS", "12")
+    s = load_settings(ROOT / "config.yaml")
+    assert (s.workers.worker_id, s.workers.lease_seconds) == ("fuse-1", 12)
