@@ -14,15 +14,17 @@ import logging
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.leases import WorkerLeases, live_workers
+from dicomnode.db.leases import WorkerLeases, forget_dead_workers, live_workers
 
 log = logging.getLogger("dicomnode.spool")
 
 LOOSE_PART_MAX_AGE_SECONDS = 3600.0
+FORGET_AFTER_SECONDS = 86400.0  # heartbeat rows of dead workers are kept a day for the admin
 
 
 def _age(path: str, now: float) -> float:
@@ -57,8 +59,10 @@ def remove_orphaned_partials(spool_root: Path, live_tmp_dirs: set[str], grace_se
 
 def sweep_partials(sessionmaker: sessionmaker[Session], spool_root: Path, leases: WorkerLeases) -> int:
     """Remove the partial writes of every worker whose heartbeat expired (this one's are kept)."""
+    now = leases.clock()
     with sessionmaker() as s:
-        live = set(live_workers(s, leases.clock()).values())
+        live = set(live_workers(s, now).values())
+        forget_dead_workers(s, now - timedelta(seconds=FORGET_AFTER_SECONDS))
     live.add(leases.tmp_dir)
     n = remove_orphaned_partials(spool_root, live, grace_seconds=leases.seconds)
     if n:

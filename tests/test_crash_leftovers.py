@@ -98,6 +98,7 @@ def test_partial_writes_of_stopped_workers_are_removed(tmp_path: Path):
     with sm() as s:
         s.add(Worker(worker_id="gone", tmp_dir="0dead", lease_expires_at=now - timedelta(seconds=5)))
         s.add(Worker(worker_id="busy", tmp_dir="1live", lease_expires_at=now + timedelta(hours=1)))
+        s.add(Worker(worker_id="long-gone", tmp_dir="", lease_expires_at=now - timedelta(days=2)))
         s.commit()
     tmp = Path(settings.storage.spool_dir) / "tmp"
     for folder, name in (("0dead", "a.part"), ("1live", "b.part"), ("2unknown", "c.part")):
@@ -114,6 +115,8 @@ def test_partial_writes_of_stopped_workers_are_removed(tmp_path: Path):
     try:
         left = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*"))
         assert left == ["1live", "1live/b.part", "3fresh", "new.part"]
+        with sm() as s:  # heartbeat rows of workers dead for more than a day are forgotten
+            assert sorted(s.scalars(select(Worker.worker_id))) == ["busy", "gone", "receiver-c"]
     finally:
         stage.stop()
         leases.stop()

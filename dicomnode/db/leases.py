@@ -274,6 +274,13 @@ def live_workers(s: Session, now: datetime) -> dict[str, str]:
     return {str(w): str(t) for w, t in rows}
 
 
+def forget_dead_workers(s: Session, expired_before: datetime) -> int:
+    """Delete heartbeat rows of workers silent since before ``expired_before``; commits."""
+    res = s.execute(delete(Worker).where(Worker.lease_expires_at < expired_before))
+    s.commit()
+    return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+
 _TABLES = {"job": Job, "delivery": Delivery, "association": Association}
 _HELD_STATE = {"job": "running", "delivery": "pending", "association": "open"}
 
