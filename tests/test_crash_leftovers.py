@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
+from test_dispatch_outbox import Clock
 
 from dicomnode.config import load_settings
 from dicomnode.db import Association, Event, Job, Output, Worker, make_sessionmaker, utcnow
@@ -16,14 +17,6 @@ from dicomnode.db.leases import WorkerLeases
 from dicomnode.receive import ReceiveStage
 from dicomnode.runner import FuseStage
 from dicomnode.spool import Spool, outgoing_path
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = utcnow()
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def make(tmp_path: Path):  # type: ignore[no-untyped-def]

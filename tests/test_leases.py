@@ -9,29 +9,18 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from test_dispatch_outbox import Clock
 from test_runner_stage import add_study_job, index
 
 from dicomnode.config import load_settings
-from dicomnode.db import Event, Job, Output, make_sessionmaker, utcnow
+from dicomnode.db import Event, Job, Output, make_sessionmaker
 from dicomnode.runner import FuseStage
 from dicomnode.spool import Spool
 from dicomnode.testing import generate_study
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = utcnow()
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def settings(**workers: object):  # type: ignore[no-untyped-def]
