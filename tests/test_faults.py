@@ -26,7 +26,7 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from sqlalchemy import func, select
 
 from dicomnode.config import load_settings
@@ -128,7 +128,13 @@ def stream(port: int, paths: list[Path], acked: list[str]) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     for sop_class in (MRImageStorage, CTImageStorage):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+
+    def wake(event: evt.Event) -> None:  # the node died: end the wait for a response at once
+        queue = getattr(getattr(event.assoc, "dimse", None), "msg_queue", None)
+        if queue is not None:
+            queue.put((None, None))
+
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", evt_handlers=[(evt.EVT_CONN_CLOSE, wake)])
     if not assoc.is_established:
         return
     for p in paths:
@@ -177,9 +183,10 @@ def job_running(sm) -> Job | None:  # type: ignore[no-untyped-def]
 def stop_pacs_after(rng: random.Random, orthanc: Orthanc, n_outputs: int, logs: list[Path]) -> int:
     """SIGSTOP the PACS after it stored a seeded random number of the fused instances: the dispatcher
     is then stuck in the middle of its association, some instances stored and none recorded."""
+    base = orthanc.rest("/statistics")["CountInstances"]  # series delivered before this phase
     k = rng.randint(1, n_outputs - 1)
     wait_for(
-        lambda: orthanc.rest("/statistics")["CountInstances"] >= k, 240, f"{k} instances in the PACS", logs
+        lambda: orthanc.rest("/statistics")["CountInstances"] >= base + k, 240, f"{k} more instances", logs
     )
     os.kill(orthanc.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
     return k
@@ -264,7 +271,7 @@ def test_node_killed_while_receiving_fusing_and_dispatching(tmp_path: Path, stud
             assert res.returncode == 0, res.stderr
             # 2. while fusing
             wait_for(lambda: job_running(sm), 240, "a running job", [node.log])
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.2))
             node.kill()
             node.start()
             # 3. while dispatching: the PACS stops mid-association, the node dies before recording
@@ -278,7 +285,9 @@ def test_node_killed_while_receiving_fusing_and_dispatching(tmp_path: Path, stud
             assert_each_output_once(sm, orthanc, tmp_path / "spool")
             with sm() as s:
                 reasons = [e.reason or "" for e in s.scalars(select(Event)).all()]
+                aborted = s.scalars(select(Association.direction).where(Association.state == "aborted")).all()
             assert any("node restarted: lease of" in r for r in reasons)  # the killed associations
+            assert "in" in aborted and "out" in aborted  # killed while receiving and while sending
             assert any(r.startswith("lease of ") and "taken over by" in r for r in reasons)
         finally:
             node.stop()
@@ -312,13 +321,13 @@ def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study) -
             )
             acked = kill_while_streaming(rng, port, paths, recv)
             assert_acknowledged_are_stored(sm, tmp_path / "spool", acked)
-            procs["assemble"].kill()  # and the assembler, for good measure; it keeps no state
-            recv.start("receive-2")
-            procs["assemble"].start()
+            procs["assemble"].kill()  # the assembler too: it keeps no state, and restarted after the
+            recv.start("receive-2")  # scanner sent the rest it makes one job of the whole series
             assert wait_until(lambda: echoscu(port).returncode == 0, recv.proc, timeout=120), (
                 recv.log.read_text()
             )
             assert storescu([tmp_path / "study"], port).returncode == 0
+            procs["assemble"].start()
             job = wait_for(lambda: job_running(sm), 240, "a running job", logs)
             holder = procs[job.lease_owner]
             other = "fuse-b" if job.lease_owner == "fuse-a" else "fuse-a"
@@ -335,9 +344,11 @@ def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study) -
             with sm() as s:
                 reasons = [e.reason or "" for e in s.scalars(select(Event)).all()]
                 taken = s.get(Job, job.id)
+                n_jobs = s.scalar(select(func.count()).select_from(Job))
             assert f"lease of {job.lease_owner} expired; taken over by {other}" in reasons
-            assert (taken.state, taken.worker) == ("done", other)
+            assert (taken.state, taken.worker, n_jobs) == ("done", other, 1)  # one job, of the whole series
             assert "node restarted: lease of receive-1 expired" in reasons
+            assert "node restarted: lease of dispatch-1 expired" in reasons  # its association, mid-send
             assert any(r.startswith("lease of dispatch-1 expired; taken over by dispatch-2") for r in reasons)
         finally:
             for p in procs.values():

@@ -8,9 +8,12 @@ an admin can act on (the job fails with it instead of pushing blank images to PA
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from dicomnode.fusion.volume import Volume
+if TYPE_CHECKING:  # the assemble stage reads MIN_IN_PLANE without loading the volume code
+    from dicomnode.fusion.volume import Volume
 
 MIN_IN_PLANE = 32  # pixels per row and per column of a slice
 MIN_SIGNAL_FRACTION = 0.005  # a fused volume with less than this share of lit pixels is "empty"
