@@ -180,16 +180,20 @@ def job_running(sm) -> Job | None:  # type: ignore[no-untyped-def]
         return s.scalars(select(Job).where(Job.state == "running")).first()
 
 
-def stop_pacs_after(rng: random.Random, orthanc: Orthanc, n_outputs: int, logs: list[Path]) -> int:
-    """SIGSTOP the PACS after it stored a seeded random number of the fused instances: the dispatcher
-    is then stuck in the middle of its association, some instances stored and none recorded."""
-    base = orthanc.rest("/statistics")["CountInstances"]  # series delivered before this phase
-    k = rng.randint(1, n_outputs - 1)
-    wait_for(
-        lambda: orthanc.rest("/statistics")["CountInstances"] >= base + k, 240, f"{k} more instances", logs
-    )
-    os.kill(orthanc.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
-    return k
+def sending(sm) -> bool:  # type: ignore[no-untyped-def]
+    """True while an outbound association is open (the dispatcher waits on the PACS)."""
+    with sm() as s:
+        q = select(func.count()).select_from(Association)
+        return bool(s.scalar(q.where(Association.direction == "out", Association.state == "open")))
+
+
+def kill_while_sending(rng: random.Random, sm, orthanc: Orthanc, victim: Proc, logs: list[Path]) -> None:  # type: ignore[no-untyped-def]
+    """The PACS hangs (SIGSTOP before the outputs exist); once the dispatcher sits in an open
+    association to it, SIGKILL the dispatcher after a seeded random delay; then the PACS resumes."""
+    wait_for(lambda: sending(sm), 240, "an outbound association to the hanging PACS", logs)
+    time.sleep(rng.uniform(0.0, 1.0))
+    victim.kill()
+    os.kill(orthanc.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
 
 
 def assert_each_output_once(sm, orthanc: Orthanc, spool_root: Path) -> None:  # type: ignore[no-untyped-def]
@@ -250,7 +254,6 @@ def test_node_killed_while_receiving_fusing_and_dispatching(tmp_path: Path, stud
     """kill -9 of the whole node three times (seeded points); a restarted node has a new worker id."""
     rng = random.Random(1901)
     paths = study.series["MR"].paths + study.series["CT"].paths
-    n_mr = len(study.series["MR"].paths)
     with Orthanc(tmp_path / "orthanc") as orthanc:
         port = free_port()
         cfg = config(tmp_path, port, orthanc.dicom_port)
@@ -273,12 +276,10 @@ def test_node_killed_while_receiving_fusing_and_dispatching(tmp_path: Path, stud
             wait_for(lambda: job_running(sm), 240, "a running job", [node.log])
             time.sleep(rng.uniform(0.0, 0.2))
             node.kill()
+            os.kill(orthanc.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
             node.start()
-            # 3. while dispatching: the PACS stops mid-association, the node dies before recording
-            stop_pacs_after(rng, orthanc, n_mr, [node.log])
-            time.sleep(rng.uniform(0.0, 0.3))
-            node.kill()
-            os.kill(orthanc.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+            # 3. while dispatching: the node dies in an association to the hanging PACS
+            kill_while_sending(rng, sm, orthanc, node, [node.log])
             node.start()
             wait_for(lambda: all_delivered(sm, orthanc), 300, "every delivery sent", [node.log])
             assert_acknowledged_are_stored(sm, tmp_path / "spool", acked)
@@ -299,7 +300,6 @@ def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study) -
     of the dispatcher mid-association (a recreated one with a new worker id takes over)."""
     rng = random.Random(1902)
     paths = study.series["MR"].paths + study.series["CT"].paths
-    n_mr = len(study.series["MR"].paths)
     with Orthanc(tmp_path / "orthanc") as orthanc:
         port = free_port()
         cfg = config(tmp_path, port, orthanc.dicom_port, stable=4.0)
@@ -333,10 +333,8 @@ def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study) -
             other = "fuse-b" if job.lease_owner == "fuse-a" else "fuse-a"
             time.sleep(rng.uniform(0.0, 0.2))
             holder.kill()
-            stop_pacs_after(rng, orthanc, n_mr, logs)
-            time.sleep(rng.uniform(0.0, 0.3))
-            procs["dispatch"].kill()
-            os.kill(orthanc.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+            os.kill(orthanc.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+            kill_while_sending(rng, sm, orthanc, procs["dispatch"], logs)
             procs["dispatch"].start("dispatch-2")  # the container recreated: a new worker id
             wait_for(lambda: all_delivered(sm, orthanc), 300, "every delivery sent", logs)
             assert_acknowledged_are_stored(sm, tmp_path / "spool", acked)
