@@ -1,5 +1,5 @@
 """The fault suite, with real peers on loopback: kill -9 of the node and of each stage process at
-seeded random points, a PACS that stops mid-association, a full disk, four scanners at once.
+seeded random points, a PACS that hangs while the dispatcher waits on it, a full disk, four scanners at once.
 
 What must hold afterwards (checked from the DB, the spool and Orthanc, not from logs):
 - every instance the node acknowledged with 0x0000 is indexed and its file is in the spool;
