@@ -97,10 +97,45 @@ def mr_ct() -> tuple[list[Dataset], list[Dataset]]:
     return ref, mov
 
 
-def test_series_description_names_rule_and_method() -> None:
-    assert series_description("MR", "CT", "laplacian-pyramid") == "FUSED MR+CT [laplacian-pyramid]"
-    assert series_description("mr", "pt", "net", registered=True) == "FUSED MR+PT REG [net]"
+def test_series_description_names_modalities_sources_method_and_notice() -> None:
+    assert series_description("MR", "CT", "laplacian-pyramid") == "FUSED MR + CT [laplacian-pyramid]"
+    assert series_description("mr", "pt", "net", registered=True) == "FUSED MR + PT [net] REG"
+    assert (
+        series_description(
+            "MR", "CT", "li2021-cnn", reference_label="T1", moving_label="CT BRAIN", notice="RESEARCH"
+        )
+        == "FUSED MR T1 + CT BRAIN [li2021-cnn] RESEARCH"
+    )
     assert len(series_description("MR", "CT", "x" * 100)) <= 64
+
+
+def test_series_description_shortens_source_names_first_and_keeps_notice_and_replacement() -> None:
+    text = series_description(
+        "MR",
+        "CT",
+        "li2021-cnn",
+        reference_label="t1_mprage_sag_iso_0.9mm_p2_postcontrast_navigator",
+        moving_label="HEAD ROUTINE 5mm STANDARD KERNEL BRAIN WINDOW AXIAL",
+        notice="RESEARCH USE ONLY",
+        replaces="REPLACES 9100",
+    )
+    assert len(text) <= 64
+    assert text.startswith("FUSED MR + CT [li2021-cnn]")  # no room left for the source names
+    assert text.endswith("[li2021-cnn] RESEARCH USE ONLY REPLACES 9100")
+    text = series_description(
+        "MR",
+        "CT",
+        "li2021-cnn",
+        reference_label="t1_mprage_sag_iso_0.9mm_p2_postcontrast_navigator",
+        moving_label="CT HEAD ROUTINE 5mm STANDARD KERNEL BRAIN WINDOW AXIAL",
+        notice="RESEARCH USE ONLY",
+    )
+    assert len(text) <= 64
+    assert text.startswith("FUSED MR t1_mp")
+    assert " + CT HEAD " in text  # the repeated modality of the CT's own name is dropped
+    assert text.endswith("[li2021-cnn] RESEARCH USE ONLY")
+    long_method = series_description("MR", "CT", "m" * 80, notice="RESEARCH USE ONLY")
+    assert len(long_method) == 64 and long_method.endswith("] RESEARCH USE ONLY")
 
 
 def test_patient_orientation_from_iop() -> None:
@@ -142,17 +177,19 @@ def test_monochrome_series_keeps_patient_study_and_references(mr_ct, tmp_path: P
         assert str(sc.PatientBirthDate) == "19700101" and sc.PatientSex == "F"
         assert sc.StudyInstanceUID == STUDY_UID
         assert sc.AccessionNumber == "ACC1" and sc.StudyID == "S1" and str(sc.StudyDate) == "20240102"
-        assert sc.SeriesDescription == "FUSED MR+CT [laplacian-pyramid]"
+        assert sc.SeriesDescription == "FUSED MR + CT [laplacian-pyramid] RESEARCH USE ONLY"
         assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
         assert sc.ConversionType == "WSD"
-        assert sc.BurnedInAnnotation == "NO"
+        assert sc.BurnedInAnnotation == "YES"
         assert sc.PhotometricInterpretation == "MONOCHROME2"
         assert [float(v) for v in sc.PixelSpacing] == [1.0, 1.0]
         assert list(sc.PatientOrientation) == ["L", "P"]
         assert "laplacian-pyramid" in sc.DerivationDescription and "1.0" in sc.DerivationDescription
         assert "mr-ct" in sc.DerivationDescription and "note-xyz" in sc.DerivationDescription
-        assert RESEARCH_NOTICE in sc.ImageComments
-        assert np.array_equal(sc.pixel_array, fused[k])
+        assert sc.ImageComments.startswith("RESEARCH USE ONLY. FUSED MR + CT")
+        assert RESEARCH_NOTICE in sc.DerivationDescription
+        changed = sc.pixel_array != fused[k]  # only the burned-in notice differs, in one corner
+        assert 0 < changed.sum() < changed.size // 2
         srcs = [it.ReferencedSOPInstanceUID for it in sc.SourceImageSequence]
         assert srcs[0] == ref[k].SOPInstanceUID
         assert len(srcs) > 1
@@ -269,7 +306,7 @@ def test_registered_flag_in_description() -> None:
         method_version="2",
         registered=True,
     )
-    assert out[0].SeriesDescription == "FUSED MR+PT REG [net]"
+    assert out[0].SeriesDescription == "FUSED MR + PT [net] REG RESEARCH USE ONLY"
     assert out[0].PhotometricInterpretation == "RGB"
 
 

@@ -11,6 +11,7 @@ from dicomnode.db.models import (
     Job,
     Output,
     Series,
+    SeriesRemoval,
     utcnow,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "Job",
     "Output",
     "Series",
+    "SeriesRemoval",
     "init_db",
     "make_engine",
     "make_sessionmaker",
