@@ -120,7 +120,7 @@ def test_series_description_shortens_source_names_first_and_keeps_notice_and_rep
         replaces="REPLACES 9100",
     )
     assert len(text) <= 64
-    assert text.startswith("FUSED MR + CT [li2021-cnn]")  # no room left for the source names
+    assert text == "FUSED MR + CT HEAD [li2021-cnn] RESEARCH USE ONLY REPLACES 9100"
     assert text.endswith("[li2021-cnn] RESEARCH USE ONLY REPLACES 9100")
     text = series_description(
         "MR",

@@ -10,6 +10,7 @@ header does not declare.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import warnings
 
@@ -18,6 +19,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 SPECIFIC_CHARACTER_SET = 0x00080005
+_ESCAPE_SEQUENCE = re.compile(rb"\x1b[\x20-\x2f]*[\x30-\x7e]")
 
 
 def charset_element(source: Dataset) -> DataElement | RawDataElement | None:
@@ -93,3 +95,33 @@ def writable_text(text: str, charset: list[str]) -> str:
     if _roundtrips(kept, encodings):
         return kept
     return " ".join("".join(c if c.isascii() else _fold(c) for c in kept).split())
+
+
+def encoded_length(text: str, charset: list[str]) -> int:
+    """Bytes ``text`` takes in this character set (escape sequences included): what dicom3tools and
+    PACS databases hold against a VR's maximum length."""
+    encoded = _encode(text, python_encodings(charset))
+    return len(encoded) if encoded is not None else len(text.encode("utf-8"))
+
+
+def fit(text: str, max_bytes: int, charset: list[str]) -> str:
+    """``text`` cut so its encoding takes at most ``max_bytes``."""
+    while text and encoded_length(text, charset) > max_bytes:
+        text = text[: max(len(text) - max(1, (encoded_length(text, charset) - max_bytes) // 4), 0)]
+    return text
+
+
+def source_text(ds: Dataset, keyword: str) -> str:
+    """A text attribute of a source header as a string.
+
+    pydicom 3.0 leaves the escape sequence's letters in text decoded from ISO 2022 IR 58
+    (``$)A``); such text is decoded here: escape sequences removed, GB 2312 in G1, ASCII in G0.
+    """
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return ""
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        if "ISO 2022 IR 58" in charset_value(ds):
+            return _ESCAPE_SEQUENCE.sub(b"", elem.value).decode("gb2312", "replace").strip(" \x00")
+    value = ds.get(keyword)
+    return "" if value is None else str(value)

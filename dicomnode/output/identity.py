@@ -4,12 +4,13 @@ Series Description that tells fused series apart in a PACS series list.
 The description names both modalities with their source series, the method, whether a
 registration was applied, the site's notice and, for a re-fusion, the series it replaces, e.g.
 ``FUSED MR T1 3D AX + CT HEAD [li2021-cnn] RESEARCH USE ONLY REPLACES 9100``. It fits the 64
-characters of an LO: the source series names are shortened first, the method last.
+characters (or bytes, in a multi-byte character set) of an LO: the source series names are
+shortened first, the method last.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 MAX_LO = 64
 MAX_SERIES_NUMBER = 2**31 - 1
@@ -52,11 +53,14 @@ def series_description(
     moving_label: str = "",
     notice: str = "",
     replaces: str = "",
+    measure: Callable[[str], int] = len,
 ) -> str:
-    """The Series Description (at most 64 characters) of a fused series.
+    """The Series Description (an LO: ``measure(text) <= 64``) of a fused series.
 
     ``reference_label`` / ``moving_label`` are the source Series Descriptions, ``notice`` the
     site's notice (empty: none) and ``replaces`` the re-fusion marker (e.g. ``REPLACES 9100``).
+    ``measure`` is the length that must stay within 64: characters by default; the encoded bytes
+    for a multi-byte character set, as dicom3tools and many PACS databases count them.
     """
     ref, mov = _clean(reference_modality).upper(), _clean(moving_modality).upper()
     ref_label, mov_label = _label(ref, reference_label), _label(mov, moving_label)
@@ -68,25 +72,22 @@ def series_description(
         right = " ".join(x for x in (mov, mov_text) if x)
         return " ".join(["FUSED", f"{left} + {right}", f"[{method_text}]", *extras])
 
-    bare = compose(method, "", "")
-    if len(bare) > MAX_LO:  # even without the source names: the method name gives way
-        method = _shorten(method, max(len(method) - (len(bare) - MAX_LO), 1))
-        return compose(method, "", "")[:MAX_LO]
-    budget = MAX_LO - len(bare)
-    # each source name takes a space; split what is left, giving one name's unused share to the other
-    need_ref = len(ref_label) + 1 if ref_label else 0
-    need_mov = len(mov_label) + 1 if mov_label else 0
-    if need_ref + need_mov > budget:
-        half = budget // 2
-        if need_ref <= half:
-            need_mov = budget - need_ref
-        elif need_mov <= half:
-            need_ref = budget - need_mov
+    text = compose(method, ref_label, mov_label)
+    # Source names give way first, the longer one a character at a time, then the method name.
+    ref_w, mov_w = len(ref_label), len(mov_label)
+    while measure(text) > MAX_LO and ref_w + mov_w > 0:
+        if ref_w >= mov_w:
+            ref_w -= 1
         else:
-            need_ref, need_mov = half, budget - half
-    ref_label = _shorten(ref_label, need_ref - 1)
-    mov_label = _shorten(mov_label, need_mov - 1)
-    return compose(method, ref_label, mov_label)[:MAX_LO]
+            mov_w -= 1
+        text = compose(method, _shorten(ref_label, ref_w), _shorten(mov_label, mov_w))
+    method_w = len(method)
+    while measure(text) > MAX_LO and method_w > 1:
+        method_w -= 1
+        text = compose(method[:method_w], "", "")
+    while measure(text) > MAX_LO:  # the notice and marker alone are too long: cut the end
+        text = text[:-1].rstrip()
+    return text
 
 
 def replaces_marker(template: str, series_number: int | None) -> str:

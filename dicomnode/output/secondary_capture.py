@@ -47,7 +47,15 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode import __version__
-from dicomnode.output.charset import charset_element, charset_value, python_encodings, writable_text
+from dicomnode.output.charset import (
+    charset_element,
+    charset_value,
+    encoded_length,
+    fit,
+    python_encodings,
+    source_text,
+    writable_text,
+)
 from dicomnode.output.identity import series_description
 from dicomnode.output.modules import copy_modules
 from dicomnode.output.notice import burn_notice
@@ -264,10 +272,11 @@ def _series(
         mov_modality,
         writable_text(method_name, charset),
         registered,
-        reference_label=writable_text(_text(ref0, "SeriesDescription"), charset),
-        moving_label=writable_text(_text(mov0, "SeriesDescription"), charset),
+        reference_label=writable_text(source_text(ref0, "SeriesDescription"), charset),
+        moving_label=writable_text(source_text(mov0, "SeriesDescription"), charset),
         notice=notice if options.notice_in_description else "",
         replaces=writable_text(options.replaces, charset),
+        measure=lambda text: encoded_length(text, charset),
     )
     replaced = ""
     if options.replaces_series_uid:
@@ -285,8 +294,10 @@ def _series(
         series_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
         description=description,
-        comments=" ".join(x for x in (f"{notice}." if notice else "", description, replaced) if x),
-        derivation=writable_text(derivation, charset)[:1024],
+        comments=fit(
+            " ".join(x for x in (f"{notice}." if notice else "", description, replaced) if x), 10240, charset
+        ),
+        derivation=fit(writable_text(derivation, charset), 1024, charset),
         burned_in=bool(options.burn_in_notice and notice),
         photometric=photometric,
         software=f"dicomnode {__version__}; {method_name} {method_version}"[:64],
@@ -360,7 +371,7 @@ def sc_instance(pixels: np.ndarray, ref: Dataset, number: int, common: _Series) 
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES" if common.burned_in else "NO"
     sc.LossyImageCompression = "00"
-    sc.ImageComments = common.comments[:10240]
+    sc.ImageComments = common.comments
     sc.DerivationDescription = common.derivation
     sc.DerivationCodeSequence = [_code_item(codes.DCM.SpatialResampling)]
     if common.photometric == "MONOCHROME2":
