@@ -19,14 +19,26 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 from dicomnode.output import build_fused_series
 from dicomnode.output.charset import writable_text
 from dicomnode.testing.charsets import CASES, CharsetCase, case
 from dicomnode.testing.peers import Orthanc, have_orthanc
 
-CARRIED = ("PatientName", "OtherPatientNames", "PatientComments", "StudyDescription", "ReferringPhysicianName")
+CARRIED = (
+    "PatientName",
+    "OtherPatientNames",
+    "PatientComments",
+    "StudyDescription",
+    "ReferringPhysicianName",
+)
 HAVE_DCIODVFY = shutil.which("dciodvfy") is not None
 # Orthanc 1.10 decodes the ISO 2022 sets only with an empty first value (\ISO 2022 IR 87, IR 149,
 # IR 58); with these it shows escape sequences, for the source and the fused series alike.
