@@ -215,7 +215,16 @@ def test_iso_2022_ir_87_with_empty_first_value_is_fused(tmp_path: Path) -> None:
     """The value Japanese scanners send (``\\ISO 2022 IR 87``) used to fail inside highdicom."""
     c = case("japanese-ir87")
     mr, ct = source_files(c, tmp_path / "src")
-    out = pydicom.dcmread(fuse(mr, ct, tmp_path / "fused.dcm"))
+    series = build_fused_series(
+        np.full((2, 16, 16), 40, np.uint8),
+        [pydicom.dcmread(p) for p in mr],
+        [pydicom.dcmread(p) for p in ct],
+        rule_name="mr-ct",
+        method_name="m",
+        method_version="1",
+    )
+    series[0].save_as(tmp_path / "fused.dcm", enforce_file_format=True)
+    out = pydicom.dcmread(tmp_path / "fused.dcm")
     assert list(out.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
     assert out.SeriesDescription == "FUSED MR T1強調 + CT 頭部 [m] RESEARCH USE ONLY"  # 64 bytes
     buf = io.BytesIO()

@@ -344,9 +344,9 @@ def test_missing_moving_headers_is_an_error() -> None:
 def _fuse(ref, mov, options=None, **kw):  # type: ignore[no-untyped-def]
     shape = (len(ref), 16, 16, 3) if kw.pop("rgb", False) else (len(ref), 16, 16)
     fused = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
-    return build_fused_series(
-        fused, ref, mov, rule_name="mr-ct", method_name="m", method_version="1", options=options, **kw
-    )
+    if options is not None:
+        kw["options"] = options
+    return build_fused_series(fused, ref, mov, rule_name="mr-ct", method_name="m", method_version="1", **kw)
 
 
 def test_patient_and_study_modules_are_copied_completely(mr_ct) -> None:

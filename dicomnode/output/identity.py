@@ -5,7 +5,7 @@ The description names both modalities with their source series, the method, whet
 registration was applied, the site's notice and, for a re-fusion, the series it replaces, e.g.
 ``FUSED MR T1 3D AX + CT HEAD [li2021-cnn] RESEARCH USE ONLY REPLACES 9100``. It fits the 64
 characters (or bytes, in a multi-byte character set) of an LO: the source series names are
-shortened first, the method last.
+shortened first (trailing words, then the reference's name), the method last.
 """
 
 from __future__ import annotations
@@ -30,17 +30,35 @@ def _label(modality: str, series_description: str) -> str:
     return label
 
 
-def _shorten(text: str, width: int) -> str:
-    """``text`` cut to ``width`` characters, at a word boundary when one is near."""
-    if len(text) <= width:
-        return text
-    if width <= 0:
-        return ""
-    cut = text[:width]
-    space = cut.rfind(" ")
-    if space >= width // 2:
-        return cut[:space].rstrip()
-    return cut.rstrip() if width >= 4 else ""  # a 1-3 letter stump of a word says nothing
+MIN_WORD = 6  # a source name's first word is cut no shorter than this before the name is dropped
+
+
+def _fit_labels(
+    compose: Callable[[str, str], str], ref: str, mov: str, fits: Callable[[str], bool]
+) -> tuple[str, str] | None:
+    """Shorten the two source names until ``compose(ref, mov)`` fits; None when only dropping helps.
+
+    Trailing words go first, from the longer name; then the longer name's single word is cut
+    (to MIN_WORD characters). Which name is dropped afterwards is the caller's choice.
+    """
+    words = [ref.split(), mov.split()]
+
+    def text() -> tuple[str, str]:
+        return " ".join(words[0]), " ".join(words[1])
+
+    while not fits(compose(*text())):
+        lengths = [len(" ".join(w)) for w in words]
+        longer = 0 if lengths[0] >= lengths[1] else 1
+        for side in (longer, 1 - longer):
+            if len(words[side]) > 1:
+                words[side].pop()
+                break
+            if words[side] and len(words[side][0]) > MIN_WORD:
+                words[side][0] = words[side][0][: len(words[side][0]) - 1]
+                break
+        else:
+            return None
+    return text()
 
 
 def series_description(
@@ -72,20 +90,18 @@ def series_description(
         right = " ".join(x for x in (mov, mov_text) if x)
         return " ".join(["FUSED", f"{left} + {right}", f"[{method_text}]", *extras])
 
-    text = compose(method, ref_label, mov_label)
-    # Source names give way first, the longer one a character at a time, then the method name.
-    ref_w, mov_w = len(ref_label), len(mov_label)
-    while measure(text) > MAX_LO and ref_w + mov_w > 0:
-        if ref_w >= mov_w:
-            ref_w -= 1
-        else:
-            mov_w -= 1
-        text = compose(method, _shorten(ref_label, ref_w), _shorten(mov_label, mov_w))
+    def fits(text: str) -> bool:
+        return measure(text) <= MAX_LO
+
+    labels = _fit_labels(lambda r, m: compose(method, r, m), ref_label, mov_label, fits)
+    if labels is None:  # the reference is usually the study's one MR: its name goes first
+        labels = _fit_labels(lambda r, m: compose(method, r, m), "", mov_label, fits) or ("", "")
+    text = compose(method, *labels)
     method_w = len(method)
-    while measure(text) > MAX_LO and method_w > 1:
+    while not fits(text) and method_w > 1:  # even without the source names: the method gives way
         method_w -= 1
         text = compose(method[:method_w], "", "")
-    while measure(text) > MAX_LO:  # the notice and marker alone are too long: cut the end
+    while not fits(text):  # the notice and marker alone are too long: cut the end
         text = text[:-1].rstrip()
     return text
 
