@@ -31,14 +31,24 @@ end
 
 @pytest.fixture(scope="module")
 def basic_pacs(tmp_path_factory: pytest.TempPathFactory):
-    handle = Orthanc(tmp_path_factory.mktemp("dw") / "basic", plugins=("dicomweb",), users={USER: PASSWORD})
+    handle = Orthanc(
+        tmp_path_factory.mktemp("dw") / "basic",
+        plugins=("dicomweb",),
+        users={USER: PASSWORD},
+        stop_graceful=False,
+    )
     yield handle.start()
     handle.stop()
 
 
 @pytest.fixture(scope="module")
 def bearer_pacs(tmp_path_factory: pytest.TempPathFactory):
-    handle = Orthanc(tmp_path_factory.mktemp("dw") / "bearer", plugins=("dicomweb",), lua=BEARER_FILTER)
+    handle = Orthanc(
+        tmp_path_factory.mktemp("dw") / "bearer",
+        plugins=("dicomweb",),
+        lua=BEARER_FILTER,
+        stop_graceful=False,
+    )
     yield handle.start()
     handle.stop()
 
@@ -92,7 +102,7 @@ def test_bearer_token(bearer_pacs: Orthanc, tmp_path: Path) -> None:
 
 
 def test_server_down_then_up(tmp_path: Path) -> None:
-    pacs = Orthanc(tmp_path / "late", http_port=free_port(), plugins=("dicomweb",))
+    pacs = Orthanc(tmp_path / "late", http_port=free_port(), plugins=("dicomweb",), stop_graceful=False)
     node = Node(tmp_path, [web(pacs.dicomweb_url)])
     uids = node.add_outputs(n=2, destinations=("web",))
     assert node.outbox.run_once() == 0

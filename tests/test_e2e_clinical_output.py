@@ -141,8 +141,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         ds = pydicom.dcmread(path)
         ds.SeriesNumber = 9100
         ds.save_as(path)
-    r.pacs = Orthanc(tmp / "pacs", plugins=("dicomweb", "webviewer")).start()
-    r.web = Orthanc(tmp / "web", aet="WEBPACS", plugins=("dicomweb",), users={USER: PASSWORD}).start()
+    r.pacs = Orthanc(tmp / "pacs", plugins=("dicomweb", "webviewer"), stop_graceful=False).start()
+    r.web = Orthanc(
+        tmp / "web", aet="WEBPACS", plugins=("dicomweb",), users={USER: PASSWORD}, stop_graceful=False
+    ).start()
     try:
         foreign, r.foreign_series_uid = _foreign_series(r.studies["jp"], tmp / "foreign")
         r.pacs.rest("/instances", "POST", foreign.read_bytes())
@@ -166,7 +168,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         ]
         r.node = Node(
             node_settings(
-                tmp, r.pacs.dicom_port, destinations=destinations, output={"replace_previous": True}
+                tmp,
+                r.pacs.dicom_port,
+                destinations=destinations,
+                output={"replace_previous": True},
+                # a series is complete after 3 quiet seconds: storescu pauses longer on a loaded machine
+                assembly={"series_stable_seconds": 3, "poll_seconds": 0.2},
             )
         )
         r.node.start()
@@ -235,7 +242,9 @@ def _tags(orthanc: Orthanc, series: dict) -> dict:
 def test_no_job_failed_and_every_character_set_reads_as_the_source(run: Run) -> None:
     with run.node.sessionmaker() as s:
         jobs = s.scalars(select(Job)).all()
-    assert [j.state for j in jobs if j.state != "done"] == [] and len(jobs) == 5
+    # a series completed early on a loaded machine gets a new generation: its job is superseded
+    assert {j.state for j in jobs} <= {"done", "superseded"}
+    assert len([j for j in jobs if j.state == "done"]) == 5
     for key, c in (("jp", "japanese-ir87"), ("kr", "korean-utf8"), ("cn", "chinese-gb18030")):
         study = run.studies[key]
         series = _by_number(run.pacs, study.study_instance_uid)
@@ -288,7 +297,9 @@ def test_series_numbers_collide_with_nothing_in_the_study_and_are_stable_per_rul
     cn = _by_number(run.pacs, run.studies["cn"].study_instance_uid)
     assert cn[9100]["MainDicomTags"]["SeriesDescription"].startswith("FUSED MR T1 3D AX + CT HEAD [")
     with run.node.sessionmaker() as s:
-        numbers = {(j.rule_name, j.output_series_number) for j in s.scalars(select(Job))}
+        numbers = {
+            (j.rule_name, j.output_series_number) for j in s.scalars(select(Job).where(Job.state == "done"))
+        }
     assert numbers == {("mr-ct", 9101), ("mr-ct", 9102), ("mr-pet", 9200), ("mr-ct", 9100)}
 
 
@@ -419,7 +430,7 @@ def _scroll(driver, frame: str, steps: int) -> None:  # type: ignore[no-untyped-
     canvas = driver.find_element(By.CSS_SELECTOR, "#dicomImage canvas")
     for _ in range(steps):
         ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, 120).perform()
-        time.sleep(0.15)
+        time.sleep(0.05)
 
 
 def _wait_rendered(driver, frame: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]

@@ -135,7 +135,7 @@ def raw(path: Path, keyword: str) -> bytes:
 def orthanc(tmp_path_factory: pytest.TempPathFactory):
     if not have_orthanc():
         pytest.skip("needs Debian orthanc")
-    handle = Orthanc(tmp_path_factory.mktemp("charsets") / "orthanc").start()
+    handle = Orthanc(tmp_path_factory.mktemp("charsets") / "orthanc", stop_graceful=False).start()
     yield handle
     handle.stop()
 
