@@ -32,7 +32,7 @@ from test_e2e_pipeline import node_settings, wait_for
 from dicomnode.db import Delivery, Event, Job, SeriesRemoval
 from dicomnode.node import Node
 from dicomnode.testing import GeneratedStudy, generate_ct_series, generate_study
-from dicomnode.testing.charsets import case
+from dicomnode.testing.charsets import CharsetCase, case
 from dicomnode.testing.peers import Orthanc, have_dcmtk, have_orthanc_plugin, storescu
 
 pytestmark = [
@@ -98,6 +98,22 @@ def _foreign_series(study: GeneratedStudy, folder: Path) -> tuple[Path, str]:
     return path, str(ds.SeriesInstanceUID)
 
 
+def _study(
+    tmp: Path, key: str, c: CharsetCase, modalities: tuple[str, ...], seed: int, extra: dict | None = None
+) -> GeneratedStudy:
+    """A small study of one patient whose name and study description are in ``c``'s character set."""
+    return generate_study(
+        tmp / key,
+        modalities,
+        scale=0.25,
+        seed=seed,
+        patient_id=f"{key.upper()}-0001",
+        patient_name=c.patient_name,
+        specific_character_set=list(c.charset),
+        extra_attributes={**(extra or {}), "StudyDescription": c.description},
+    )
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("clinical")
@@ -105,36 +121,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     r.tmp = tmp
     jp, kr, cn = case("japanese-ir87"), case("korean-utf8"), case("chinese-gb18030")
     r.studies = {
-        "jp": generate_study(
-            tmp / "jp",
-            ("MR", "CT", "PT"),
-            scale=0.25,
-            seed=11,
-            patient_id="JP-0001",
-            patient_name=jp.patient_name,
-            specific_character_set=list(jp.charset),
-            extra_attributes={**EXTRA, "StudyDescription": jp.description},
-        ),
-        "kr": generate_study(
-            tmp / "kr",
-            ("MR", "CT"),
-            scale=0.25,
-            seed=12,
-            patient_id="KR-0001",
-            patient_name=kr.patient_name,
-            specific_character_set=list(kr.charset),
-            extra_attributes={"StudyDescription": kr.description},
-        ),
-        "cn": generate_study(
-            tmp / "cn",
-            ("MR", "CT"),
-            scale=0.25,
-            seed=13,
-            patient_id="CN-0001",
-            patient_name=cn.patient_name,
-            specific_character_set=list(cn.charset),
-            extra_attributes={"StudyDescription": cn.description},
-        ),
+        "jp": _study(tmp, "jp", jp, ("MR", "CT", "PT"), 11, EXTRA),
+        "kr": _study(tmp, "kr", kr, ("MR", "CT"), 12),
+        "cn": _study(tmp, "cn", cn, ("MR", "CT"), 13),
     }
     # the Korean CT already carries the number the MR+CT rule would start at
     for path in r.studies["kr"].series["CT"].paths:
