@@ -9,13 +9,16 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 MODALITY_CODES = {"MR", "CT", "PT", "NM"}
+MAX_SERIES_NUMBER_BASE = 2**31 - 1 - 100_000  # Series Number is an IS (at most 2^31-1); room to count up
+DEFAULT_NOTICE = "RESEARCH USE ONLY"
 
 
 class ConfigError(Exception):
@@ -86,6 +89,8 @@ class RuleConfig(_Section):
     exclude: list[str] | None = None  # None = DEFAULT_EXCLUDE
     body_part: str | None = None  # e.g. HEAD: skip series whose Body Part Examined says otherwise
     min_slices: int = Field(8, ge=1)  # fewer slices is not a volume (a localizer, a single slice)
+    # First Series Number of this rule's fused series; None = 9100, 9200, ... by the rule's position.
+    series_number_base: int | None = Field(None, ge=1, le=MAX_SERIES_NUMBER_BASE)
 
     @field_validator("reference", "moving")
     @classmethod
@@ -116,13 +121,83 @@ class RuleConfig(_Section):
         return [re.compile(p, re.IGNORECASE) for p in raw]
 
 
-class DestinationConfig(_Section):
-    name: str = Field(min_length=1)
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+def _http_url(value: str) -> str:
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("put credentials in username/password, not in the URL")
+    return value.rstrip("/")
 
-    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+class HttpAuthConfig(_Section):
+    """Optional HTTP authentication: a bearer token, or basic auth with username and password."""
+
+    bearer_token: str | None = Field(None, min_length=1)
+    username: str | None = Field(None, min_length=1)
+    password: str | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> HttpAuthConfig:
+        if self.bearer_token and self.username:
+            raise ValueError("give either bearer_token or username/password, not both")
+        if self.password is not None and not self.username:
+            raise ValueError("password needs a username")
+        return self
+
+
+class OrthancRestConfig(HttpAuthConfig):
+    """A destination that is an Orthanc: its REST API, used to look up and delete series."""
+
+    url: str
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+
+
+class DestinationConfig(HttpAuthConfig):
+    """A PACS the fused series go to: DIMSE C-STORE (``type: dimse``) or DICOMweb STOW-RS (``dicomweb``).
+
+    The auth keys (bearer_token, username, password) are for ``dicomweb``; ``orthanc`` (optional)
+    names the destination's Orthanc REST API, the capability to list and delete series there.
+    """
+
+    name: str = Field(min_length=1)
+    type: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    url: str | None = None  # dicomweb: the service root, e.g. http://pacs:8042/dicom-web
+    orthanc: OrthancRestConfig | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str | None) -> str | None:
+        return None if v is None else _ae_title(v)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v)
+
+    @model_validator(mode="after")
+    def _keys_for_type(self) -> DestinationConfig:
+        if self.type == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dimse destination needs {', '.join(missing)}")
+            if self.url is not None or self.bearer_token or self.username:
+                raise ValueError("url and HTTP auth keys are for type: dicomweb")
+        elif self.url is None:
+            raise ValueError("a dicomweb destination needs url (the DICOMweb service root)")
+        return self
+
+    @property
+    def where(self) -> str:
+        """Where the destination is, for logs and the audit: AE@host:port or the URL."""
+        if self.type == "dicomweb":
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class FusionConfig(_Section):
@@ -194,6 +269,35 @@ class WorkersConfig(_Section):
         return v.strip() if v is not None else None
 
 
+class OutputConfig(_Section):
+    """What the fused series says about itself (notice, replacement) and which IOD carries it."""
+
+    notice: str = Field(DEFAULT_NOTICE, max_length=64)
+    notice_in_description: bool = True  # the notice ends the Series Description
+    burn_in_notice: bool = True  # the notice is drawn into a corner of every image
+    # Ends the Series Description of a re-fusion; {series_number} is the replaced series' number.
+    replaces_text: str = Field("REPLACES {series_number}", max_length=32)
+    replace_previous: bool = False  # ask destinations that allow it to delete the replaced series
+    iod: Literal["sc", "multiframe-sc"] = "sc"
+
+    @field_validator("notice", "replaces_text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        v = " ".join(v.split())
+        if "\\" in v or not v.isprintable():
+            raise ValueError("must be printable text without backslash")
+        return v
+
+    @field_validator("replaces_text")
+    @classmethod
+    def _placeholder(cls, v: str) -> str:
+        try:
+            v.format(series_number=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only the placeholder {{series_number}} is allowed ({exc})") from None
+        return v
+
+
 class AdminConfig(_Section):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
@@ -222,6 +326,7 @@ class Settings(BaseSettings):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @field_validator("rules")
@@ -231,6 +336,21 @@ class Settings(BaseSettings):
         if len(names) != len(set(names)):
             raise ValueError("rule names must be unique")
         return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, v: list[DestinationConfig]) -> list[DestinationConfig]:
+        names = [d.name for d in v]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        return v
+
+    def series_number_base(self, rule_name: str) -> int:
+        """The first Series Number of a rule's fused series (9100, 9200, ... unless configured)."""
+        for position, rule in enumerate(self.rules):
+            if rule.name == rule_name:
+                return rule.series_number_base or 9000 + 100 * (position + 1)
+        return 9000
 
     @classmethod
     def settings_customise_sources(

@@ -64,9 +64,10 @@ class Node:
 
             workers.append(("fuse", FuseStage(s, self.sessionmaker, self.spool, leases=self.leases)))
         if "dispatch" in self.stages:
-            from dicomnode.dispatch import DispatchOutbox  # noqa: PLC0415
+            from dicomnode.dispatch import DispatchOutbox, SeriesRemover  # noqa: PLC0415
 
             workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool, leases=self.leases)))
+            workers.append(("removal", SeriesRemover(s, self.sessionmaker)))
         for name, worker in workers:
             t = threading.Thread(target=worker.run_forever, args=(self.stop_event,), name=name, daemon=True)
             t.start()

@@ -80,3 +80,79 @@ def test_env_sets_worker_id_and_lease(monkeypatch):
     monkeypatch.setenv("DICOMNODE_WORKERS__LEASE_SECONDS", "12")
     s = load_settings(ROOT / "config.yaml")
     assert (s.workers.worker_id, s.workers.lease_seconds) == ("fuse-1", 12)
+
+
+def test_output_defaults_and_series_number_bases():
+    s = load_settings(
+        None, rules=[{"name": "a", "moving": "CT"}, {"name": "b", "moving": "PT", "series_number_base": 700}]
+    )
+    assert s.output.notice == "RESEARCH USE ONLY"
+    assert s.output.notice_in_description and s.output.burn_in_notice
+    assert not s.output.replace_previous and s.output.iod == "sc"
+    assert s.series_number_base("a") == 9100
+    assert s.series_number_base("b") == 700
+
+
+def test_destination_types():
+    s = load_settings(
+        None,
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": "ORTHANC",
+                "host": "h",
+                "port": 104,
+                "orthanc": {"url": "http://h:8042/"},
+            },
+            {"name": "web", "type": "dicomweb", "url": "https://h/dicom-web/", "bearer_token": "t"},
+            {"name": "web2", "type": "dicomweb", "url": "http://h/dw", "username": "u", "password": "p"},
+        ],
+    )
+    pacs, web, web2 = s.destinations
+    assert pacs.type == "dimse" and pacs.orthanc.url == "http://h:8042" and pacs.where == "ORTHANC@h:104"
+    assert web.url == "https://h/dicom-web" and web.bearer_token == "t"
+    assert web2.username == "u" and web2.where == "http://h/dw"
+
+
+@pytest.mark.parametrize(
+    "dest, message",
+    [
+        ({"name": "x", "type": "dicomweb"}, "needs url"),
+        ({"name": "x", "ae_title": "A", "host": "h"}, "needs port"),
+        ({"name": "x", "type": "dicomweb", "url": "ftp://h/"}, "http:// or https://"),
+        ({"name": "x", "type": "dicomweb", "url": "http://u:p@h/"}, "credentials"),
+        (
+            {"name": "x", "type": "dicomweb", "url": "http://h/", "bearer_token": "t", "username": "u"},
+            "either",
+        ),
+        ({"name": "x", "type": "dicomweb", "url": "http://h/", "password": "p"}, "needs a username"),
+        ({"name": "x", "ae_title": "A", "host": "h", "port": 1, "bearer_token": "t"}, "type: dicomweb"),
+        ({"name": "x", "type": "smtp", "url": "http://h/"}, "destinations.0.type"),
+    ],
+)
+def test_bad_destination_is_named(dest, message):
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, destinations=[dest])
+    assert "destinations.0" in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "output, key",
+    [
+        ({"notice": "A\\B"}, "output.notice"),
+        ({"notice": "x" * 65}, "output.notice"),
+        ({"replaces_text": "REPLACES {number}"}, "output.replaces_text"),
+        ({"iod": "enhanced-mr"}, "output.iod"),
+        ({"burn_in": True}, "output.burn_in"),
+    ],
+)
+def test_bad_output_key_is_named(output, key):
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, output=output)
+    assert key in str(err.value)
+
+
+def test_destination_names_are_unique():
+    dest = {"name": "pacs", "ae_title": "A", "host": "h", "port": 104}
+    with pytest.raises(ConfigError, match="destination names must be unique"):
+        load_settings(None, destinations=[dest, dest])

@@ -146,7 +146,7 @@ def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, orthanc) -> 
     # the stored instance is the file from the spool (pixels survive the trip)
     orthanc_id = orthanc.instances()[0]
     tags = orthanc.instance_tags(orthanc_id)
-    assert tags["SeriesDescription"] == "FUSED MR+CT [test]"
+    assert tags["SeriesDescription"] == "FUSED MR + CT [test] RESEARCH USE ONLY"
 
 
 def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path) -> None:

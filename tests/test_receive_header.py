@@ -205,3 +205,11 @@ def test_series_selection_tags_are_indexed(tmp_path):
         assert h.protocol_name == "t1_mprage_sag" and h.sequence_name == "*tfl3d1"
         assert h.acquisition_type == "3D" and h.body_part == "HEAD"
         assert h.image_type == "ORIGINAL\\PRIMARY\\M\\ND"
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_series_number_is_indexed(implicit: bool) -> None:
+    ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    assert parse_header(encoded(implicit, SeriesNumber=1003), ts).series_number == 1003
+    assert parse_header(encoded(implicit), ts).series_number is None
+    assert parse_header(encoded(implicit, SeriesNumber=" 7 "), ts).series_number == 7

@@ -53,6 +53,7 @@ def make_ct(
     ds.StudyDate, ds.StudyTime = "20240305", "141516.25"
     ds.Modality = "CT"
     ds.SeriesDescription = "HEAD CT"
+    ds.SeriesNumber = 4
     ds.PatientName = "Doe^Jane"
     ds.PatientID = patient_id
     if issuer:
@@ -191,7 +192,7 @@ def test_store_writes_identical_files_and_index_rows(node: Node, tmp_path: Path)
     assert (ser.series_instance_uid, ser.n_instances) == (series, 3)
     assert (ser.state, ser.generation) == ("receiving", 1)
     assert (ser.patient_key, ser.patient_name, ser.modality) == ("PAT-1", "Doe^Jane", "CT")
-    assert ser.series_description == "HEAD CT"
+    assert ser.series_description == "HEAD CT" and ser.series_number == 4
     assert ser.study_datetime is not None and ser.study_datetime.isoformat() == "2024-03-05T14:15:16.250000"
     assert [(e.entity_id, e.old_state, e.new_state) for e in node.events("series")] == [
         (series, None, "receiving")

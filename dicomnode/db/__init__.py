@@ -12,6 +12,7 @@ from dicomnode.db.models import (
     Output,
     Series,
     SeriesDecision,
+    SeriesRemoval,
     Worker,
     utcnow,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "Series",
     "SeriesDecision",
     "Worker",
+    "SeriesRemoval",
     "init_db",
     "make_engine",
     "make_sessionmaker",

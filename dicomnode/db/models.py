@@ -110,6 +110,7 @@ class Series(Base):
     image_type: Mapped[str] = mapped_column(String(200), default="")  # e.g. ORIGINAL\PRIMARY\AXIAL
     frame_of_reference_uid: Mapped[str] = mapped_column(String(64), default="")
     study_datetime: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     n_instances: Mapped[int] = mapped_column(Integer, default=0)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), default="receiving")  # receiving | complete
@@ -146,6 +147,9 @@ class Job(Base):
     method: Mapped[str | None] = mapped_column(String(64), nullable=True)
     method_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     output_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    output_series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The fused series this job's output replaces (an earlier fusion of the rule in the same study).
+    replaces_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: geometry, timings
     worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -222,6 +226,31 @@ class SeriesDecision(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+class SeriesRemoval(Base):
+    """A replaced fused series to delete at one destination once its replacement is delivered there.
+
+    state: pending (waiting for the replacement's deliveries, or retrying) | deleted | left (kept:
+    the destination cannot delete, the series was not ours, or the replacement was not delivered)
+    | failed (gave up after ``dispatch.max_attempts``).
+    """
+
+    __tablename__ = "series_removals"
+    __table_args__ = (
+        UniqueConstraint("series_instance_uid", "destination", name="uq_series_removal"),
+        Index("ix_series_removals_state", "state"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    replaced_by_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 class Event(Base):
     """Append-only audit event: who changed what from which state to which, and why."""
 
@@ -229,7 +258,7 @@ class Event(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     stage: Mapped[str] = mapped_column(String(16))  # receive|assemble|fuse|output|dispatch|admin
-    entity: Mapped[str] = mapped_column(String(16))  # association|instance|series|job|output|delivery
+    entity: Mapped[str] = mapped_column(String(16))  # association|instance|series|job|output|delivery|removal
     entity_id: Mapped[str] = mapped_column(String(80), default="")
     old_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     new_state: Mapped[str | None] = mapped_column(String(16), nullable=True)

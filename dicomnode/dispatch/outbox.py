@@ -1,4 +1,5 @@
-"""The dispatch outbox: send due Delivery rows by C-STORE, one association per destination per round.
+"""The dispatch outbox: send due Delivery rows by C-STORE (one association per destination per round)
+or, to a DICOMweb destination, by STOW-RS (:mod:`dicomnode.dispatch.senders` picks by type).
 
 Delivery states (``deliveries.state``)::
 
@@ -46,10 +47,10 @@ from dicomnode.dispatch.scu import (
     FileInfo,
     FileProblem,
     StoreResult,
-    StoreSession,
     inspect_file,
     presentation_contexts,
 )
+from dicomnode.dispatch.senders import make_sender, peer_address
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.dispatch")
@@ -239,7 +240,7 @@ class DispatchOutbox:
     ) -> int:
         cfg = self.settings.dispatch
         assoc_id = self._open_association_row(dest)
-        session = StoreSession(
+        session = make_sender(
             self.settings.node.ae_title,
             dest,
             presentation_contexts([info for _, info in planned]),
@@ -365,13 +366,14 @@ class DispatchOutbox:
                 record(s, STAGE, "delivery", d.id, "pending", "failed", reason)
 
     def _open_association_row(self, dest: DestinationConfig) -> int:
+        called, host, port = peer_address(dest)
         with self.sessionmaker() as s, s.begin():
             row = Association(
                 direction="out",
                 calling_aet=self.settings.node.ae_title,
-                called_aet=dest.ae_title,
-                peer_host=dest.host,
-                peer_port=dest.port,
+                called_aet=called,
+                peer_host=host,
+                peer_port=port,
                 state="open",
                 lease_owner=self.owner,
                 lease_expires_at=self.leases.expiry(),

@@ -46,6 +46,7 @@ class InstanceHeader:
     image_type: str = ""
     frame_of_reference_uid: str = ""
     study_datetime: datetime | None = None
+    series_number: int | None = None
     instance_number: int | None = None
     image_position: str | None = None
     image_orientation: str | None = None
@@ -83,6 +84,7 @@ _TAGS: dict[int, str] = {
     0x00181030: "ProtocolName",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
     0x00200013: "InstanceNumber",
     0x00200032: "ImagePositionPatient",
     0x00200037: "ImageOrientationPatient",
@@ -262,6 +264,7 @@ def _build(v: dict[str, str | int], request_sop_class: str, request_sop_instance
         image_type=text("ImageType").upper(),
         frame_of_reference_uid=text("FrameOfReferenceUID"),
         study_datetime=parse_study_datetime(text("StudyDate"), text("StudyTime")),
+        series_number=_int(v.get("SeriesNumber")),
         instance_number=_int(v.get("InstanceNumber")),
         image_position=text("ImagePositionPatient") or None,
         image_orientation=text("ImageOrientationPatient") or None,

@@ -300,6 +300,7 @@ def _new_series(h: InstanceHeader, now: datetime) -> dict[str, object]:
         "image_type": h.image_type,
         "frame_of_reference_uid": h.frame_of_reference_uid,
         "study_datetime": h.study_datetime,
+        "series_number": h.series_number,
         "n_instances": 1,
         "generation": 1,
         "state": "receiving",

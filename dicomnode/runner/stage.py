@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 import pydicom
@@ -28,8 +29,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.db import Delivery, Instance, Job, Output, Series, record, utcnow
+from dicomnode.db import Delivery, Instance, Job, Output, Series, SeriesRemoval, record, utcnow
 from dicomnode.db.leases import JobClaim, WorkerLeases, claim_job, owned_job
+from dicomnode.dispatch.study_series import series_numbers_at
 from dicomnode.fusion.align import align
 from dicomnode.fusion.base import Fuser
 from dicomnode.fusion.pipeline import FusionError, fuse_pair, input_notes
@@ -43,6 +45,13 @@ from dicomnode.fusion.spatial_registration import (
     parse_registration,
 )
 from dicomnode.fusion.volume import Volume, VolumeError, volume_from_datasets
+from dicomnode.output import (
+    OutputError,
+    OutputOptions,
+    build_fused_series,
+    choose_series_number,
+    replaces_marker,
+)
 from dicomnode.partial_writes import sweep_partials
 from dicomnode.spool import Spool, outgoing_path
 
@@ -56,6 +65,22 @@ class JobFailed(Exception):
 
 class LeaseLost(Exception):
     """This worker no longer holds the job (its lease expired and another worker took it)."""
+
+
+def _replaces_text(replaced: Job) -> str:
+    number = replaced.output_series_number
+    return f"; replaces series {replaced.output_series_uid} (number {number}) of job {replaced.id}"
+
+
+@dataclass
+class _SeriesPlan:
+    """Identity of a job's fused series, decided before it is built."""
+
+    rule_name: str
+    number: int
+    replaces: Job | None  # the earlier job of the rule in the study whose series this one replaces
+    source: pydicom.Dataset | None  # a reference header read afresh (Patient/Study as received)
+    notes: list[str]
 
 
 def series_dir(series_uid: str) -> str:
@@ -325,6 +350,76 @@ class FuseStage:
                 log.warning("spatial registration object %s not used: %s", p, exc)
         return found
 
+    def _series_plan(self, job_id: int, reference: Volume) -> _SeriesPlan:
+        """Series Number, the earlier fused series this one replaces, and the Patient/Study source."""
+        with self.sessionmaker() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            study_uid = str(reference.datasets[0].StudyInstanceUID)
+            in_study = select(Series.series_instance_uid).where(Series.study_instance_uid == study_uid)
+            taken: set[int | None] = set(
+                s.scalars(select(Series.series_number).where(Series.study_instance_uid == study_uid)).all()
+            )
+            taken |= set(
+                s.scalars(
+                    select(Job.output_series_number).where(
+                        Job.reference_series_uid.in_(in_study), Job.id != job_id
+                    )
+                ).all()
+            )
+            earlier = s.scalars(
+                select(Job)
+                .where(
+                    Job.rule_name == job.rule_name,
+                    Job.reference_series_uid.in_(in_study),
+                    Job.state == "done",
+                    Job.output_series_uid.is_not(None),
+                    Job.id != job_id,
+                )
+                .order_by(Job.id.desc())
+                .limit(1)
+            ).first()
+            source_path = s.scalar(
+                select(Instance.path).where(
+                    Instance.sop_instance_uid == str(reference.datasets[0].SOPInstanceUID)
+                )
+            )
+        notes = []
+        timeout = min(self.settings.dispatch.timeout_seconds, 10.0)
+        for dest in self.settings.destinations:
+            numbers, note = series_numbers_at(dest, study_uid, timeout)
+            taken |= numbers
+            if note:
+                notes.append(note)
+        number = job.output_series_number or choose_series_number(
+            self.settings.series_number_base(job.rule_name), taken
+        )
+        source = None
+        if source_path:
+            try:  # read afresh: the Patient/Study text is copied as received
+                source = pydicom.dcmread(self.spool.abspath(source_path), stop_before_pixels=True)
+            except Exception as exc:
+                notes.append(f"patient/study copied from the loaded header ({type(exc).__name__})")
+        return _SeriesPlan(
+            rule_name=job.rule_name,
+            number=number,
+            replaces=earlier,
+            source=source,
+            notes=notes,
+        )
+
+    def _output_options(self, plan: _SeriesPlan) -> OutputOptions:
+        out = self.settings.output
+        replaced = plan.replaces
+        return OutputOptions(
+            notice=out.notice,
+            notice_in_description=out.notice_in_description,
+            burn_in_notice=out.burn_in_notice,
+            iod=out.iod,
+            replaces=replaces_marker(out.replaces_text, replaced.output_series_number) if replaced else "",
+            replaces_series_uid=replaced.output_series_uid if replaced else None,
+        )
+
     def _execute(
         self,
         claim: JobClaim,
@@ -334,8 +429,6 @@ class FuseStage:
         registrations: list[SpatialRegistration],
         written: list[str],
     ) -> None:
-        from dicomnode.output import build_fused_series  # noqa: PLC0415
-
         job_id = claim.job_id
         try:
             check_source(reference, "reference")
@@ -355,23 +448,26 @@ class FuseStage:
         except (FusionError, PixelSanityError) as exc:
             raise JobFailed(str(exc)) from exc
         notes = input_notes(reference, moving)
-        with self.sessionmaker() as s:
-            rule_name = s.get(Job, job_id).rule_name  # type: ignore[union-attr]
+        plan = self._series_plan(job_id, reference)
         series_uid = generate_uid(entropy_srcs=[self.worker_id, str(job_id), str(time.time_ns())])
-        ref_number = int(getattr(reference.datasets[0], "SeriesNumber", 0) or 0)
         t1 = time.perf_counter()
-        datasets = build_fused_series(
-            fused.pixels,
-            reference.datasets,
-            moving.datasets,
-            rule_name=rule_name,
-            method_name=fused.method_name,
-            method_version=fused.method_version,
-            series_instance_uid=series_uid,
-            series_number=ref_number + 1000,
-            registered=fused.registered,
-            derivation_note="; ".join([str(align_info["alignment"]), *notes])[:400],
-        )
+        try:
+            datasets = build_fused_series(
+                fused.pixels,
+                reference.datasets,
+                moving.datasets,
+                rule_name=plan.rule_name,
+                method_name=fused.method_name,
+                method_version=fused.method_version,
+                series_instance_uid=series_uid,
+                series_number=plan.number,
+                registered=fused.registered,
+                derivation_note="; ".join([str(align_info["alignment"]), *notes])[:400],
+                options=self._output_options(plan),
+                patient_study_source=plan.source,
+            )
+        except OutputError as exc:
+            raise JobFailed(f"cannot build the fused series: {exc}") from exc
         self._announce_output(claim, series_uid)
         written.append(series_uid)
         files: list[tuple[str, str, int]] = []
@@ -386,10 +482,14 @@ class FuseStage:
             **fused.details,
             **align_info,
             "input_notes": notes,
+            "series_number": plan.number,
+            "series_description": str(datasets[0].SeriesDescription),
+            "series_notes": plan.notes,
             "seconds_output": round(t_out, 3),
             "seconds_total": round(time.perf_counter() - t0, 3),
         }
         destinations = [d.name for d in self.settings.destinations]
+        replaced = plan.replaces
         with self.sessionmaker() as s:
             # The job row first: it takes the write lock and proves the lease is still ours.
             res = s.execute(
@@ -401,6 +501,8 @@ class FuseStage:
                     method=fused.method_name,
                     method_version=fused.method_version,
                     output_series_uid=series_uid,
+                    output_series_number=plan.number,
+                    replaces_series_uid=replaced.output_series_uid if replaced else None,
                     details=json.dumps(details),
                     error=None,
                     lease_owner=None,
@@ -426,6 +528,8 @@ class FuseStage:
                     s.add(d)
                     s.flush()
                     record(s, STAGE, "delivery", d.id, None, "pending", f"to {dest}")
+            if replaced is not None:
+                self._record_replacement(s, job_id, replaced)
             record(
                 s,
                 STAGE,
@@ -434,7 +538,10 @@ class FuseStage:
                 "running",
                 "done",
                 f"{len(files)} instances fused with {fused.method_name} {fused.method_version} "
-                f"on {fused.details['device']}; {align_info['alignment']}" + "".join(f"; {n}" for n in notes),
+                f"on {fused.details['device']}; {align_info['alignment']}"
+                + "".join(f"; {n}" for n in notes)
+                + f"; series number {plan.number}"
+                + (_replaces_text(replaced) if replaced else ""),
             )
             s.commit()
         log.info("job %d done: %d instances in %.1f s", job_id, len(files), details["seconds_total"])
@@ -452,3 +559,35 @@ class FuseStage:
                 s.rollback()
                 raise LeaseLost(f"job {claim.job_id} is no longer held by {self.worker_id}")
             s.commit()
+
+    def _record_replacement(self, s: Session, job_id: int, replaced: Job) -> None:
+        """With ``output.replace_previous``: one removal row per destination for the replaced series."""
+        if not self.settings.output.replace_previous or not replaced.output_series_uid:
+            return
+        for dest in self.settings.destinations:
+            exists = s.scalar(
+                select(SeriesRemoval.id).where(
+                    SeriesRemoval.series_instance_uid == replaced.output_series_uid,
+                    SeriesRemoval.destination == dest.name,
+                )
+            )
+            if exists is not None:
+                continue
+            if dest.orthanc is None:
+                state, why = (
+                    "left",
+                    f"{dest.name} offers no way to delete a series; the replaced series stays",
+                )
+            else:
+                state, why = "pending", f"delete at {dest.name} once job {job_id}'s series is delivered there"
+            row = SeriesRemoval(
+                series_instance_uid=replaced.output_series_uid,
+                destination=dest.name,
+                replaced_by_job_id=job_id,
+                state=state,
+                reason=why,
+                finished_at=utcnow() if state == "left" else None,
+            )
+            s.add(row)
+            s.flush()
+            record(s, STAGE, "removal", row.id, None, state, f"series {replaced.output_series_uid}: {why}")
