@@ -6,6 +6,10 @@ study is chosen by the rule's preferences (``SeriesSelector``) and paired with t
 moving series of the same study or of a study within ``assembly.pair_window_hours``. A job is keyed by
 (rule, reference series, moving series, their generations), so re-running never duplicates it;
 a series that received new instances after completion has a new generation and gets a new job.
+
+A series fetched from a PACS (``prior_retrieves``) is left alone while its retrieve is pending or
+running, and is complete as soon as its retrieve is done and nothing arrived after it: every
+sub-operation has been answered, so there is nothing to wait for.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.assemble.selection import Choice, SeriesSelector
+from dicomnode.assemble.selection import Choice, SeriesSelector, pairable, series_geometry
 from dicomnode.config import RuleConfig, Settings
-from dicomnode.db import Instance, Job, Series, record, utcnow
+from dicomnode.db import Job, PriorRetrieve, Series, record, utcnow
 
 log = logging.getLogger("dicomnode.assemble")
 STAGE = "assemble"
+RETRIEVE_ACTIVE = ("pending", "running")
 
 
 class AssembleStage:
@@ -54,19 +59,36 @@ class AssembleStage:
 
     def complete_stable_series(self) -> int:
         cutoff = self.clock() - timedelta(seconds=self.settings.assembly.series_stable_seconds)
+        stable_why = f"no instance for {self.settings.assembly.series_stable_seconds:g} s"
         done = 0
         with self.sessionmaker() as s:
             stable = s.scalars(
                 select(Series).where(Series.state == "receiving", Series.last_received_at <= cutoff)
             ).all()
-            for series in stable:
+            candidates = [(series, cutoff, stable_why) for series in stable]
+            retrieved = s.execute(
+                select(Series, PriorRetrieve.id, PriorRetrieve.source, PriorRetrieve.finished_at)
+                .join(PriorRetrieve, PriorRetrieve.series_instance_uid == Series.series_instance_uid)
+                .where(
+                    Series.state == "receiving",
+                    PriorRetrieve.state == "done",
+                    PriorRetrieve.finished_at >= Series.last_received_at,
+                )
+            ).all()
+            seen = {series.id for series in stable}
+            for series, retrieve_id, source, finished in retrieved:
+                if series.id not in seen:
+                    seen.add(series.id)
+                    why = f"retrieve {retrieve_id} from {source} done, every sub-operation answered"
+                    candidates.append((series, finished, why))
+            for series, not_after, why in candidates:
                 # Conditional update: a receiver that just added an instance wins.
                 res = s.execute(
                     update(Series)
                     .where(
                         Series.id == series.id,
                         Series.state == "receiving",
-                        Series.last_received_at <= cutoff,
+                        Series.last_received_at <= not_after,
                         Series.generation == series.generation,
                     )
                     .values(state="complete", completed_at=self.clock())
@@ -79,24 +101,13 @@ class AssembleStage:
                         series.series_instance_uid,
                         "receiving",
                         "complete",
-                        f"no instance for {self.settings.assembly.series_stable_seconds:g} s; "
-                        f"{series.n_instances} instances, generation {series.generation}",
+                        f"{why}; {series.n_instances} instances, generation {series.generation}",
                     )
                     done += 1
             s.commit()
         if done:
             log.info("%d series complete", done)
         return done
-
-    def _pairable(self, ref: Series, mov: Series) -> bool:
-        if ref.patient_key != mov.patient_key or ref.id == mov.id:
-            return False
-        if ref.study_instance_uid == mov.study_instance_uid:
-            return True
-        if ref.study_datetime is None or mov.study_datetime is None:
-            return False
-        window = timedelta(hours=self.settings.assembly.pair_window_hours)
-        return abs(ref.study_datetime - mov.study_datetime) <= window
 
     def _create_for_rule(self, s: Session, rule: RuleConfig) -> int:
         refs = s.scalars(
@@ -120,9 +131,19 @@ class AssembleStage:
                 Series.patient_key.in_(patients - busy),
             )
         ).all()
+        # A series still being retrieved from a PACS is not chosen until its retrieve is done.
+        retrieving = set(
+            s.scalars(
+                select(PriorRetrieve.series_instance_uid).where(
+                    PriorRetrieve.state.in_(RETRIEVE_ACTIVE), PriorRetrieve.patient_key.in_(patients)
+                )
+            ).all()
+        )
+        refs = [r for r in refs if r.series_instance_uid not in retrieving]
+        movs = [m for m in movs if m.series_instance_uid not in retrieving]
         if not movs:
             return 0
-        geometry = self._geometry(s, [x.series_instance_uid for x in (*refs, *movs)])
+        geometry = series_geometry(s, [x.series_instance_uid for x in (*refs, *movs)])
         selector = SeriesSelector(rule, geometry)
         created = 0
         for patient in sorted(patients - busy):
@@ -135,28 +156,15 @@ class AssembleStage:
                 if ref_choice.series is None:
                     continue
                 ref = ref_choice.series
+                window = self.settings.assembly.pair_window_hours
                 mov_choice = selector.choose(
-                    [m for m in p_movs if self._pairable(ref, m)], "moving", near=ref
+                    [m for m in p_movs if pairable(rule, window, ref, m)], "moving", near=ref
                 )
                 if mov_choice.series is None:
                     continue
                 if self._create_job(s, rule, ref, mov_choice.series, ref_choice, mov_choice):
                     created += 1
         return created
-
-    @staticmethod
-    def _geometry(s: Session, series_uids: list[str]) -> dict[str, tuple[int, int]]:
-        """Per series: (slices incl. frames, number of distinct orientations)."""
-        rows = s.execute(
-            select(
-                Instance.series_instance_uid,
-                func.sum(Instance.number_of_frames),
-                func.count(func.distinct(Instance.image_orientation)),
-            )
-            .where(Instance.series_instance_uid.in_(series_uids))
-            .group_by(Instance.series_instance_uid)
-        ).all()
-        return {uid: (int(n or 0), int(o or 0)) for uid, n, o in rows}
 
     def _create_job(
         self, s: Session, rule: RuleConfig, ref: Series, mov: Series, ref_choice: Choice, mov_choice: Choice

@@ -196,7 +196,9 @@ class InstanceIndex:
             record(s, STAGE, entity, entity_id, old, new, reason)
             s.commit()
 
-    def open_association(self, calling: str, called: str, host: str, port: int) -> int:
+    def open_association(
+        self, calling: str, called: str, host: str, port: int, note: str | None = None
+    ) -> int:
         """Insert an accepted association (state open) with its event; returns its id."""
         with self._write_lock, self._sessionmaker() as s:
             row = Association(
@@ -209,7 +211,8 @@ class InstanceIndex:
             )
             s.add(row)
             s.flush()
-            record(s, STAGE, "association", row.id, None, "open", f"accepted from {calling}@{host}:{port}")
+            reason = note or f"accepted from {calling}@{host}:{port}"
+            record(s, STAGE, "association", row.id, None, "open", reason)
             s.commit()
             return row.id
 
