@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from dicomnode.assemble import AssembleStage
 from dicomnode.config import load_settings
-from dicomnode.db import Event, Job, PriorFetch, PriorQuery, PriorRetrieve, Series, make_sessionmaker
+from dicomnode.db import Event, Job, PriorFetch, PriorQuery, PriorRetrieve, Series, make_sessionmaker, utcnow
 from dicomnode.retrieve import RetrieveStage
 from dicomnode.spool import Spool
 from dicomnode.testing.peers import free_port
@@ -406,6 +406,50 @@ def test_failed_retrieve_is_retried_with_backoff_then_fails(tmp_path: Path, pacs
     assert fetch.state == "failed" and "answered the C-MOVE with 0xA801" in (fetch.reason or "")
 
 
+def test_a_retrieve_whose_worker_stopped_is_taken_over_when_its_lease_expires(
+    tmp_path: Path, pacs: ScriptedPacs
+) -> None:
+    sm, stage, _assemble, clock = make_env(tmp_path, pacs.port)
+    add_series(sm, "mr1", "MR")
+    with sm() as s:
+        s.add(
+            PriorFetch(
+                rule_name="mr-ct",
+                patient_key="P1",
+                anchor_series_uid="mr1",
+                anchor_modality="MR",
+                wanted_modality="CT",
+                state="retrieving",
+            )
+        )
+        s.flush()
+        s.add(
+            PriorRetrieve(
+                fetch_id=1,
+                source="pacs",
+                method="c-move",
+                patient_key="P1",
+                study_instance_uid="1.2.3.4",
+                series_instance_uid="1.2.3.4.1",
+                state="running",
+                attempts=1,
+                lease_owner="other-host:123",
+                lease_expires_at=T0 + timedelta(seconds=60),
+            )
+        )
+        s.commit()
+    clock.now = T0 + timedelta(seconds=30)
+    assert stage.run_retrieves() == 0  # its worker may still be on it
+    clock.now = T0 + timedelta(seconds=61)
+    assert stage.run_retrieves() == 1
+    assert pacs.moves == 1
+    with sm() as s:
+        r = s.scalar(select(PriorRetrieve))
+        ev = s.scalars(select(Event).where(Event.entity == "retrieve").order_by(Event.id)).all()
+    assert r is not None and (r.state, r.attempts) == ("failed", 2)  # max_attempts is 2 here
+    assert ev[0].old_state == "running" and "attempt 2 (its previous worker stopped)" in (ev[0].reason or "")
+
+
 def test_retrieved_series_is_complete_when_its_retrieve_is_done(tmp_path: Path) -> None:
     sm, _stage, assemble, clock = make_env(tmp_path, closed_port())
     add_series(sm, "ct1", "CT", state="receiving")
@@ -438,3 +482,66 @@ def test_retrieved_series_is_complete_when_its_retrieve_is_done(tmp_path: Path) 
     with sm() as s:
         ev = s.scalars(select(Event).where(Event.entity == "series")).one()
     assert ev.reason.startswith("retrieve 1 from pacs done, every sub-operation answered")
+
+
+def test_serve_stage_retrieve_as_its_own_process(tmp_path: Path) -> None:
+    """`dicomnode serve --stage retrieve` works on the shared DB alone and stops cleanly on SIGTERM."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    port = closed_port()
+    cfg = {
+        "storage": {"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path}/t.db"},
+        "rules": [
+            {"name": "mr-ct", "moving": "CT", "fetch_missing": {"enabled": True, "wait_minutes": 0}},
+        ],
+        "sources": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        "retrieve": {"poll_seconds": 0.2, "backoff_initial_seconds": 0.2, "max_attempts": 2},
+        "admin": {"http_port": 0},
+    }
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(cfg))
+    sm = make_sessionmaker(cfg["storage"]["database_url"])  # type: ignore[index]
+    with sm() as s:
+        now = utcnow()
+        s.add(
+            Series(
+                series_instance_uid="mr1",
+                study_instance_uid="s1",
+                patient_key="P1",
+                patient_id="P1",
+                modality="MR",
+                study_datetime=now,
+                state="complete",
+                n_instances=40,
+                completed_at=now,
+                last_received_at=now,
+            )
+        )
+        s.commit()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dicomnode.cli",
+            "--config",
+            str(tmp_path / "node.yaml"),
+            "serve",
+            "--stage",
+            "retrieve",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (fetches(sm) and fetches(sm)[0].state == "failed"):
+            time.sleep(0.2)
+        (fetch,) = fetches(sm)
+        assert fetch.state == "failed" and "query failed 2 times, giving up" in (fetch.reason or "")
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]

@@ -27,7 +27,7 @@ from dicomnode.config import Settings
 from dicomnode.receive.filemeta import encode_file_meta
 from dicomnode.receive.header import HeaderError, parse_header
 from dicomnode.receive.index import InstanceIndex
-from dicomnode.receive.transport import start_threaded_server
+from dicomnode.receive.transport import speed_up, start_threaded_server
 from dicomnode.spool import Spool, incoming_path
 
 log = logging.getLogger("dicomnode.receive")
@@ -200,6 +200,7 @@ class ReceiveStage:
     def adopt_retrieve_association(self, assoc: PynetAssociation, peer_aet: str) -> None:
         """Take the C-STORE sub-operations of a C-GET on ``assoc`` (requested by the node, bound with
         ``retrieve_handlers``) through this stage's store path; recorded as an inbound association."""
+        speed_up(assoc)  # the instances are read as fast as on an accepted association
         host, port = str(assoc.acceptor.address), int(assoc.acceptor.port or 0)
         row_id: int | None = None
         try:

@@ -22,7 +22,7 @@ from dicomnode.retrieve.scu import FindResult
 STAGE = "retrieve"
 OPEN_FETCH = ("waiting", "querying", "retrieving")
 ACTIVE_RETRIEVE = ("pending", "running")
-LEASE_SECONDS = 60.0
+LEASE_SECONDS = 60.0  # at least; the stage uses more than twice its slowest source's timeout
 
 
 def label(series: Series) -> str:
@@ -40,11 +40,16 @@ class Ledger:
     """Leases and audited state changes of fetch, query and retrieve rows."""
 
     def __init__(
-        self, sessionmaker_: sessionmaker[Session], clock: Callable[[], datetime], worker_id: str
+        self,
+        sessionmaker_: sessionmaker[Session],
+        clock: Callable[[], datetime],
+        worker_id: str,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.sessionmaker = sessionmaker_
         self.clock = clock
         self.worker_id = worker_id
+        self.lease = timedelta(seconds=lease_seconds)
 
     def claim(self, s: Session, model: Any, row_id: int, **values: Any) -> bool:
         """Take the lease on a row nobody else holds (or whose lease expired), setting ``values``."""
@@ -59,9 +64,7 @@ class Ledger:
                     model.lease_owner == self.worker_id,
                 ),
             )
-            .values(
-                lease_owner=self.worker_id, lease_expires_at=now + timedelta(seconds=LEASE_SECONDS), **values
-            )
+            .values(lease_owner=self.worker_id, lease_expires_at=now + self.lease, **values)
         )
         return res.rowcount == 1  # type: ignore[attr-defined]
 
@@ -70,7 +73,7 @@ class Ledger:
             s.execute(
                 update(model)
                 .where(model.id == row_id, model.lease_owner == self.worker_id)
-                .values(lease_expires_at=self.clock() + timedelta(seconds=LEASE_SECONDS))
+                .values(lease_expires_at=self.clock() + self.lease)
             )
             s.commit()
 

@@ -30,7 +30,7 @@ from dicomnode.assemble.selection import SeriesSelector, series_geometry
 from dicomnode.config import RuleConfig, Settings
 from dicomnode.db import PriorFetch, PriorRetrieve, Series, record, utcnow
 from dicomnode.receive import ReceiveStage
-from dicomnode.retrieve.ledger import STAGE, Ledger, backoff_seconds, label
+from dicomnode.retrieve.ledger import LEASE_SECONDS, STAGE, Ledger, backoff_seconds, label
 from dicomnode.retrieve.partner import usable_partner, wanted
 from dicomnode.retrieve.query import QueryRound, RetryQuery
 from dicomnode.retrieve.transfer import Transfers
@@ -59,7 +59,10 @@ class RetrieveStage:
         self.sessionmaker = sessionmaker
         self.clock = clock
         self.rules = {r.name: r for r in settings.rules if r.fetch_missing.enabled}
-        self.ledger = Ledger(sessionmaker, clock, worker_id or _worker_id())
+        # A live worker renews its lease at least once per source response (timeout_seconds apart).
+        slowest = max((s.timeout_seconds for s in settings.sources), default=0.0)
+        lease = max(LEASE_SECONDS, 2 * slowest + 10)
+        self.ledger = Ledger(sessionmaker, clock, worker_id or _worker_id(), lease)
         self.queries = QueryRound(settings, self.ledger)
         # C-GET sub-operations are stored by the receive stage's own path (its SCP is not started here).
         self.transfers = Transfers(
