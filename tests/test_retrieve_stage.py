@@ -133,6 +133,35 @@ def add_series(
         s.commit()
 
 
+def add_retrieve(
+    sm: Any, series_uid: str, study_uid: str, *, fetch_state: str = "retrieving", **kw: Any
+) -> None:
+    """A fetch of P1's CT for MR 'mr1' under rule mr-ct, with one retrieve row of ``series_uid``."""
+    with sm() as s:
+        fetch = PriorFetch(
+            rule_name="mr-ct",
+            patient_key="P1",
+            anchor_series_uid="mr1",
+            anchor_modality="MR",
+            wanted_modality="CT",
+            state=fetch_state,
+        )
+        s.add(fetch)
+        s.flush()
+        s.add(
+            PriorRetrieve(
+                fetch_id=fetch.id,
+                source="pacs",
+                method="c-move",
+                patient_key="P1",
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                **kw,
+            )
+        )
+        s.commit()
+
+
 def fetches(sm: Any) -> list[PriorFetch]:
     with sm() as s:
         return list(s.scalars(select(PriorFetch).order_by(PriorFetch.id)))
@@ -240,28 +269,8 @@ def test_fetched_and_old_series_never_start_a_fetch(tmp_path: Path) -> None:
     sm, stage, _assemble, clock = make_env(tmp_path, closed_port(), max_age_hours=2)
     add_series(sm, "mr-fetched", "MR", study="s1")
     add_series(sm, "mr-old", "MR", study="s2")
+    add_retrieve(sm, "mr-fetched", "s1", state="done")
     with sm() as s:
-        s.add(
-            PriorFetch(
-                rule_name="other",
-                patient_key="P1",
-                anchor_series_uid="x",
-                anchor_modality="PT",
-                wanted_modality="MR",
-            )
-        )
-        s.flush()
-        s.add(
-            PriorRetrieve(
-                fetch_id=1,
-                source="pacs",
-                method="c-move",
-                patient_key="P1",
-                study_instance_uid="s1",
-                series_instance_uid="mr-fetched",
-                state="done",
-            )
-        )
         old = s.scalar(select(Series).where(Series.series_instance_uid == "mr-old"))
         old.completed_at = T0 - timedelta(hours=3)
         s.commit()
@@ -411,33 +420,15 @@ def test_a_retrieve_whose_worker_stopped_is_taken_over_when_its_lease_expires(
 ) -> None:
     sm, stage, _assemble, clock = make_env(tmp_path, pacs.port)
     add_series(sm, "mr1", "MR")
-    with sm() as s:
-        s.add(
-            PriorFetch(
-                rule_name="mr-ct",
-                patient_key="P1",
-                anchor_series_uid="mr1",
-                anchor_modality="MR",
-                wanted_modality="CT",
-                state="retrieving",
-            )
-        )
-        s.flush()
-        s.add(
-            PriorRetrieve(
-                fetch_id=1,
-                source="pacs",
-                method="c-move",
-                patient_key="P1",
-                study_instance_uid="1.2.3.4",
-                series_instance_uid="1.2.3.4.1",
-                state="running",
-                attempts=1,
-                lease_owner="other-host:123",
-                lease_expires_at=T0 + timedelta(seconds=60),
-            )
-        )
-        s.commit()
+    add_retrieve(
+        sm,
+        "1.2.3.4.1",
+        "1.2.3.4",
+        state="running",
+        attempts=1,
+        lease_owner="other-host:123",
+        lease_expires_at=T0 + timedelta(seconds=60),
+    )
     clock.now = T0 + timedelta(seconds=30)
     assert stage.run_retrieves() == 0  # its worker may still be on it
     clock.now = T0 + timedelta(seconds=61)
@@ -453,30 +444,7 @@ def test_a_retrieve_whose_worker_stopped_is_taken_over_when_its_lease_expires(
 def test_retrieved_series_is_complete_when_its_retrieve_is_done(tmp_path: Path) -> None:
     sm, _stage, assemble, clock = make_env(tmp_path, closed_port())
     add_series(sm, "ct1", "CT", state="receiving")
-    with sm() as s:
-        s.add(
-            PriorFetch(
-                rule_name="mr-ct",
-                patient_key="P1",
-                anchor_series_uid="mr1",
-                anchor_modality="MR",
-                wanted_modality="CT",
-            )
-        )
-        s.flush()
-        s.add(
-            PriorRetrieve(
-                fetch_id=1,
-                source="pacs",
-                method="c-move",
-                patient_key="P1",
-                study_instance_uid="s-today",
-                series_instance_uid="ct1",
-                state="done",
-                finished_at=T0 + timedelta(seconds=1),
-            )
-        )
-        s.commit()
+    add_retrieve(sm, "ct1", "s-today", state="done", finished_at=T0 + timedelta(seconds=1))
     clock.now = T0 + timedelta(seconds=2)  # long before series_stable_seconds (30)
     assert assemble.complete_stable_series() == 1
     with sm() as s:
@@ -545,3 +513,17 @@ def test_serve_stage_retrieve_as_its_own_process(tmp_path: Path) -> None:
         proc.terminate()
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def test_a_partner_arriving_while_a_retrieve_waits_for_its_retry_cancels_it(tmp_path: Path) -> None:
+    sm, stage, _assemble, clock = make_env(tmp_path, closed_port())
+    add_series(sm, "mr1", "MR")
+    add_retrieve(sm, "1.2.3.4.1", "1.2.3.4", state="pending", attempts=1, next_attempt_at=T0)
+    add_series(sm, "ct-sent", "CT", series_description="CT HEAD")
+    clock.now = T0 + timedelta(seconds=1)
+    assert stage.run_retrieves() == 1
+    with sm() as s:
+        r = s.scalar(select(PriorRetrieve))
+    assert r is not None and r.state == "cancelled" and r.attempts == 1  # the source was not asked again
+    (fetch,) = fetches(sm)
+    assert (fetch.state, fetch.reason) == ("cancelled", "partner arrived by itself: 'CT HEAD' (ct-sent)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date, timedelta
+from typing import TypeVar
 
 from sqlalchemy import select
 
@@ -20,7 +21,6 @@ from dicomnode.config import RuleConfig, Settings, SourceConfig
 from dicomnode.db import PriorFetch, PriorRetrieve, Series, record
 from dicomnode.retrieve.candidates import (
     SeriesCandidate,
-    StudyMatch,
     accept_series,
     accept_study,
     series_query,
@@ -31,6 +31,15 @@ from dicomnode.retrieve.partner import wanted
 from dicomnode.retrieve.scu import FindResult, SourceSession
 
 log = logging.getLogger("dicomnode.retrieve")
+
+
+T = TypeVar("T")
+
+
+def _sort_out(outcomes: list[T | str]) -> tuple[list[T], list[str]]:
+    """Accepted matches, and the reasons (strings) of those not used."""
+    accepted = [o for o in outcomes if not isinstance(o, str)]
+    return accepted, [o for o in outcomes if isinstance(o, str)]  # type: ignore[misc]
 
 
 class RetryQuery(Exception):
@@ -115,14 +124,9 @@ class QueryRound:
             result = session.find(
                 study_query(anchor.patient_id, issuer, modality, first, last), cfg.max_studies
             )
-            studies: list[StudyMatch] = []
-            dropped: list[str] = []
-            for ds in result.matches:
-                accepted = accept_study(source.name, ds, anchor.patient_id, issuer)
-                if isinstance(accepted, str):
-                    dropped.append(accepted)
-                else:
-                    studies.append(accepted)
+            studies, dropped = _sort_out(
+                [accept_study(source.name, ds, anchor.patient_id, issuer) for ds in result.matches]
+            )
             summary = f"{len(result.matches)} matches, {len(studies)} studies of the patient"
             if result.truncated:
                 summary += f" (more than {cfg.max_studies}: the first {cfg.max_studies} used)"
@@ -138,15 +142,11 @@ class QueryRound:
                 what = f"C-FIND SERIES level to {source.name}: {modality} series of study {uid}"
                 query_id = self.ledger.query_sent(fetch_id, source.name, "SERIES", uid, what)
                 result = session.find(series_query(uid, modality), cfg.max_series)
-                n_ok, dropped = 0, []
-                for ds in result.matches:
-                    accepted = accept_series(ds, study, modality, anchor, rule.min_slices)
-                    if isinstance(accepted, str):
-                        dropped.append(accepted)
-                    else:
-                        found.append(accepted)
-                        n_ok += 1
-                summary = f"{len(result.matches)} matches, {n_ok} {modality} series"
+                series, dropped = _sort_out(
+                    [accept_series(ds, study, modality, anchor, rule.min_slices) for ds in result.matches]
+                )
+                found += series
+                summary = f"{len(result.matches)} matches, {len(series)} {modality} series"
                 if result.truncated:
                     summary += f" (more than {cfg.max_series}: the first {cfg.max_series} used)"
                 self.ledger.query_done(query_id, result, summary, dropped)
