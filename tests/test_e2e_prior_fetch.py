@@ -81,28 +81,27 @@ def node_settings(
     return load_settings(None, **cfg)
 
 
+def head_series(tmp: Path, modality: str, patient: str, seed: int, days_ago: int) -> GeneratedSeries:
+    """The patient's MR or CT of the study ``days_ago`` days before today: each study has its own
+    Study Instance UID and frame of reference."""
+    return generate_study(
+        tmp / patient / f"{modality}-{days_ago}",
+        (modality,),
+        grids={"MR": MR_GRID, "CT": CT_GRID},
+        seed=seed,
+        patient_id=patient,
+        study_datetime=TODAY - timedelta(days=days_ago),
+        study_instance_uid=f"1.2.826.0.1.3680043.10.543.{seed}.{days_ago}",
+    ).series[modality]
+
+
 def mr_today(tmp: Path, patient: str, seed: int) -> GeneratedSeries:
-    return generate_study(
-        tmp / patient / "mr",
-        ("MR",),
-        grids={"MR": MR_GRID},
-        seed=seed,
-        patient_id=patient,
-        study_datetime=TODAY,
-    ).series["MR"]
+    return head_series(tmp, "MR", patient, seed, 0)
 
 
-def ct_prior(tmp: Path, patient: str, seed: int, days: int = 5) -> GeneratedSeries:
-    """The patient's head CT of another study ``days`` earlier: its own study and frame of reference."""
-    return generate_study(
-        tmp / patient / "ct",
-        ("CT",),
-        grids={"CT": CT_GRID},
-        seed=seed,
-        patient_id=patient,
-        study_datetime=TODAY - timedelta(days=days),
-        study_instance_uid=f"1.2.826.0.1.3680043.10.543.{seed}.{days}",
-    ).series["CT"]
+def ct_prior(tmp: Path, patient: str, seed: int) -> GeneratedSeries:
+    """The patient's head CT of another study 5 days earlier."""
+    return head_series(tmp, "CT", patient, seed, 5)
 
 
 def fused_of(orthanc: Orthanc, patient: str) -> list[dict[str, Any]]:
@@ -181,7 +180,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         pacs_get.stop()
 
 
-def check_fused_with_retrieved_ct(site: Site, patient: str, ct: GeneratedSeries, mr: GeneratedSeries) -> Job:
+def check_fused_with_retrieved_ct(
+    site: Site,
+    patient: str,
+    ct: GeneratedSeries,
+    mr: GeneratedSeries,
+    retrieved: GeneratedSeries | None = None,
+) -> Job:
+    """The fused MR+CT series is in Orthanc, registered, referencing both; ``retrieved`` (the CT by
+    default) is held by the node with all its instances."""
+    retrieved = retrieved or ct
+
     def arrived() -> list[dict[str, Any]]:
         with site.node.sessionmaker() as s:
             failed = s.scalar(select(Job).where(Job.patient_key == patient, Job.state == "failed"))
@@ -205,8 +214,8 @@ def check_fused_with_retrieved_ct(site: Site, patient: str, ct: GeneratedSeries,
         assert job is not None and job.state == "done"
         assert job.moving_series_uid == ct.series_instance_uid
         assert json.loads(job.details)["alignment"].startswith("different frames of reference: rigid")
-        held = s.scalar(select(Series).where(Series.series_instance_uid == ct.series_instance_uid))
-        assert held is not None and held.n_instances == len(ct.paths)
+        held = s.scalar(select(Series).where(Series.series_instance_uid == retrieved.series_instance_uid))
+        assert held is not None and held.n_instances == len(retrieved.paths)
     return job
 
 
@@ -270,6 +279,19 @@ def test_missing_ct_is_fetched_by_c_get_and_fused(site: Site) -> None:
     assert len(from_get) == len(ct.paths)
     meta = pydicom.dcmread(from_get[0], stop_before_pixels=True).file_meta
     assert meta.SourceApplicationEntityTitle.strip() == "ARCHIVE"
+
+
+def test_a_new_ct_without_its_mr_fetches_the_mr(site: Site) -> None:
+    """The other way round: the CT arrives today, the MR of 5 days ago is in PACS and is fetched."""
+    patient = "PRIOR-MR"
+    mr = head_series(site.tmp, "MR", patient, seed=16, days_ago=5)
+    site.pacs_move.upload(mr.paths)
+    ct = head_series(site.tmp, "CT", patient, seed=16, days_ago=0)
+    assert storescu([ct.directory], site.node.settings.node.port, calling_aet="SCANNER").returncode == 0
+    check_fused_with_retrieved_ct(site, patient, ct, mr, retrieved=mr)
+    fetch = fetch_of(site.node, patient)
+    assert fetch is not None and (fetch.anchor_modality, fetch.wanted_modality) == ("CT", "MR")
+    assert fetch.state == "retrieved" and fetch.chosen_series_uid == mr.series_instance_uid
 
 
 def test_no_prior_ends_the_wait_with_a_reason(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
@@ -342,7 +364,10 @@ def test_pacs_down_during_the_query_then_a_failing_move_are_retried(tmp_path: Pa
         pacs.upload(ct.paths)
         pacs.stop()
         source = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
-        node = Node(node_settings(tmp_path, port, pacs.dicom_port, [source]))
+        # Fusing a fetched prior is shown above; here the retries matter, up to the job they lead to.
+        node = Node(
+            node_settings(tmp_path, port, pacs.dicom_port, [source]), ("receive", "assemble", "retrieve")
+        )
         node.start()
         mr = mr_today(tmp_path, patient, seed=15)
         assert storescu([mr.directory], port, calling_aet="SCANNER").returncode == 0
@@ -364,8 +389,16 @@ def test_pacs_down_during_the_query_then_a_failing_move_are_retried(tmp_path: Pa
         failed = wait_for(move_failed, 90, "a failed C-MOVE attempt waiting for its retry")
         assert failed.error and "answered the C-MOVE with 0x" in failed.error
         pacs.rest("/modalities/dicomnode", "PUT", {"AET": "DICOMNODE", "Host": "127.0.0.1", "Port": port})
-        site = Site(tmp_path, pacs, pacs, node)
-        check_fused_with_retrieved_ct(site, patient, ct, mr)
+
+        def job() -> Job | None:
+            with node.sessionmaker() as s:  # type: ignore[union-attr]
+                return s.scalar(select(Job).where(Job.patient_key == patient))
+
+        created = wait_for(job, 90, "the MR+CT job after the retrieve")
+        assert (created.reference_series_uid, created.moving_series_uid) == (
+            mr.series_instance_uid,
+            ct.series_instance_uid,
+        )
         fetch = fetch_of(node, patient)
         assert fetch is not None and fetch.state == "retrieved"
         with node.sessionmaker() as s:

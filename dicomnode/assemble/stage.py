@@ -145,6 +145,7 @@ class AssembleStage:
             return 0
         geometry = series_geometry(s, [x.series_instance_uid for x in (*refs, *movs)])
         selector = SeriesSelector(rule, geometry)
+        window = self.settings.assembly.pair_window_hours
         created = 0
         for patient in sorted(patients - busy):
             p_refs = [r for r in refs if r.patient_key == patient]
@@ -156,7 +157,6 @@ class AssembleStage:
                 if ref_choice.series is None:
                     continue
                 ref = ref_choice.series
-                window = self.settings.assembly.pair_window_hours
                 mov_choice = selector.choose(
                     [m for m in p_movs if pairable(rule, window, ref, m)], "moving", near=ref
                 )
