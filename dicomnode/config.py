@@ -78,6 +78,16 @@ DEFAULT_PREFER: dict[str, list[str]] = {
 DEFAULT_EXCLUDE = [r"locali[sz]er|scout|survey|\bloc\b|3[- ]?plane|topogram|calibration|b1map|dose report"]
 
 
+class FetchMissingConfig(_Section):
+    """Query and retrieve a rule's missing partner series from the ``sources`` (PACS)."""
+
+    enabled: bool = False
+    lookback_days: int = Field(365, ge=0, le=36500)  # partner studies at most this many days older
+    wait_minutes: float = Field(10, ge=0)  # how long a complete series waits for its partner to arrive
+    # Series completed longer ago than this never start a fetch (e.g. when switched on over an old spool).
+    max_age_hours: float = Field(24, gt=0)
+
+
 class RuleConfig(_Section):
     """A modality set: fuse a ``reference`` series (MR) with a ``moving`` series of one patient."""
 
@@ -91,6 +101,7 @@ class RuleConfig(_Section):
     min_slices: int = Field(8, ge=1)  # fewer slices is not a volume (a localizer, a single slice)
     # First Series Number of this rule's fused series; None = 9100, 9200, ... by the rule's position.
     series_number_base: int | None = Field(None, ge=1, le=MAX_SERIES_NUMBER_BASE)
+    fetch_missing: FetchMissingConfig = Field(default_factory=FetchMissingConfig)
 
     @field_validator("reference", "moving")
     @classmethod
@@ -198,6 +209,31 @@ class DestinationConfig(HttpAuthConfig):
         if self.type == "dicomweb":
             return str(self.url)
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class SourceConfig(_Section):
+    """A PACS the node may query (C-FIND) and retrieve from (C-MOVE to ``node.ae_title``, or C-GET)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    retrieve: Literal["c-move", "c-get"] = "c-move"
+    timeout_seconds: float = Field(30.0, gt=0)  # per association step and per DIMSE response
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+class RetrieveConfig(_Section):
+    """The retrieve stage: polling, retries with backoff, bounds on what a source may answer."""
+
+    poll_seconds: float = Field(1.0, gt=0)
+    max_attempts: int = Field(8, ge=1)  # per query round and per retrieve
+    backoff_initial_seconds: float = Field(10.0, gt=0)
+    backoff_max_seconds: float = Field(300.0, gt=0)
+    max_studies: int = Field(50, ge=1, le=1000)  # study matches used per source and query
+    max_series: int = Field(200, ge=1, le=10000)  # series matches used per study
+    max_retrieve_seconds: float = Field(1800.0, gt=0)  # one C-MOVE / C-GET, all sub-operations
 
 
 class FusionConfig(_Section):
@@ -328,6 +364,25 @@ class Settings(BaseSettings):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in v]
+        if len(names) != len(set(names)):
+            raise ValueError("source names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _fetch_needs_sources(self) -> Settings:
+        for n, rule in enumerate(self.rules):
+            if rule.fetch_missing.enabled and not self.sources:
+                raise ValueError(
+                    f"rules.{n}.fetch_missing.enabled: no sources configured to fetch from (add sources:)"
+                )
+        return self
 
     @field_validator("rules")
     @classmethod

@@ -15,7 +15,7 @@ from dicomnode.db.leases import WorkerLeases
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.node")
-STAGES = ("receive", "assemble", "fuse", "dispatch", "admin")
+STAGES = ("receive", "assemble", "retrieve", "fuse", "dispatch", "admin")
 
 
 class Node:
@@ -59,6 +59,10 @@ class Node:
             from dicomnode.assemble import AssembleStage  # noqa: PLC0415
 
             workers.append(("assemble", AssembleStage(s, self.sessionmaker)))
+        if "retrieve" in self.stages:
+            from dicomnode.retrieve import RetrieveStage  # noqa: PLC0415
+
+            workers.append(("retrieve", RetrieveStage(s, self.sessionmaker, self.spool, leases=self.leases)))
         if "fuse" in self.stages:
             from dicomnode.runner import FuseStage  # noqa: PLC0415
 

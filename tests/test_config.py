@@ -156,3 +156,56 @@ def test_destination_names_are_unique():
     dest = {"name": "pacs", "ae_title": "A", "host": "h", "port": 104}
     with pytest.raises(ConfigError, match="destination names must be unique"):
         load_settings(None, destinations=[dest, dest])
+
+
+def test_sources_and_fetch_missing_in_the_documented_shape():
+    s = load_settings(
+        None,
+        sources=[
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "retrieve": "c-move"},
+            {"name": "archive", "ae_title": "ARCHIVE", "host": "10.0.0.5", "port": 104, "retrieve": "c-get"},
+        ],
+        rules=[
+            {
+                "name": "mr-ct",
+                "reference": "MR",
+                "moving": "CT",
+                "fetch_missing": {"enabled": True, "lookback_days": 365, "wait_minutes": 10},
+            }
+        ],
+    )
+    assert [(x.name, x.retrieve) for x in s.sources] == [("pacs", "c-move"), ("archive", "c-get")]
+    fm = s.rules[0].fetch_missing
+    assert (fm.enabled, fm.lookback_days, fm.wait_minutes) == (True, 365, 10)
+    assert load_settings(None).rules[0].fetch_missing.enabled is False  # off unless configured
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        (
+            {"sources": [{"name": "p", "ae_title": "P", "host": "h", "port": 1, "retrieve": "ftp"}]},
+            "sources.0.retrieve",
+        ),
+        ({"sources": [{"name": "p", "ae_title": "P" * 17, "host": "h", "port": 1}]}, "sources.0.ae_title"),
+        (
+            {"rules": [{"name": "x", "moving": "CT", "fetch_missing": {"enabled": True}}]},
+            "rules.0.fetch_missing.enabled: no sources configured",
+        ),
+        (
+            {"rules": [{"name": "x", "moving": "CT", "fetch_missing": {"wait_minutes": -1}}]},
+            "rules.0.fetch_missing.wait_minutes",
+        ),
+        ({"retrieve": {"max_attempts": 0}}, "retrieve.max_attempts"),
+    ],
+)
+def test_bad_source_or_fetch_key_is_named(data, key):
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, **data)
+    assert key in str(err.value)
+
+
+def test_duplicate_source_names_are_refused():
+    src = {"name": "pacs", "ae_title": "P", "host": "h", "port": 1}
+    with pytest.raises(ConfigError, match="sources: .*source names must be unique"):
+        load_settings(None, sources=[src, dict(src)])

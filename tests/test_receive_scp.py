@@ -98,11 +98,14 @@ def dataset_bytes(path: Path) -> bytes:
 class Node:
     """A started stage with its DB and spool, for assertions."""
 
-    def __init__(self, tmp: Path, allowed: list[str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, allowed: list[str] | None = None, sources: list[dict] | None = None
+    ) -> None:
         self.settings = load_settings(
             None,
             node={"ae_title": "DICOMNODE", "host": "127.0.0.1", "allowed_calling_aets": allowed or []},
             storage={"spool_dir": str(tmp / "spool"), "database_url": f"sqlite:///{tmp / 'db.sqlite'}"},
+            sources=sources or [],
         )
         self.settings.node.port = 0  # any free port
         self.sessions = make_sessionmaker(self.settings.storage.database_url)
@@ -294,6 +297,28 @@ def test_disallowed_calling_ae_is_rejected(tmp_path: Path) -> None:
     rejected = [e for e in n.events("association") if e.new_state == "rejected"]
     assert len(rejected) == 1 and "INTRUDER" in (rejected[0].reason or "")
     assert len(n.rows(Instance)) == 1
+
+
+def test_pacs_sources_are_admitted_with_an_allow_list(tmp_path: Path) -> None:
+    """A C-MOVE to the node arrives as C-STORE from the PACS's own AE title: a configured source
+    is admitted without being listed in node.allowed_calling_aets."""
+    source = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
+    n = Node(tmp_path, allowed=["MODALITY1"], sources=[source])
+    n.stage.start()
+    try:
+        f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
+        assert storescu([f], n.port, calling_aet="INTRUDER").returncode != 0
+        result = storescu([f], n.port, calling_aet="PACS")
+        assert result.returncode == 0, result.stderr
+    finally:
+        n.stage.stop()
+    wait_closed(n)
+    assert [(a.calling_aet, a.state) for a in n.rows(Association)] == [
+        ("INTRUDER", "rejected"),
+        ("PACS", "released"),
+    ]
+    rejected = [e for e in n.events("association") if e.new_state == "rejected"]
+    assert "not in node.allowed_calling_aets nor a source" in (rejected[0].reason or "")
 
 
 def test_missing_series_uid_is_refused_with_c000(node: Node, tmp_path: Path) -> None:

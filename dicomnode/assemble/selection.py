@@ -5,15 +5,21 @@ kernels). Candidates are filtered (excluded patterns, LOCALIZER image type, othe
 too few slices, several orientations, fewer than 32x32 pixels per slice) and ranked: first
 matching preference pattern, then a 3D acquisition, then the same study as the reference, then
 nearest in time, then more slices. The ``why`` text goes into the job's audit event and the
-series' decision (``decisions.py``).
+series' decision (``decisions.py``). The retrieve stage ranks the series a PACS offers with the
+same selector, so a fetched partner is the one the rule would have chosen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from dicomnode.config import RuleConfig
-from dicomnode.db import Series
+from dicomnode.db import Instance, Series
 from dicomnode.fusion.sanity import MIN_IN_PLANE
 
 
@@ -32,6 +38,44 @@ class SeriesGeometry:
     orientations: int = 1
     rows: int | None = None
     columns: int | None = None
+
+
+def pairable(rule: RuleConfig, pair_window_hours: float, a: Series, b: Series) -> bool:
+    """Whether two series of one patient may be fused under ``rule``.
+
+    Same study, or studies at most ``pair_window_hours`` apart. A rule that fetches missing
+    partners also admits studies up to ``fetch_missing.lookback_days`` apart by study date:
+    that is how old a partner it fetches, and one already held is as good as a fetched one.
+    """
+    if a.patient_key != b.patient_key or a.series_instance_uid == b.series_instance_uid:
+        return False
+    if a.study_instance_uid == b.study_instance_uid:
+        return True
+    if a.study_datetime is None or b.study_datetime is None:
+        return False
+    if abs(a.study_datetime - b.study_datetime) <= timedelta(hours=pair_window_hours):
+        return True
+    fetch = rule.fetch_missing
+    days = abs((a.study_datetime.date() - b.study_datetime.date()).days)
+    return fetch.enabled and days <= fetch.lookback_days
+
+
+def series_geometry(s: Session, series_uids: Sequence[str]) -> dict[str, SeriesGeometry]:
+    """Per indexed series: slices (incl. frames), distinct orientations, smallest rows and columns."""
+    if not series_uids:
+        return {}
+    rows = s.execute(
+        select(
+            Instance.series_instance_uid,
+            func.sum(Instance.number_of_frames),
+            func.count(func.distinct(Instance.image_orientation)),
+            func.min(Instance.rows),
+            func.min(Instance.columns),
+        )
+        .where(Instance.series_instance_uid.in_(list(series_uids)))
+        .group_by(Instance.series_instance_uid)
+    ).all()
+    return {uid: SeriesGeometry(int(n or 0), int(o or 0), r, c) for uid, n, o, r, c in rows}
 
 
 def label(series: Series) -> str:

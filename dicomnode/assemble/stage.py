@@ -8,6 +8,10 @@ decided about each series (chosen for a job, skipped and why, waiting for what) 
 ``series_decisions`` and audited when it changes (``decisions.py``). A job is keyed by
 (rule, reference series, moving series, their generations), so re-running never duplicates it;
 a series that received new instances after completion has a new generation and gets a new job.
+
+A series fetched from a PACS (``prior_retrieves``) is left alone while its retrieve is pending or
+running, and is complete as soon as its retrieve is done and nothing arrived after it: every
+sub-operation has been answered, so there is nothing to wait for.
 """
 
 from __future__ import annotations
@@ -17,17 +21,18 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.assemble.decisions import SeriesDecisions
-from dicomnode.assemble.selection import Choice, SeriesGeometry, SeriesSelector
+from dicomnode.assemble.selection import Choice, SeriesSelector, pairable, series_geometry
 from dicomnode.config import RuleConfig, Settings
-from dicomnode.db import Instance, Job, Series, record, utcnow
+from dicomnode.db import Job, PriorRetrieve, Series, record, utcnow
 
 log = logging.getLogger("dicomnode.assemble")
 STAGE = "assemble"
+RETRIEVE_ACTIVE = ("pending", "running")
 
 
 class AssembleStage:
@@ -57,19 +62,36 @@ class AssembleStage:
 
     def complete_stable_series(self) -> int:
         cutoff = self.clock() - timedelta(seconds=self.settings.assembly.series_stable_seconds)
+        stable_why = f"no instance for {self.settings.assembly.series_stable_seconds:g} s"
         done = 0
         with self.sessionmaker() as s:
             stable = s.scalars(
                 select(Series).where(Series.state == "receiving", Series.last_received_at <= cutoff)
             ).all()
-            for series in stable:
+            candidates = [(series, cutoff, stable_why) for series in stable]
+            retrieved = s.execute(
+                select(Series, PriorRetrieve.id, PriorRetrieve.source, PriorRetrieve.finished_at)
+                .join(PriorRetrieve, PriorRetrieve.series_instance_uid == Series.series_instance_uid)
+                .where(
+                    Series.state == "receiving",
+                    PriorRetrieve.state == "done",
+                    PriorRetrieve.finished_at >= Series.last_received_at,
+                )
+            ).all()
+            seen = {series.id for series in stable}
+            for series, retrieve_id, source, finished in retrieved:
+                if series.id not in seen:
+                    seen.add(series.id)
+                    why = f"retrieve {retrieve_id} from {source} done, every sub-operation answered"
+                    candidates.append((series, finished, why))
+            for series, not_after, why in candidates:
                 # Conditional update: a receiver that just added an instance wins.
                 res = s.execute(
                     update(Series)
                     .where(
                         Series.id == series.id,
                         Series.state == "receiving",
-                        Series.last_received_at <= cutoff,
+                        Series.last_received_at <= not_after,
                         Series.generation == series.generation,
                     )
                     .values(state="complete", completed_at=self.clock())
@@ -82,24 +104,13 @@ class AssembleStage:
                         series.series_instance_uid,
                         "receiving",
                         "complete",
-                        f"no instance for {self.settings.assembly.series_stable_seconds:g} s; "
-                        f"{series.n_instances} instances, generation {series.generation}",
+                        f"{why}; {series.n_instances} instances, generation {series.generation}",
                     )
                     done += 1
             s.commit()
         if done:
             log.info("%d series complete", done)
         return done
-
-    def _pairable(self, ref: Series, mov: Series) -> bool:
-        if ref.patient_key != mov.patient_key or ref.id == mov.id:
-            return False
-        if ref.study_instance_uid == mov.study_instance_uid:
-            return True
-        if ref.study_datetime is None or mov.study_datetime is None:
-            return False
-        window = timedelta(hours=self.settings.assembly.pair_window_hours)
-        return abs(ref.study_datetime - mov.study_datetime) <= window
 
     def _create_for_rule(self, s: Session, rule: RuleConfig) -> int:
         complete = s.scalars(
@@ -119,12 +130,25 @@ class AssembleStage:
                 )
             ).all()
         )
-        settled = [x for x in complete if x.patient_key in patients - busy]
+        # A series still being retrieved from a PACS is not chosen until its retrieve is done.
+        retrieving = set(
+            s.scalars(
+                select(PriorRetrieve.series_instance_uid).where(
+                    PriorRetrieve.state.in_(RETRIEVE_ACTIVE), PriorRetrieve.patient_key.in_(patients)
+                )
+            ).all()
+        )
+        settled = [
+            x
+            for x in complete
+            if x.patient_key in patients - busy and x.series_instance_uid not in retrieving
+        ]
         refs = [x for x in settled if x.modality == rule.reference]
         movs = [x for x in settled if x.modality == rule.moving]
-        geometry = self._geometry(s, [x.series_instance_uid for x in settled])
+        geometry = series_geometry(s, [x.series_instance_uid for x in settled])
         selector = SeriesSelector(rule, geometry)
         decisions = SeriesDecisions(rule, selector)
+        window = self.settings.assembly.pair_window_hours
         created = 0
         for patient in sorted(patients - busy):
             p_refs = [r for r in refs if r.patient_key == patient]
@@ -136,9 +160,9 @@ class AssembleStage:
                 if ref_choice.series is None:
                     continue
                 ref = ref_choice.series
-                pairable = [m for m in p_movs if self._pairable(ref, m)]
-                mov_choice = selector.choose(pairable, "moving", near=ref)
-                decisions.not_chosen(pairable, mov_choice.series)
+                paired = [m for m in p_movs if pairable(rule, window, ref, m)]
+                mov_choice = selector.choose(paired, "moving", near=ref)
+                decisions.not_chosen(paired, mov_choice.series)
                 if mov_choice.series is None:
                     decisions.waiting(ref, f"no eligible {rule.moving} series to pair with: {mov_choice.why}")
                     continue
@@ -154,24 +178,6 @@ class AssembleStage:
                 )
         decisions.save(s, self.clock())
         return created
-
-    @staticmethod
-    def _geometry(s: Session, series_uids: list[str]) -> dict[str, SeriesGeometry]:
-        """Per series: slices (incl. frames), distinct orientations, smallest rows and columns."""
-        if not series_uids:
-            return {}
-        rows = s.execute(
-            select(
-                Instance.series_instance_uid,
-                func.sum(Instance.number_of_frames),
-                func.count(func.distinct(Instance.image_orientation)),
-                func.min(Instance.rows),
-                func.min(Instance.columns),
-            )
-            .where(Instance.series_instance_uid.in_(series_uids))
-            .group_by(Instance.series_instance_uid)
-        ).all()
-        return {uid: SeriesGeometry(int(n or 0), int(o or 0), r, c) for uid, n, o, r, c in rows}
 
     def _create_job(
         self, s: Session, rule: RuleConfig, ref: Series, mov: Series, ref_choice: Choice, mov_choice: Choice

@@ -257,9 +257,92 @@ class Event(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    stage: Mapped[str] = mapped_column(String(16))  # receive|assemble|fuse|output|dispatch|admin
-    entity: Mapped[str] = mapped_column(String(16))  # association|instance|series|job|output|delivery|removal
+    stage: Mapped[str] = mapped_column(String(16))  # receive|assemble|retrieve|fuse|output|dispatch|admin
+    # association|instance|series|job|output|delivery|removal|fetch|query|retrieve
+    entity: Mapped[str] = mapped_column(String(16))
     entity_id: Mapped[str] = mapped_column(String(80), default="")
     old_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     new_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class PriorFetch(Base):
+    """A complete series waiting for its rule's partner; when none arrives, the partner is fetched.
+
+    state: waiting -> querying -> retrieving -> retrieved, or an end with a reason:
+    not_found (no source holds a usable partner), cancelled (the partner arrived by itself,
+    or the node already holds it), failed (retries exhausted).
+    """
+
+    __tablename__ = "prior_fetches"
+    __table_args__ = (
+        UniqueConstraint("rule_name", "anchor_series_uid", name="uq_prior_fetch"),
+        Index("ix_prior_fetches_state", "state"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_name: Mapped[str] = mapped_column(String(64))
+    patient_key: Mapped[str] = mapped_column(String(140), index=True)
+    anchor_series_uid: Mapped[str] = mapped_column(String(64))  # the series that waits
+    anchor_modality: Mapped[str] = mapped_column(String(16))
+    wanted_modality: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="waiting")
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    due_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # end of the wait
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # query rounds
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    chosen_study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    chosen_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PriorQuery(Base):
+    """One C-FIND sent to a source for a fetch (study or series level); state sent -> done | failed."""
+
+    __tablename__ = "prior_queries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fetch_id: Mapped[int] = mapped_column(ForeignKey("prior_fetches.id"), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(8))  # STUDY | SERIES
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)  # SERIES level
+    state: Mapped[str] = mapped_column(String(16), default="sent")
+    n_matches: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # final C-FIND status
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PriorRetrieve(Base):
+    """One series retrieved from a source (C-MOVE to the node, or C-GET); retried with backoff.
+
+    state: pending -> running -> done, pending again after a failed attempt, failed after the
+    last attempt, cancelled when the partner arrived by itself meanwhile.
+    """
+
+    __tablename__ = "prior_retrieves"
+    __table_args__ = (Index("ix_prior_retrieves_state_next", "state", "next_attempt_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fetch_id: Mapped[int] = mapped_column(ForeignKey("prior_fetches.id"), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(8))  # c-move | c-get
+    patient_key: Mapped[str] = mapped_column(String(140))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    n_completed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_failed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_warning: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -204,6 +204,7 @@ class InstanceIndex:
         port: int,
         lease_owner: str | None = None,
         lease_expires_at: datetime | None = None,
+        note: str | None = None,
     ) -> int:
         """Insert an accepted association (state open, leased to this process) with its event;
         returns its id."""
@@ -220,7 +221,8 @@ class InstanceIndex:
             )
             s.add(row)
             s.flush()
-            record(s, STAGE, "association", row.id, None, "open", f"accepted from {calling}@{host}:{port}")
+            reason = note or f"accepted from {calling}@{host}:{port}"
+            record(s, STAGE, "association", row.id, None, "open", reason)
             s.commit()
             return row.id
 

@@ -2,14 +2,16 @@
 
 An instance is acknowledged with 0x0000 only after its file is durable in the spool and its
 Instance row (with the Series upsert) is committed. The dataset is stored byte for byte as it
-arrived; only its header is parsed.
+arrived; only its header is parsed. The same store path takes the C-STORE sub-operations of a
+C-GET the node itself requested (``adopt_retrieve_association``), so retrieved instances get the
+same durability, index rows and audit as sent ones.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from dicomnode.partial_writes import sweep_partials
 from dicomnode.receive.filemeta import encode_file_meta
 from dicomnode.receive.header import HeaderError, parse_header
 from dicomnode.receive.index import InstanceIndex
-from dicomnode.receive.transport import start_threaded_server
+from dicomnode.receive.transport import speed_up, start_threaded_server
 from dicomnode.spool import Spool, incoming_path
 
 log = logging.getLogger("dicomnode.receive")
@@ -78,6 +80,15 @@ def _status(code: int, comment: str = "") -> Dataset | int:
     return ds
 
 
+def admitted_calling_aets(settings: Settings) -> list[str]:
+    """Calling AE titles the SCP accepts; empty = any. The configured PACS sources are always
+    admitted when there is a list: their C-MOVE sub-operations arrive as C-STORE from their AE."""
+    allowed = list(settings.node.allowed_calling_aets)
+    if allowed:
+        allowed += [s.ae_title for s in settings.sources if s.ae_title not in allowed]
+    return allowed
+
+
 class ReceiveStage:
     """C-ECHO and C-STORE SCP on settings.node.host:port; writes spool files and index rows."""
 
@@ -109,7 +120,7 @@ class ReceiveStage:
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu_size
-        ae.require_calling_aet = list(node.allowed_calling_aets)
+        ae.require_calling_aet = admitted_calling_aets(self.settings)
         ae.add_supported_context(Verification)
         syntaxes = list(AllTransferSyntaxes)
         for cx in AllStoragePresentationContexts:
@@ -184,9 +195,9 @@ class ReceiveStage:
         log.info("receive: association %s accepted from %s@%s:%d", row_id, calling, host, port)
 
     def _rejection_reason(self, calling: str, called: str) -> str:
-        allowed = self.settings.node.allowed_calling_aets
+        allowed = admitted_calling_aets(self.settings)
         if allowed and calling not in allowed:
-            return f"calling AE title {calling!r} is not in node.allowed_calling_aets"
+            return f"calling AE title {calling!r} is not in node.allowed_calling_aets nor a source"
         return f"association from {calling!r} to {called!r} rejected (too many associations or bad request)"
 
     def _on_rejected(self, event: evt.Event) -> None:
@@ -217,6 +228,38 @@ class ReceiveStage:
             self.index.close_association(info.row_id, state, info.n_stored, info.n_failed, reason)
         except Exception as exc:
             log.error("receive: cannot record end of association %s: %s", info.row_id, exc)
+
+    def adopt_retrieve_association(self, assoc: PynetAssociation, peer_aet: str) -> None:
+        """Take the C-STORE sub-operations of a C-GET on ``assoc`` (requested by the node, bound with
+        ``retrieve_handlers``) through this stage's store path; recorded as an inbound association."""
+        speed_up(assoc)  # the instances are read as fast as on an accepted association
+        host, port = str(assoc.acceptor.address), int(assoc.acceptor.port or 0)
+        row_id: int | None = None
+        try:
+            note = f"C-GET to {peer_aet}@{host}:{port}: its C-STORE sub-operations arrive here"
+            row_id = self.index.open_association(
+                peer_aet,
+                self.settings.node.ae_title,
+                host,
+                port,
+                self.leases.owner,
+                self.leases.expiry(),
+                note=note,
+            )
+            self.leases.hold("association", [row_id])
+        except Exception as exc:
+            log.error("receive: cannot record C-GET association with %s: %s", peer_aet, exc)
+        with self._assocs_lock:
+            self._assocs[assoc] = _AssocState(row_id, peer_aet)
+
+    def retrieve_handlers(self) -> list[tuple[evt.EventType, Callable[[evt.Event], Any]]]:
+        """Event handlers for an association the node requests for C-GET (see adopt_retrieve_association)."""
+        return [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
 
     def _on_released(self, event: evt.Event) -> None:
         self._finish(event.assoc, "released", "released by the peer")

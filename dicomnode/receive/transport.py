@@ -34,18 +34,23 @@ class FastAssociationSocket(AssociationSocket):
         return buf
 
 
+def speed_up(assoc: Association) -> None:
+    """Whole-PDU reads, Nagle off and a short DUL sleep on one association (accepted or requested)."""
+    sock = assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = FastAssociationSocket
+    if sock is not None and sock.socket is not None:
+        # pynetdicom leaves Nagle on: the small C-STORE-RSP would wait for the peer's delayed ACK.
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assoc.dul._run_loop_delay = DUL_IDLE_SLEEP
+
+
 class FastRequestHandler(RequestHandler):
     """Creates acceptor associations that use FastAssociationSocket and a short DUL sleep."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
-        if type(sock) is AssociationSocket:
-            sock.__class__ = FastAssociationSocket
-        if sock is not None and sock.socket is not None:
-            # pynetdicom leaves Nagle on: the small C-STORE-RSP would wait for the peer's delayed ACK.
-            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assoc.dul._run_loop_delay = DUL_IDLE_SLEEP
+        speed_up(assoc)
         return assoc
 
 

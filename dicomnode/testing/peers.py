@@ -23,7 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,6 +353,14 @@ class Orthanc:
         found = self.rest("/tools/find", "POST", {"Level": "Instance", "Query": {}, "Expand": True})
         return {i["MainDicomTags"]["SOPInstanceUID"] for i in found}
 
+    def upload(self, paths: Iterable[Path | str]) -> int:
+        """Store DICOM files through the REST API (a PACS that already holds a study); returns how many."""
+        n = 0
+        for path in paths:
+            self.rest("/instances", "POST", Path(path).read_bytes())
+            n += 1
+        return n
+
     def file(self, orthanc_id: str) -> bytes:
         """The stored DICOM file of one instance."""
         return bytes(self.rest(f"/instances/{orthanc_id}/file", raw=True))
@@ -370,6 +378,7 @@ def start_orthanc(
     aet: str = "ORTHANC",
     check_called_aet: bool = False,
     extra_config: dict[str, Any] | None = None,
+    modalities: dict[str, list[Any]] | None = None,
     timeout: float = 30.0,
     plugins: Sequence[str] = (),
     users: dict[str, str] | None = None,
@@ -377,10 +386,13 @@ def start_orthanc(
     """Start Orthanc on free loopback ports with storage under ``tmp_path/orthanc-<aet>``; stop() kills it.
 
     ``plugins`` and ``users`` as in :class:`Orthanc`.
+    ``modalities`` are the DICOM peers it knows (``{"node": ["DICOMNODE", "127.0.0.1", 11112]}``): a
+    C-MOVE destination must be one of them, and they may C-FIND, C-MOVE and C-GET.
     """
     handle = Orthanc(
         workdir=Path(tmp_path) / f"orthanc-{aet}",
         aet=aet,
+        modalities=dict(modalities or {}),
         check_called_aet=check_called_aet,
         extra_config=dict(extra_config or {}),
         stop_graceful=False,
