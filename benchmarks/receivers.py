@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from dicomnode.testing.peers import Orthanc, Storescp, start_storescp, stop_process, storescu
+from dicomnode.testing.peers import Orthanc, Storescp, start_storescp, storescu
+from dicomnode.testing.receiver import ReceiveProcess, start_receive_process
 
 __all__ = ["DicomnodeReceiver", "OrthancReceiver", "StoreScp", "fresh_dir", "send_folder"]
 
@@ -69,33 +68,21 @@ class DicomnodeReceiver:
 
     aet = "DICOMNODE"
 
-    def __init__(self, workdir: Path, fsync: bool = True, name: str = "dicomnode") -> None:
+    def __init__(
+        self, workdir: Path, fsync: bool = True, name: str = "dicomnode", code: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.fsync = fsync
         self.name = name
+        self.code = code  # another checkout of dicomnode to run instead of the installed one
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: ReceiveProcess | None = None
 
     def start(self) -> DicomnodeReceiver:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "config.yaml"
-        cfg.write_text(
-            f"node: {{ae_title: {self.aet}, host: 127.0.0.1, port: 11112}}\n"
-            f"storage: {{spool_dir: '{self.workdir / 'spool'}', "
-            f"database_url: 'sqlite:///{self.workdir / 'dicomnode.db'}', fsync: {str(self.fsync).lower()}}}\n"
+        self.process = start_receive_process(
+            self.workdir, storage={"fsync": self.fsync}, log_level="WARNING", code=self.code
         )
-        with open(self.workdir / "receive.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicomnode.receive", "--config", str(cfg), "--port", "0"],
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode().strip()
-        if not line.startswith("LISTENING "):
-            stop_process(self.proc)
-            raise RuntimeError(f"dicomnode receiver did not start; see {self.workdir / 'receive.log'}")
-        self.port = int(line.split()[1])
+        self.port = self.process.port
         return self
 
     def count(self) -> int:
@@ -103,7 +90,8 @@ class DicomnodeReceiver:
             return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        if self.process is not None:
+            self.process.stop()
 
 
 def send_folder(folder: Path, port: int, called_aet: str, calling_aet: str = "SCANNER") -> float:

@@ -10,6 +10,7 @@ from dicomnode.db.models import (
     Instance,
     Job,
     Output,
+    QuarantinedInstance,
     Series,
     utcnow,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Instance",
     "Job",
     "Output",
+    "QuarantinedInstance",
     "Series",
     "init_db",
     "make_engine",
