@@ -100,7 +100,7 @@ class NodeConfig(_Section):
     max_associations: int = Field(32, ge=1, le=4096)  # connections at once, counted from accept
     max_associations_per_address: int = Field(8, ge=1, le=4096)
     acse_timeout_seconds: float = Field(10.0, gt=0, le=3600)  # connect -> A-ASSOCIATE-RQ, and release
-    dimse_timeout_seconds: float = Field(60.0, gt=0, le=86400)
+    dimse_timeout_seconds: float = Field(600.0, gt=0, le=86400)  # one command or data set, first to last byte
     network_timeout_seconds: float = Field(60.0, gt=0, le=86400)  # idle association, or a PDU stalled
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))

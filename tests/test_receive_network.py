@@ -404,3 +404,19 @@ def test_many_parallel_connections_are_served_or_refused_never_hung(make_node, t
         t.join(timeout=180)
     assert len(results) == 12 and results.count(0) >= 6
     wait_for(lambda: all(r.state in ("released", "rejected") for r in node.rows()))
+
+
+def test_a_message_trickled_past_the_dimse_timeout_ends_the_association(make_node) -> None:
+    node = make_node(dimse_timeout_seconds=1, network_timeout_seconds=30)
+    sock = associated(node.port)
+
+    def fragment(data: bytes) -> bytes:  # one P-DATA-TF with one command fragment, not the last
+        item = struct.pack(">IBB", len(data) + 2, 1, 0x01) + data
+        return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+    sock.sendall(fragment(b"\x00" * 10))
+    time.sleep(1.5)
+    sock.sendall(fragment(b"\x00" * 10))
+    assert ended_by_node(sock)
+    wait_for(lambda: any(r.state == "aborted" for r in node.rows()))
+    assert "node.dimse_timeout_seconds" in (node.rows()[0].reason or "")

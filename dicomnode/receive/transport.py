@@ -125,16 +125,27 @@ class BoundedSocket(AssociationSocket):
         got = self.recv_into(memoryview(buf))
         return buf if got == nr_bytes else buf[:got]
 
-    def recv_into(self, view: memoryview) -> int:
-        """Fill ``view``; returns fewer bytes only when the peer closed. Raises TimeoutError on a stall."""
+    def recv_into(self, view: memoryview, deadline: float | None = None) -> int:
+        """Fill ``view``; returns fewer bytes only when the peer closed. TimeoutError when a read
+        waits longer than the socket's timeout or, with ``deadline`` (monotonic), the whole is late."""
         sock = self.socket
         assert sock is not None
+        timeout = sock.gettimeout()
         got, total = 0, len(view)
-        while got < total:
-            n = sock.recv_into(view[got:], total - got)
-            if not n:
-                break
-            got += n
+        try:
+            while got < total:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("deadline passed")
+                    sock.settimeout(left if timeout is None else min(left, timeout))
+                n = sock.recv_into(view[got:], total - got)
+                if not n:
+                    break
+                got += n
+        finally:
+            if deadline is not None:
+                sock.settimeout(timeout)
         return got
 
     @property
@@ -169,6 +180,8 @@ class BoundedDUL(DULServiceProvider):
         self.mid_pdu = False  # a PDU has started to arrive and is not complete yet
         self._command_bytes = 0
         self._dataset_bytes = 0
+        self._command_started = 0.0
+        self._dataset_started = 0.0
 
     # -- waking -----------------------------------------------------------------------------
 
@@ -297,8 +310,9 @@ class BoundedDUL(DULServiceProvider):
             self.mid_pdu = False
 
     def _read_pdu(self, sock: BoundedSocket, head: bytearray) -> None:
+        deadline = time.monotonic() + self._limits.network_timeout  # for the whole PDU: no trickling
         try:
-            if sock.recv_into(memoryview(head)) < 6:
+            if sock.recv_into(memoryview(head), deadline) < 6:
                 self.event_queue.put("Evt17")  # closed by the peer
                 return
             pdu_type, _, length = _PDU_HEADER.unpack(head)
@@ -316,10 +330,10 @@ class BoundedDUL(DULServiceProvider):
                 return
             pdu = bytearray(6 + length)
             pdu[:6] = head
-            got = sock.recv_into(memoryview(pdu)[6:])
+            got = sock.recv_into(memoryview(pdu)[6:], deadline)
         except TimeoutError:
             self.note_violation(
-                f"no data for {self._limits.network_timeout:g} s, in the middle of a PDU "
+                f"stopped in the middle of a PDU: not complete after {self._limits.network_timeout:g} s "
                 "(node.network_timeout_seconds)"
             )
             self.event_queue.put("Evt17")
@@ -347,28 +361,41 @@ class BoundedDUL(DULServiceProvider):
         self._recv_pdu.put(decoded)
 
     def _count_message_bytes(self, pdu: bytearray) -> str | None:
-        """Add a P-DATA-TF's fragments to the running command / data set sizes; a reason when too big."""
+        """Add a P-DATA-TF's fragments to the command / data set being received; a reason when one
+        grows past its size limit or has taken longer than the DIMSE timeout."""
+        now = time.monotonic()
         pos, end = 6, len(pdu)
         while pos + 6 <= end:
             item_length = int.from_bytes(pdu[pos : pos + 4], "big")
             control = pdu[pos + 5]
             size = max(item_length - 2, 0)
+            pos += 4 + item_length
             if control & 0x01:
+                if self._command_bytes == 0:
+                    self._command_started = now
                 self._command_bytes += size
                 if self._command_bytes > COMMAND_LIMIT:
                     return f"a DIMSE command of more than {COMMAND_LIMIT} bytes"
+                started = self._command_started
                 if control & 0x02:
                     self._command_bytes = 0
             else:
+                if self._dataset_bytes == 0:
+                    self._dataset_started = now
                 self._dataset_bytes += size
                 if self._dataset_bytes > self._limits.max_dataset_bytes:
                     return (
                         f"a data set of more than {self._limits.max_dataset_bytes // (1024 * 1024)} MB "
                         "(node.max_dataset_mb)"
                     )
+                started = self._dataset_started
                 if control & 0x02:
                     self._dataset_bytes = 0
-            pos += 4 + item_length
+            if now - started > self._limits.dimse_timeout:
+                return (
+                    f"a DIMSE message not complete after {self._limits.dimse_timeout:g} s "
+                    "(node.dimse_timeout_seconds)"
+                )
         return None
 
 
