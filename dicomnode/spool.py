@@ -9,17 +9,19 @@ Layout (paths stored in the DB are relative to ``spool_dir``):
 The path functions below are the only place that decides file names. A UID becomes a name by
 :func:`uid_name`: the UID itself when it is a valid UID (digits and dots), otherwise ``x`` and a
 SHA-256 prefix of it, so two different UIDs never share a name and no UID can point outside its
-folder. A write never replaces an existing file (hard link or exclusive create, never rename over
-a file); :meth:`Spool.write_new` takes the next free ``<name>~N.dcm`` instead. Every path is
+folder. A write never replaces an existing file (a rename that refuses to replace, a hard link or
+an exclusive create); :meth:`Spool.write_new` takes the next free ``<name>~N.dcm`` instead. Every path is
 checked to stay inside the spool. Files are created 0600 and folders 0700.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from dicomnode.uid import is_valid_uid
@@ -28,6 +30,22 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 MAX_VERSIONS = 64  # "<name>~1" ... "<name>~64": more same-named files than that is an attack, not data
 _NO_LINK = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    """glibc's renameat2 (Linux 3.15+): an atomic rename that fails instead of replacing."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
 
 
 class SpoolPathError(ValueError):
@@ -99,6 +117,7 @@ class Spool:
         self.root = Path(root)
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
+        self._noreplace_rename = _renameat2 is not None
         self._make_dirs(self.root)
         _own_dir_private(self.root)
         self._real_root = os.path.realpath(self.root)
@@ -193,9 +212,22 @@ class Spool:
             _fsync_dir(final.parent)
         return name, size
 
-    @staticmethod
-    def _place(tmp: Path, final: Path) -> bool:
-        """Give ``tmp``'s content the name ``final`` unless that name exists (then False)."""
+    def _place(self, tmp: Path, final: Path) -> bool:
+        """Give ``tmp``'s content the name ``final`` unless that name exists (then False).
+
+        renameat2(RENAME_NOREPLACE) where the file system has it (as cheap as a rename), else a
+        hard link (the temp name is removed afterwards), else an exclusive claim of the name.
+        """
+        if self._noreplace_rename and _renameat2 is not None:
+            old, new = os.fsencode(tmp), os.fsencode(final)
+            if _renameat2(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_NOREPLACE) == 0:
+                return True
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                return False
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise OSError(err, os.strerror(err), str(final))
+            self._noreplace_rename = False  # not on this file system: fall back for good
         try:
             os.link(tmp, final)
             return True

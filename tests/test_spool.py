@@ -85,19 +85,31 @@ def test_a_write_never_replaces_an_existing_file(tmp_path: Path) -> None:
     assert list(spool.tmp.iterdir()) == []
 
 
-def test_without_hard_links_the_name_is_claimed_exclusively(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("how", ["renameat2", "hard link", "exclusive claim"])
+def test_every_way_of_placing_a_file_refuses_to_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
+    """renameat2(RENAME_NOREPLACE) first; file systems without it get a hard link; without links,
+    the name is claimed with an exclusive create."""
     import errno
 
-    def no_links(src: object, dst: object) -> None:
-        raise OSError(errno.EPERM, "hard links not supported here")
+    import dicomnode.spool as spool_module
 
-    monkeypatch.setattr(os, "link", no_links)
+    if how != "renameat2":
+        monkeypatch.setattr(spool_module, "_renameat2", None)
+    if how == "exclusive claim":
+
+        def no_links(src: object, dst: object) -> None:
+            raise OSError(errno.EPERM, "hard links not supported here")
+
+        monkeypatch.setattr(os, "link", no_links)
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.write("incoming/a/b.dcm", b"first")
+    with pytest.raises(FileExistsError):
+        spool.write("incoming/a/b.dcm", b"second")
     assert spool.write_new("incoming/a/b.dcm", b"second")[0] == "incoming/a/b~1.dcm"
     assert spool.abspath("incoming/a/b.dcm").read_bytes() == b"first"
+    assert spool.abspath("incoming/a/b~1.dcm").read_bytes() == b"second"
     assert list(spool.tmp.iterdir()) == []
 
 
