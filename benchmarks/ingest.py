@@ -2,9 +2,10 @@
 
 Run by hand:  .venv/bin/python benchmarks/ingest.py [--n 500] [--rounds 3] [--diagnose] [--baseline DIR]
 Receivers run in their own processes on free loopback ports, alternating round by round; the
-table shows instances/s (median over rounds) and the ratio to storescp. ``--baseline DIR`` adds
-the receive stage of another checkout (e.g. a worktree of main) to the same rounds, so a change
-can be compared with what it changes, side by side. Nothing is asserted.
+table shows instances/s (median over rounds), the ratio to storescp and the receiver's CPU time
+per instance (from /proc; less sensitive than the rate to what else runs on the machine).
+``--baseline DIR`` adds the receive stage of another checkout (e.g. a worktree of main) to the
+same rounds, so a change can be compared with what it changes, side by side. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -80,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     rates: dict[str, list[float]] = {name: [] for name, _ in makers}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in makers}  # receiver CPU s per instance
     with tempfile.TemporaryDirectory(prefix="dicomnode-ingest-") as tmp:
         for rnd in range(1, args.rounds + 1):
             for name, make in makers:
                 workdir = fresh_dir(Path(tmp) / f"{name.split()[0]}-{rnd}-{len(rates[name])}")
                 receiver = make(workdir).start()
                 try:
+                    cpu_before = receiver.cpu_seconds()
                     seconds = send_folder(folder, receiver.port, receiver.aet)
+                    cpu[name].append((receiver.cpu_seconds() - cpu_before) / args.n)
                     stored = receiver.count()
                 finally:
                     receiver.stop()
@@ -105,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         f"ingest: {args.n} CT instances (512x512, 16 bit, {size_mb:.0f} MB), one storescu association, "
         f"median of {args.rounds} rounds"
     )
-    print(f"{'receiver':<30}{'inst/s':>10}{'MB/s':>9}{'min':>9}{'max':>9}{'vs ' + base_name:>15}")
+    head = f"{'receiver':<30}{'inst/s':>10}{'MB/s':>9}{'min':>9}{'max':>9}{'vs ' + base_name:>15}"
+    print(head + f"{'CPU ms/inst':>13}")
     for name, values in rates.items():
         med = statistics.median(values)
         mbs = med * size_mb / args.n
-        print(f"{name:<30}{med:>10.1f}{mbs:>9.1f}{min(values):>9.1f}{max(values):>9.1f}{med / base:>14.2f}x")
+        ms = f"{statistics.median(cpu[name]) * 1000:.2f}" if all(c == c for c in cpu[name]) else "-"
+        row = f"{name:<30}{med:>10.1f}{mbs:>9.1f}{min(values):>9.1f}{max(values):>9.1f}{med / base:>14.2f}x"
+        print(row + f"{ms:>13}")
     if "orthanc" not in rates:
         return 0
     orthanc = statistics.median(rates["orthanc"])

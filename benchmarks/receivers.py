@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from dicomnode.testing.peers import Orthanc, Storescp, start_storescp, storescu
-from dicomnode.testing.receiver import ReceiveProcess, start_receive_process
+from dicomnode.testing.receiver import ReceiveProcess, process_cpu_seconds, start_receive_process
 
 __all__ = ["DicomnodeReceiver", "OrthancReceiver", "StoreScp", "fresh_dir", "send_folder"]
 
@@ -36,6 +36,9 @@ class StoreScp:
     def count(self) -> int:
         return len(self.scp.files()) if self.scp is not None else 0
 
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.scp.proc.pid) if self.scp and self.scp.proc else float("nan")
+
     def stop(self) -> None:
         if self.scp is not None:
             self.scp.stop()
@@ -58,6 +61,9 @@ class OrthancReceiver:
 
     def count(self) -> int:
         return int(self.orthanc.rest("/statistics")["CountInstances"])
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.orthanc.proc.pid) if self.orthanc.proc else float("nan")
 
     def stop(self) -> None:
         self.orthanc.stop()
@@ -88,6 +94,9 @@ class DicomnodeReceiver:
     def count(self) -> int:
         with sqlite3.connect(self.workdir / "dicomnode.db") as db:
             return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+    def cpu_seconds(self) -> float:
+        return self.process.cpu_seconds() if self.process is not None else float("nan")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -16,7 +16,13 @@ from typing import Any
 
 from dicomnode.testing.peers import PeerError, stop_process
 
-__all__ = ["ReceiveProcess", "start_receive_process"]
+__all__ = ["ReceiveProcess", "process_cpu_seconds", "start_receive_process"]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(eq=False)
@@ -55,8 +61,7 @@ class ReceiveProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the process (all its threads) has used."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
