@@ -95,6 +95,16 @@ def send(port: int, items: list[tuple[str, bytes]], workdir: Path) -> list[int |
     return statuses
 
 
+def minimal(sop: str, study: int) -> dict[int, tuple[bytes, bytes]]:
+    """The elements every stored instance needs: SOP class and the three UIDs."""
+    return {
+        0x00080016: (b"UI", CT_IMAGE_STORAGE.encode()),
+        0x00080018: (b"UI", sop.encode()),
+        0x0020000D: (b"UI", f"{ROOT}.{study}".encode()),
+        0x0020000E: (b"UI", f"{ROOT}.{study}.0".encode()),
+    }
+
+
 def stored_dataset(path: Path) -> bytes:
     data = path.read_bytes()
     return data[144 + int.from_bytes(data[140:144], "little") :]
@@ -180,13 +190,7 @@ def test_the_same_bad_instance_a_hundred_times_writes_a_few_lines(
     node: ReceiveProcess, tmp_path: Path
 ) -> None:
     sop = f"{ROOT}.5.1"
-    elements = {
-        0x00080016: (b"UI", CT_IMAGE_STORAGE.encode()),
-        0x00080018: (b"UI", sop.encode()),
-        0x0020000D: (b"UI", f"{ROOT}.5".encode()),
-        0x0020000E: (b"UI", f"{ROOT}.5.0".encode()),
-        0x00200013: (b"IS", b"1e999"),
-    }
+    elements = {**minimal(sop, 5), 0x00200013: (b"IS", b"1e999")}
     bad = encode(elements, nested_sequence(3000, undefined=True), 0x00081140)
     statuses = send(node.port, [(sop, bad)] * 100, tmp_path / "sent")
     node.stop()
@@ -215,14 +219,7 @@ def test_each_header_finding_is_refused_with_c000(shared_node: ReceiveProcess, t
     items = []
     for n, (_what, changes, _message) in enumerate(FINDINGS):
         sop = f"{ROOT}.6.{n}"
-        elements: dict[int, tuple[bytes, bytes]] = {
-            0x00080016: (b"UI", CT_IMAGE_STORAGE.encode()),
-            0x00080018: (b"UI", sop.encode()),
-            0x00180050: (b"DS", b"1.25"),
-            0x0020000D: (b"UI", f"{ROOT}.6".encode()),
-            0x0020000E: (b"UI", f"{ROOT}.6.0".encode()),
-            0x00200013: (b"IS", b"1"),
-        }
+        elements = {**minimal(sop, 6), 0x00180050: (b"DS", b"1.25"), 0x00200013: (b"IS", b"1")}
         for tag, value in changes.items():
             if value is None:
                 del elements[tag]
@@ -250,15 +247,11 @@ def test_each_header_finding_is_refused_with_c000(shared_node: ReceiveProcess, t
 
 
 def test_same_uid_with_other_content_is_quarantined_never_replacing(
-    node: ReceiveProcess, tmp_path: Path
+    shared_node: ReceiveProcess, tmp_path: Path
 ) -> None:
+    node = shared_node
     sop = f"{ROOT}.7.1"
-    base = {
-        0x00080016: (b"UI", CT_IMAGE_STORAGE.encode()),
-        0x00080018: (b"UI", sop.encode()),
-        0x0020000D: (b"UI", f"{ROOT}.7".encode()),
-        0x0020000E: (b"UI", f"{ROOT}.7.0".encode()),
-    }
+    base = minimal(sop, 7)
     first = encode({**base, 0x7FE00010: (b"OW", b"\x01\x00" * 64)})
     second = encode({**base, 0x7FE00010: (b"OW", b"\x02\x00" * 64)})
     statuses = send(node.port, [(sop, first), (sop, second), (sop, second), (sop, first)], tmp_path / "sent")

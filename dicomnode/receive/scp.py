@@ -29,7 +29,7 @@ from dicomnode.receive.header import HeaderError, InstanceHeader, parse_header
 from dicomnode.receive.index import InstanceIndex
 from dicomnode.receive.policy import Refusal, admission
 from dicomnode.receive.refusals import RefusalLimiter, quiet_library_logs
-from dicomnode.receive.transport import BoundedAssociationServer, TransportLimits, start_bounded_server
+from dicomnode.receive.transport import BoundedAssociationServer, TransportLimits
 from dicomnode.spool import Spool, incoming_path, quarantine_path
 from dicomnode.tls import server_context
 
@@ -130,9 +130,9 @@ class ReceiveStage:
         quiet_library_logs()
         tls = server_context(node.tls) if node.tls is not None else None
         limits = TransportLimits.from_config(node)
-        self._server = start_bounded_server(
+        self._server = BoundedAssociationServer(
             self._make_ae(), (node.host, node.port), handlers, limits, self, tls
-        )
+        ).serve_in_background()
         self.port = int(self._server.server_address[1])
         log.info(
             "receive: %s listening on %s:%d%s", node.ae_title, node.host, self.port, " (TLS)" if tls else ""

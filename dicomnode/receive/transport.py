@@ -599,6 +599,13 @@ class BoundedAssociationServer(ThreadedAssociationServer):
         )
         self.daemon_threads = True
 
+    def serve_in_background(self) -> BoundedAssociationServer:
+        """Serve in a daemon thread (like ``AE.start_server(block=False)``); returns self."""
+        thread = threading.Thread(target=self.serve_forever, name="dicomnode-receive-server", daemon=True)
+        thread.start()
+        self.ae._servers.append(self)  # so AE.shutdown() also stops it
+        return self
+
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
         return self.socket.accept()  # TLS is negotiated later, in the connection's own thread
@@ -701,19 +708,3 @@ class BoundedAssociationServer(ThreadedAssociationServer):
                 for handler, args in handlers:  # type: ignore[misc]
                     assoc.bind(event, handler, args)
         return assoc
-
-
-def start_bounded_server(
-    ae: Any,
-    address: tuple[str, int],
-    evt_handlers: list[Any],
-    limits: TransportLimits,
-    policy: AcceptorPolicy,
-    ssl_context: ssl.SSLContext | None = None,
-) -> BoundedAssociationServer:
-    """Bind and serve in a background thread (like ``AE.start_server(block=False)``)."""
-    server = BoundedAssociationServer(ae, address, evt_handlers, limits, policy, ssl_context)
-    thread = threading.Thread(target=server.serve_forever, name="dicomnode-receive-server", daemon=True)
-    thread.start()
-    ae._servers.append(server)  # so AE.shutdown() also stops it
-    return server
