@@ -223,9 +223,14 @@ def test_the_called_ae_title_must_be_the_nodes(node: ReceiveProcess) -> None:
     assert answer is not None and answer[0] == 0x03, "an association to another AE title was accepted"
     assert answer[1][1:4] == bytes([0x01, 0x01, 0x07])  # permanent, service user, called AE not recognised
     sessions = make_sessionmaker(node.database_url)
-    with sessions() as s:
-        rows = list(s.scalars(select(Association).where(Association.called_aet == "SOMEONE-ELSE")))
-    assert len(rows) == 1 and rows[0].state == "rejected" and "check_called_aet" in (rows[0].reason or "")
+
+    def rows() -> list[Association]:
+        with sessions() as s:
+            return list(s.scalars(select(Association).where(Association.called_aet == "SOMEONE-ELSE")))
+
+    wait_for(rows)
+    (row,) = rows()
+    assert row.state == "rejected" and "check_called_aet" in (row.reason or "")
 
 
 # -- limits and timeouts, with the stage in this process -----------------------------------------
@@ -301,9 +306,14 @@ def test_associations_are_limited_per_address_and_in_total(make_node) -> None:
     finally:
         while held:
             held.pop().close()
-    reasons = [r.reason or "" for r in node.rows() if r.state == "rejected"]
-    assert any("127.0.0.2 already has 2" in r and "max_associations_per_address" in r for r in reasons)
-    assert any("4 connections open (node.max_associations)" in r for r in reasons)
+
+    def reasons() -> list[str]:
+        return [r.reason or "" for r in node.rows() if r.state == "rejected"]
+
+    wait_for(
+        lambda: any("127.0.0.2 already has 2" in r and "max_associations_per_address" in r for r in reasons())
+    )
+    wait_for(lambda: any("4 connections open (node.max_associations)" in r for r in reasons()))
 
 
 def test_a_connection_stopped_mid_pdu_is_dropped(make_node) -> None:
@@ -340,7 +350,9 @@ def test_a_data_set_over_the_limit_ends_the_association(make_node, tmp_path: Pat
     result = storescu([src], node.port, timeout=120)
     assert result.returncode != 0
     wait_for(lambda: node.rows() and node.rows()[0].state != "open")
-    (row,) = node.rows()
+    rows = node.rows()
+    assert len(rows) == 1, [(r.state, r.reason, r.calling_aet, r.peer_port) for r in rows]
+    (row,) = rows
     assert row.state == "aborted" and "node.max_dataset_mb" in (row.reason or "")
     assert send_small_ok(node.port, tmp_path)
 

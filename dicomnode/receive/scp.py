@@ -144,8 +144,13 @@ class ReceiveStage:
         if server is None:
             return
         server.shutdown()
-        for assoc in list(server.active_associations):
-            assoc.abort()
+        self._write_summaries(flush_all=True)
+        # Abort in parallel: each abort may wait up to the ACSE timeout for its peer to close.
+        aborts = [threading.Thread(target=a.abort, daemon=True) for a in server.active_associations]
+        for t in aborts:
+            t.start()
+        for t in aborts:
+            t.join(timeout=self.settings.node.acse_timeout_seconds + 5)
         self._write_summaries(flush_all=True)
         self.index.close()
         log.info("receive: stopped")
@@ -162,19 +167,19 @@ class ReceiveStage:
         """A connection closed before any association (over a limit, failed TLS): audited, rate-limited."""
         self._reject(calling_aet, called_aet, address, port, reason, kind="connection")
 
-    def protocol_violation(self, assoc: PynetAssociation, reason: str) -> None:
-        """A peer broke the protocol or its limits; the connection is being ended."""
-        with self._assocs_lock:
-            accepted = assoc in self._assocs
+    def protocol_violation(self, assoc: PynetAssociation, reason: str, accepted: bool) -> None:
+        """A connection ended because its peer broke the protocol or a limit (reported once, at its end).
+
+        An accepted association's row was closed with this reason; one that never got that far is
+        recorded as a rejected connection."""
         calling, called, host, port = self._peer(assoc)
-        if accepted:  # the association row is closed with this reason; the log line is limited
+        if accepted:
             if self.refusals.allow(host, "protocol", reason):
                 log.warning("receive: association from %s@%s:%d ended: %s", calling, host, port, reason)
             self._write_summaries()
             return
-        self._reject(
-            calling, called, host, port, f"connection ended before association: {reason}", "protocol"
-        )
+        reason = f"connection ended before association: {reason}"
+        self._reject(calling, called, host, port, reason, "protocol")
 
     def _reject(self, calling: str, called: str, host: str, port: int, reason: str, kind: str) -> None:
         if self.refusals.allow(host, kind, reason):

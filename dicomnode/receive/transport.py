@@ -108,7 +108,7 @@ class AcceptorPolicy(Protocol):
         self, address: str, port: int, reason: str, calling_aet: str = "", called_aet: str = ""
     ) -> None: ...
 
-    def protocol_violation(self, assoc: Association, reason: str) -> None: ...
+    def protocol_violation(self, assoc: Association, reason: str, accepted: bool) -> None: ...
 
 
 class _RingingQueue(queue.Queue):  # type: ignore[type-arg]
@@ -305,10 +305,9 @@ class BoundedDUL(DULServiceProvider):
     # -- reading PDUs -----------------------------------------------------------------------
 
     def note_violation(self, reason: str) -> None:
-        """Remember and report the first protocol problem of this connection (its end reason)."""
+        """Remember the first protocol problem of this connection: its end reason, reported at the end."""
         if self.violation is None:
             self.violation = reason
-            self.assoc.report_violation(reason)
 
     def _read_pdu_data(self) -> None:
         sock = self.socket
@@ -420,6 +419,7 @@ class AcceptorAssociation(Association):
         self.refusal: str | None = None
         self._bell = threading.Event()
         self._slot_returned = False
+        self._accepted = False  # an A-ASSOCIATE-AC was sent
         limits = server.limits
         self.dul = BoundedDUL(self, limits)
         self.dimse.msg_queue = _RingingQueue(self.ring)
@@ -437,9 +437,6 @@ class AcceptorAssociation(Association):
         """The protocol problem that ended this association, if one did."""
         dul = self.dul
         return dul.violation if isinstance(dul, BoundedDUL) else None
-
-    def report_violation(self, reason: str) -> None:
-        self._server.policy.protocol_violation(self, reason)
 
     def kill(self) -> None:
         """pynetdicom's kill, waiting for the upper layer to reach Sta1 on the bell, not by polling."""
@@ -474,6 +471,7 @@ class AcceptorAssociation(Association):
                 return
             if not self.is_aborted and not self.is_rejected:
                 self.acse.negotiate_association()
+                self._accepted = self.is_established
             if self.is_established:
                 self._run_reactor()
         finally:
@@ -555,6 +553,8 @@ class AcceptorAssociation(Association):
         if not self._slot_returned:
             self._slot_returned = True
             self._server.slots.give_back(self.peer_address)
+            if self.violation:
+                self._server.policy.protocol_violation(self, self.violation, self._accepted)
 
 
 def _recv_some(sock: socket.socket, n: int) -> bytes:
