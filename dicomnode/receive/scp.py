@@ -35,6 +35,11 @@ from dicomnode.tls import server_context
 
 log = logging.getLogger("dicomnode.receive")
 
+# Rate-limit kinds whose records are written in full elsewhere: only their log lines are limited.
+_ENDED = "association ended by a protocol problem"
+_INTERNAL = "internal error"
+_LOG_ONLY = frozenset({_ENDED, _INTERNAL})
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -174,7 +179,7 @@ class ReceiveStage:
         recorded as a rejected connection."""
         calling, called, host, port = self._peer(assoc)
         if accepted:
-            if self.refusals.allow(host, "protocol", reason):
+            if self.refusals.allow(host, _ENDED, reason):
                 log.warning("receive: association from %s@%s:%d ended: %s", calling, host, port, reason)
             self._write_summaries()
             return
@@ -194,6 +199,8 @@ class ReceiveStage:
         """One event and one log line for each peer whose refusals were counted but not written."""
         for summary in self.refusals.due(flush_all):
             log.warning("receive: %s", summary.reason)
+            if summary.kind in _LOG_ONLY:
+                continue  # their records are written in full elsewhere (association rows, instance events)
             entity, state = (
                 ("instance", "failed") if summary.kind.startswith("instance") else ("association", "rejected")
             )
@@ -292,7 +299,7 @@ class ReceiveStage:
         try:
             return self._store(event)
         except Exception as exc:  # never let a bug turn into a silent 0xC211 without an event
-            if self.refusals.allow("(node)", "internal error"):
+            if self.refusals.allow("(node)", _INTERNAL):
                 log.exception("receive: unexpected error while storing an instance")
             return self._fail(event.assoc, STATUS_OUT_OF_RESOURCES, "", f"internal error: {exc}")
 

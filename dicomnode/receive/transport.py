@@ -568,6 +568,17 @@ def _recv_some(sock: socket.socket, n: int) -> bytes:
     return bytes(data)
 
 
+def _drain(sock: socket.socket, limit: int) -> None:
+    """Read and drop up to ``limit`` bytes, until the peer closes or stalls."""
+    buf = bytearray(65536)
+    left = limit
+    while left > 0:
+        n = sock.recv_into(buf, min(left, len(buf)))
+        if not n:
+            return
+        left -= n
+
+
 def _reject_pdu(refusal: Refusal) -> bytes:
     return bytes([0x03, 0, 0, 0, 0, 4, 0, refusal.result, refusal.source, refusal.diagnostic])
 
@@ -681,7 +692,7 @@ class BoundedAssociationServer(ThreadedAssociationServer):
                 calling = body[20:36].decode("ascii", "replace").strip()
             sock.sendall(_reject_pdu(refusal))
             sock.shutdown(socket.SHUT_WR)
-            _recv_some(sock, ASSOCIATE_PDU_LIMIT)  # until the peer closes: no RST that could eat the RJ
+            _drain(sock, ASSOCIATE_PDU_LIMIT)  # until the peer closes: no RST that could eat the RJ
         except OSError:
             pass
         self.policy.connection_refused(host, port, refusal.reason, calling, called)
