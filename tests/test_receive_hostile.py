@@ -189,6 +189,7 @@ def test_hundreds_of_hostile_datasets_keep_every_promise(node: ReceiveProcess, t
     log = node.log_text()
     assert "Traceback" not in log
     assert len(log) < 64 * 1024, f"log of {len(log)} bytes for {len(cases)} instances"
+    assert "Test^Hostile" not in log and "HOSTILE-1" not in log, "patient name or ID in the log"
     assert peak_growth_mb < 200, f"peak memory grew by {peak_growth_mb:.0f} MB"
 
 

@@ -105,8 +105,9 @@ class RefusalLimiter:
 
 
 class QuietLibraryLog(logging.Filter):
-    """For pynetdicom's loggers: no tracebacks (a peer's bad bytes are not our bug) and at most
-    ``burst`` lines of one message per ``window`` seconds."""
+    """For pynetdicom's and pydicom's loggers: no tracebacks (a peer's bad bytes are not our bug) and
+    at most ``burst`` lines per logger and level in ``window`` seconds (their messages embed the
+    values they complain about, so the logger, not the text, is what is counted)."""
 
     def __init__(self, burst: int = 5, window: float = 60.0) -> None:
         super().__init__()
@@ -116,21 +117,22 @@ class QuietLibraryLog(logging.Filter):
         if record.exc_info or record.exc_text:
             record.exc_info = None
             record.exc_text = None
-        template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
-        return self._limiter.allow(record.name, template)
+        return self._limiter.allow(record.name, record.levelname)
 
 
 _QUIET = QuietLibraryLog()
 
 
 def quiet_library_logs() -> None:
-    """Install :class:`QuietLibraryLog` on every pynetdicom and pydicom logger (idempotent).
-
-    pydicom reports each odd value of a hostile data set both as a log line and as a UserWarning;
-    the log line stays (rate-limited), the duplicate warning is dropped.
-    """
-    import pydicom  # noqa: F401, PLC0415  -- the modules create their loggers on import
+    """Install :class:`QuietLibraryLog` on every pynetdicom and pydicom logger (idempotent), and
+    switch off pydicom's complaints about values it reads: they quote the value (which may be a
+    patient's name) and the receive stage checks what it uses itself (:mod:`.header`)."""
+    import pydicom.config  # noqa: PLC0415  -- the modules create their loggers on import
     import pynetdicom  # noqa: F401, PLC0415
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    # pydicom logs what it also raises as a UserWarning: the (rate-limited) log line is enough.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
     names = [
         n
@@ -141,4 +143,3 @@ def quiet_library_logs() -> None:
         logger = logging.getLogger(name)
         if _QUIET not in logger.filters:
             logger.addFilter(_QUIET)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
