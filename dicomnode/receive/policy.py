@@ -64,8 +64,11 @@ def admission(settings: Settings, calling_aet: str, called_aet: str, address: st
             f"called AE title {called_aet!r} is not this node's ({node.ae_title!r}; node.check_called_aet)",
             REJECT_CALLED_AET,
         )
-    rules = allowed_peers(settings)
-    if rules and not any(_matches(rule, calling_aet, address) for rule in rules):
+    configured = allowed_peers(settings)
+    if not configured:
+        return None  # no allow-list: any peer may associate
+    admitted = configured  # peers trusted through other settings join here, without opening the list
+    if not any(_matches(rule, calling_aet, address) for rule in admitted):
         return Refusal.of(
             f"calling AE title {calling_aet!r} from {address} is not in node.allowed_peers "
             "or node.allowed_calling_aets",
