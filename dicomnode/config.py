@@ -5,6 +5,7 @@ Validation happens at start; an unknown key or a bad value raises ConfigError na
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from datetime import timedelta
@@ -36,12 +37,75 @@ def _ae_title(value: str) -> str:
     return value
 
 
+def _readable_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+class NodeTlsConfig(_Section):
+    """DICOM TLS on the receive port: the node's certificate and key, the CA of client certificates."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+    _check_files = field_validator("cert", "key", "ca")(
+        classmethod(lambda cls, v: None if v is None else _readable_file(v))
+    )
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> NodeTlsConfig:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the CA that signs the client certificates)")
+        return self
+
+
+class AllowedPeer(_Section):
+    """One allow-list entry: a calling AE title, a peer address or network (CIDR), or both."""
+
+    ae_title: str | None = None
+    address: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else _ae_title(v)
+
+    @field_validator("address")
+    @classmethod
+    def _network(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            return str(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP address or network: {v!r}") from None
+
+    @model_validator(mode="after")
+    def _something(self) -> AllowedPeer:
+        if self.ae_title is None and self.address is None:
+            raise ValueError("an allowed peer needs ae_title, address or both")
+        return self
+
+
 class NodeConfig(_Section):
     ae_title: str = "DICOMNODE"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
-    allowed_calling_aets: list[str] = Field(default_factory=list)
-    max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
+    allowed_calling_aets: list[str] = Field(default_factory=list)  # AE titles admitted from any address
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)
+    check_called_aet: bool = True  # refuse associations addressed to another AE title
+    tls: NodeTlsConfig | None = None
+    # The largest P-DATA PDU the node announces and accepts; a longer declared PDU ends the association.
+    max_pdu_size: int = Field(1_048_576, ge=4096, le=64 * 1_048_576)
+    max_dataset_mb: int = Field(2048, ge=1)  # one C-STORE data set; larger ones end the association
+    max_associations: int = Field(32, ge=1, le=4096)  # connections at once, counted from accept
+    max_associations_per_address: int = Field(8, ge=1, le=4096)
+    acse_timeout_seconds: float = Field(10.0, gt=0, le=3600)  # connect -> A-ASSOCIATE-RQ, and release
+    dimse_timeout_seconds: float = Field(600.0, gt=0, le=86400)  # one command or data set, first to last byte
+    network_timeout_seconds: float = Field(60.0, gt=0, le=86400)  # idle association, or a PDU stalled
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -166,6 +230,25 @@ class OrthancRestConfig(HttpAuthConfig):
     _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
 
 
+class DestinationTlsConfig(_Section):
+    """DICOM TLS to a destination: the CA of its certificate, and our client certificate if it asks."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    check_hostname: bool = True  # the certificate must name the destination's host
+
+    _check_files = field_validator("ca", "cert", "key")(
+        classmethod(lambda cls, v: None if v is None else _readable_file(v))
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (the client certificate and its private key)")
+        return self
+
+
 class DestinationConfig(HttpAuthConfig):
     """A PACS the fused series go to: DIMSE C-STORE (``type: dimse``) or DICOMweb STOW-RS (``dicomweb``).
 
@@ -180,6 +263,7 @@ class DestinationConfig(HttpAuthConfig):
     port: int | None = Field(None, ge=1, le=65535)
     url: str | None = None  # dicomweb: the service root, e.g. http://pacs:8042/dicom-web
     orthanc: OrthancRestConfig | None = None
+    tls: DestinationTlsConfig | None = None  # dimse: DICOM TLS to this destination
 
     @field_validator("ae_title")
     @classmethod

@@ -200,7 +200,7 @@ def check_fused_with_retrieved_ct(
     fused = wait_for(arrived, 180, f"the fused series of {patient} in Orthanc")
     assert len(fused) == 1
     desc = fused[0]["MainDicomTags"]["SeriesDescription"]
-    assert desc.startswith("FUSED MR+CT") and "REG" in desc.split()
+    assert desc.startswith("FUSED MR ") and " + CT " in desc and "REG" in desc.split()
     ds = first_instance(site.pacs_move, fused[0])
     referenced = {str(it.SeriesInstanceUID) for it in ds.ReferencedSeriesSequence}
     referenced |= {

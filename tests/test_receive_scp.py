@@ -360,10 +360,10 @@ def test_garbage_dataset_is_refused_with_c000(
 def test_disk_full_answers_a700_and_indexes_nothing(
     node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(self: Spool, relpath: str, chunks: object) -> int:
+    def full(self: Spool, relpath: str, chunks: object) -> tuple[str, int]:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Spool, "write", full)
+    monkeypatch.setattr(Spool, "write_new", full)
     f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
     result = storescu([f], node.port, extra=["-d"])
     assert "0xa700" in (result.stdout + result.stderr).lower()

@@ -90,6 +90,29 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class QuarantinedInstance(Base):
+    """A data set received under a SOP Instance UID already stored with different content: kept, not fused.
+
+    The first instance stays the indexed one; each different later one is a file under
+    ``quarantine/`` and a row here, for an admin to compare and resolve.
+    """
+
+    __tablename__ = "quarantined_instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    association_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Series(Base):
     """A received series; state receiving -> complete (-> receiving again if more arrives)."""
 

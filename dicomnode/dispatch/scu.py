@@ -20,6 +20,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.status import code_to_category
 
 from dicomnode.config import DestinationConfig
+from dicomnode.tls import client_context
 
 log = logging.getLogger("dicomnode.dispatch")
 
@@ -243,10 +244,15 @@ class StoreSession:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         try:
+            tls_args = (client_context(self.dest.tls), self.dest.host) if self.dest.tls else None
             self.assoc = self.ae.associate(
-                self.dest.host, self.dest.port, ae_title=self.dest.ae_title, evt_handlers=handlers
+                self.dest.host,
+                self.dest.port,
+                ae_title=self.dest.ae_title,
+                evt_handlers=handlers,
+                tls_args=tls_args,
             )
-        except Exception as exc:  # bad host name etc.: pynetdicom raises before connecting
+        except Exception as exc:  # bad host name, unreadable certificate: raised before connecting
             self.error = f"cannot associate with {self.where}: {exc}"
             return self.error
         if self.assoc.is_established:
@@ -256,7 +262,10 @@ class StoreSession:
             self.error = f"association rejected by {self.where} ({self._peer.rejection})"
             self.permanent = self._peer.rejected_permanently
         elif not self._peer.connected:
-            self.error = f"cannot connect to {self.where} (connection refused, unreachable or timed out)"
+            why = "connection refused, unreachable or timed out"
+            if self.dest.tls:
+                why += ", or the TLS handshake failed (certificate not trusted?)"
+            self.error = f"cannot connect to {self.where} ({why})"
         elif self.assoc.is_aborted and self._peer.abort:
             self.error = f"association aborted by {self.where} ({self._peer.abort})"
         elif self.assoc.is_aborted and not self.assoc.accepted_contexts:

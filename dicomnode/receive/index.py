@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import Association, Event, Instance, Series, record, utcnow
+from dicomnode.db import Association, Event, Instance, QuarantinedInstance, Series, record, utcnow
 from dicomnode.receive.header import InstanceHeader
 
 STAGE = "receive"
@@ -189,6 +189,49 @@ class InstanceIndex:
         else:
             conn.execute(_COUNT_SERIES, {"sid": row.id, "now": now})
         return True
+
+    def quarantined_paths(self, sop_instance_uid: str) -> list[str]:
+        """Spool paths of the data sets already quarantined under this SOP Instance UID."""
+        with self._write_lock, self._sessionmaker() as s:
+            return list(
+                s.scalars(
+                    select(QuarantinedInstance.path)
+                    .where(QuarantinedInstance.sop_instance_uid == sop_instance_uid)
+                    .order_by(QuarantinedInstance.id)
+                )
+            )
+
+    def add_quarantined(
+        self,
+        header: InstanceHeader,
+        *,
+        relpath: str,
+        size: int,
+        transfer_syntax_uid: str,
+        calling_aet: str,
+        peer_host: str,
+        association_id: int | None,
+        reason: str,
+    ) -> None:
+        """Record a quarantined data set and its audit event in one transaction."""
+        with self._write_lock, self._sessionmaker() as s:
+            s.add(
+                QuarantinedInstance(
+                    sop_instance_uid=header.sop_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                    path=relpath,
+                    size_bytes=size,
+                    calling_aet=calling_aet,
+                    peer_host=peer_host,
+                    association_id=association_id,
+                    reason=reason,
+                )
+            )
+            record(s, STAGE, "instance", header.sop_instance_uid, "stored", "quarantined", reason)
+            s.commit()
 
     def event(self, entity: str, entity_id: object, old: str | None, new: str | None, reason: str) -> None:
         """Write one audit event in its own transaction."""
