@@ -12,11 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import ConfigError, Settings
 from dicomnode.db import make_sessionmaker
+from dicomnode.db.leases import WorkerLeases
 from dicomnode.logs import log_context
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.node")
-STAGES = ("receive", "assemble", "fuse", "dispatch", "admin")
+STAGES = ("receive", "assemble", "retrieve", "fuse", "dispatch", "admin")
 
 
 def open_database(settings: Settings) -> sessionmaker[Session]:
@@ -31,10 +32,10 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
         ) from None
 
 
-def open_spool(settings: Settings) -> Spool:
+def open_spool(settings: Settings, tmp_dir: str | None = None) -> Spool:
     """The spool at ``storage.spool_dir``; a ConfigError naming the key when it cannot be created."""
     try:
-        return Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        return Spool(settings.storage.spool_dir, fsync=settings.storage.fsync, tmp_dir=tmp_dir)
     except OSError as exc:
         raise ConfigError(
             f"storage.spool_dir: cannot create {settings.storage.spool_dir} ({exc.strerror or exc}); "
@@ -55,8 +56,16 @@ class Node:
             problem = settings.admin.exposure_problem()
             if problem:
                 raise ConfigError(problem)
-        self.spool = open_spool(settings)
         self.sessionmaker: sessionmaker[Session] = open_database(settings)
+        # One worker identity per process: its heartbeat and every lease its stages hold.
+        self.leases = WorkerLeases(
+            self.sessionmaker,
+            settings.workers.lease_seconds,
+            settings.workers.worker_id,
+            stages=self.stages,
+        )
+        self.leases.register()  # before the spool's tmp folder exists, so no sweep takes it for a dead one
+        self.spool = open_spool(settings, tmp_dir=self.leases.tmp_dir)
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self.receiver = None
@@ -64,10 +73,12 @@ class Node:
 
     def start(self) -> None:
         s = self.settings
+        self.leases.start()
+        log.info("worker id %s (lease %g s)", self.leases.owner, self.leases.seconds)
         if "receive" in self.stages:
             from dicomnode.receive import ReceiveStage  # noqa: PLC0415
 
-            self.receiver = ReceiveStage(s, self.sessionmaker, self.spool)
+            self.receiver = ReceiveStage(s, self.sessionmaker, self.spool, leases=self.leases)
             self.receiver.start()
             log.info("receiving as %s on %s:%d", s.node.ae_title, s.node.host, self.receiver.port)
         workers = []
@@ -75,14 +86,19 @@ class Node:
             from dicomnode.assemble import AssembleStage  # noqa: PLC0415
 
             workers.append(("assemble", AssembleStage(s, self.sessionmaker)))
+        if "retrieve" in self.stages:
+            from dicomnode.retrieve import RetrieveStage  # noqa: PLC0415
+
+            workers.append(("retrieve", RetrieveStage(s, self.sessionmaker, self.spool, leases=self.leases)))
         if "fuse" in self.stages:
             from dicomnode.runner import FuseStage  # noqa: PLC0415
 
-            workers.append(("fuse", FuseStage(s, self.sessionmaker, self.spool)))
+            workers.append(("fuse", FuseStage(s, self.sessionmaker, self.spool, leases=self.leases)))
         if "dispatch" in self.stages:
-            from dicomnode.dispatch import DispatchOutbox  # noqa: PLC0415
+            from dicomnode.dispatch import DispatchOutbox, SeriesRemover  # noqa: PLC0415
 
-            workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool)))
+            workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool, leases=self.leases)))
+            workers.append(("removal", SeriesRemover(s, self.sessionmaker)))
         if "admin" in self.stages:
             from dicomnode.admin.retention import SpoolCleaner  # noqa: PLC0415
 
@@ -114,6 +130,7 @@ class Node:
             self.http.stop()
         for t in self._threads:
             t.join(timeout=30)
+        self.leases.stop()  # gives back what is still held, so other workers take it at once
 
     def serve_forever(self) -> None:
         """Start, then block until SIGINT/SIGTERM (a signal during start stops it once started)."""

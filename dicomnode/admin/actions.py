@@ -3,6 +3,11 @@
 One implementation for the HTTP API and the command line. Each action changes pipeline rows in one
 transaction with an audit event naming who asked (``actor``: a token name, ``cli:USER``), and raises
 :class:`ActionError` with a message an admin can act on when the rows do not allow it.
+
+The actions respect the workers' leases (``dicomnode.db.leases``): cancelling a running job takes
+its lease away, so its worker's ownership-checked commit fails and it discards its result; a
+re-send follows the dispatcher's re-queue rules (``requeue_failed``) and leaves deliveries being
+sent right now alone; a paused destination is skipped by the dispatcher's claim.
 """
 
 from __future__ import annotations
@@ -22,11 +27,17 @@ from dicomnode.db import (
     Instance,
     Job,
     Output,
+    PriorFetch,
+    PriorQuery,
+    PriorRetrieve,
+    QuarantinedInstance,
     Series,
     SeriesDecision,
+    SeriesRemoval,
     record,
     utcnow,
 )
+from dicomnode.dispatch.outbox import requeue_failed
 from dicomnode.spool import thumbnail_path
 
 log = logging.getLogger("dicomnode.admin")
@@ -100,10 +111,20 @@ class AdminActions:
             if job.state == "held" or job.output_series_uid:
                 discarded = self._discard_outputs(s, job_id)
             old = job.state
+            # attempts start again (a new budget against workers.max_job_attempts); a worker still
+            # finishing a cancelled run cannot commit: its owner and claim no longer match the row
             s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == old)
-                .values(state="pending", error=None, output_series_uid=None, finished_at=None)
+                .values(
+                    state="pending",
+                    error=None,
+                    output_series_uid=None,
+                    finished_at=None,
+                    attempts=0,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
             )
             extra = f"; {len(discarded)} outputs of the previous run discarded" if discarded else ""
             record(s, STAGE, "job", job_id, old, "pending", f"retry requested by {actor}{extra}", actor)
@@ -112,23 +133,45 @@ class AdminActions:
         return ActionResult(f"job {job_id} is pending again", 1)
 
     def cancel_job(self, job_id: int, actor: str) -> ActionResult:
-        """A pending, running or held job ends ``cancelled``; a held job's outputs are never sent."""
+        """A pending, running or held job ends ``cancelled``; a held job's outputs are never sent.
+
+        A running job loses its lease here: its worker notices at its next renewal (or at the
+        latest at its ownership-checked commit) and discards what it wrote.
+        """
         with self.sessionmaker() as s, s.begin():
             job = _job(s, job_id)
             if job.state not in UNFINISHED_JOB_STATES:
                 raise ActionError(f"job {job_id} is {job.state}: only pending, running or held jobs cancel")
             old = job.state
-            s.execute(
+            res = s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == old)
-                .values(state="cancelled", finished_at=utcnow())
+                .where(Job.id == job_id, Job.state == old, Job.attempts == job.attempts)
+                .values(state="cancelled", finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
             )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise ActionError(f"job {job_id} changed while it was being cancelled; try again")
             n = self._set_deliveries(s, job_id, "held", "cancelled")
+            left = self._leave_replaced(s, job_id, f"job {job_id} was cancelled by {actor}")
             why = f"cancelled by {actor}" + (f"; {n} held deliveries cancelled" if n else "")
+            if left:
+                why += f"; the series it replaces stays at {left} destinations"
             if old == "running":
-                why += "; the worker discards its result"
+                why += f"; worker {job.lease_owner} discards its result"
             record(s, STAGE, "job", job_id, old, "cancelled", why, actor)
         return ActionResult(f"job {job_id} cancelled", 1)
+
+    @staticmethod
+    def _leave_replaced(s: Session, job_id: int, why: str) -> int:
+        """Settle the removals waiting for a cancelled job's series: the earlier series stays."""
+        rows = s.scalars(
+            select(SeriesRemoval).where(
+                SeriesRemoval.replaced_by_job_id == job_id, SeriesRemoval.state == "pending"
+            )
+        ).all()
+        for r in rows:
+            r.state, r.reason, r.finished_at = "left", f"{why}; the earlier series stays", utcnow()
+            record(s, STAGE, "removal", r.id, "pending", "left", r.reason)
+        return len(rows)
 
     def release_job(self, job_id: int, actor: str) -> ActionResult:
         """A held job's outputs go out as they are: the job is done and its deliveries pending."""
@@ -245,6 +288,9 @@ class AdminActions:
 
     @staticmethod
     def _requeue(s: Session, outputs: list[Output], names: list[str], actor: str) -> int:
+        """Deliveries of ``outputs`` to ``names`` due now with attempts reset (the dispatcher's
+        re-queue rules): failed ones through ``requeue_failed``, sent ones alike, waiting ones
+        at once; a delivery a dispatcher is sending now (live lease) is left to finish."""
         now = utcnow()
         by_key = {
             (d.output_id, d.destination): d
@@ -254,18 +300,44 @@ class AdminActions:
                 )
             ).all()
         }
+        reason = f"re-send requested by {actor}"
+        failed = [d.id for d in by_key.values() if d.state == "failed"]
+        moved = set(requeue_failed(s, failed, reason, stage=STAGE, now=now))
+        again = {
+            "state": "pending",
+            "attempts": 0,
+            "failing_since": None,
+            "next_attempt_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
         counts: dict[str, int] = {}
         for out in outputs:
             for name in names:
                 d = by_key.get((out.id, name))
                 if d is None:
-                    s.add(Delivery(output_id=out.id, destination=name, state="pending", next_attempt_at=now))
+                    row = Delivery(output_id=out.id, destination=name, state="pending", next_attempt_at=now)
+                    s.add(row)
+                    s.flush()
+                    record(s, STAGE, "delivery", row.id, None, "pending", f"to {name}: {reason}", actor)
+                elif d.id in moved:
+                    pass
+                elif d.state == "sent" or (
+                    d.state == "pending" and (d.lease_expires_at is None or d.lease_expires_at < now)
+                ):
+                    res = s.execute(
+                        update(Delivery)
+                        .where(Delivery.id == d.id, Delivery.state == d.state)
+                        .values(**again, sent_at=None)
+                        .execution_options(synchronize_session=False)
+                    )
+                    if res.rowcount != 1:  # type: ignore[attr-defined]
+                        continue
+                    record(s, STAGE, "delivery", d.id, d.state, "pending", reason, actor)
                 else:
-                    d.state, d.attempts, d.next_attempt_at, d.last_error = "pending", 0, now, None
-                    d.sent_at = None
+                    continue  # being sent right now, or not in a state that sends
                 counts[name] = counts.get(name, 0) + 1
         for name, n in counts.items():
-            # one event per destination (delivery events name one delivery each)
             record(s, STAGE, "destination", name, None, None, f"{n} deliveries re-sent by {actor}", actor)
         return sum(counts.values())
 
@@ -313,6 +385,35 @@ class AdminActions:
                 raise ActionError(
                     f"job {running[0]} of this patient is running; cancel it or wait, then purge"
                 )
+            now = utcnow()
+            sending = s.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .join(Output, Output.id == Delivery.output_id)
+                .where(
+                    Output.job_id.in_(job_ids),
+                    Delivery.state == "pending",
+                    Delivery.lease_expires_at.is_not(None),
+                    Delivery.lease_expires_at >= now,
+                )
+            )
+            if sending:
+                raise ActionError(
+                    f"{sending} deliveries of this patient are being sent right now; "
+                    "pause their destination or wait, then purge"
+                )
+            fetch_ids = list(s.scalars(select(PriorFetch.id).where(PriorFetch.patient_key == patient_key)))
+            fetching = s.scalar(
+                select(func.count())
+                .select_from(PriorRetrieve)
+                .where(
+                    PriorRetrieve.fetch_id.in_(fetch_ids),
+                    PriorRetrieve.state == "running",
+                    PriorRetrieve.lease_expires_at >= now,
+                )
+            )
+            if fetching:
+                raise ActionError("a missing series of this patient is being retrieved now; wait, then purge")
             files = list(
                 s.scalars(
                     select(Instance.path).where(
@@ -325,6 +426,12 @@ class AdminActions:
             ).all()
             files += [o.path for o in out_rows if o.file_deleted_at is None]
             files += [thumbnail_path(j) for j in job_ids]
+            quarantined = s.execute(
+                select(QuarantinedInstance.id, QuarantinedInstance.path).where(
+                    QuarantinedInstance.series_instance_uid.in_(series_uids)
+                )
+            ).all()
+            files += [q.path for q in quarantined]
             out_ids = [o.id for o in out_rows]
             n_rows = 0
             for stmt in (
@@ -332,6 +439,11 @@ class AdminActions:
                 delete(Output).where(Output.id.in_(out_ids)),
                 delete(Job).where(Job.id.in_(job_ids)),
                 delete(SeriesDecision).where(SeriesDecision.series_instance_uid.in_(series_uids)),
+                delete(SeriesRemoval).where(SeriesRemoval.replaced_by_job_id.in_(job_ids)),
+                delete(PriorQuery).where(PriorQuery.fetch_id.in_(fetch_ids)),
+                delete(PriorRetrieve).where(PriorRetrieve.fetch_id.in_(fetch_ids)),
+                delete(PriorFetch).where(PriorFetch.id.in_(fetch_ids)),
+                delete(QuarantinedInstance).where(QuarantinedInstance.id.in_([q.id for q in quarantined])),
                 delete(Instance).where(Instance.series_instance_uid.in_(series_uids)),
                 delete(Series).where(Series.series_instance_uid.in_(series_uids)),
             ):
@@ -352,7 +464,8 @@ class AdminActions:
         return ActionResult(f"patient purged: {n_files} files and {n_rows} rows deleted", n_rows)
 
     def purge_older_than(self, days: float, actor: str, now: datetime | None = None) -> ActionResult:
-        """Purge every patient with nothing unfinished whose last activity is older than ``days``."""
+        """Purge every patient with nothing unfinished (no job, series or delivery under way) whose
+        last activity is older than ``days``."""
         if days < 0:
             raise ActionError("days must be 0 or more", 422)
         cutoff = (now or utcnow()) - timedelta(days=days)
@@ -371,6 +484,15 @@ class AdminActions:
             )
             busy = set(s.scalars(select(Job.patient_key).where(Job.state.in_(UNFINISHED_JOB_STATES))).all())
             busy |= set(s.scalars(select(Series.patient_key).where(Series.state == "receiving")).all())
+            busy |= set(  # fused series not yet at their destinations (e.g. a PACS down for days)
+                s.scalars(
+                    select(Job.patient_key)
+                    .join(Output, Output.job_id == Job.id)
+                    .join(Delivery, Delivery.output_id == Output.id)
+                    .where(Delivery.state.in_(("pending", "held")))
+                    .distinct()
+                ).all()
+            )
         old = []
         for key in sorted(set(last_rx) | set(last_job)):
             last = max(t for t in (last_rx.get(key), last_job.get(key)) if t is not None)

@@ -17,11 +17,12 @@ from sqlalchemy.orm import Session
 from dicomnode.admin import queries
 from dicomnode.admin.retention import spool_usage
 from dicomnode.config import Settings
-from dicomnode.db import Association, Delivery, Instance, Job, Output, Series
+from dicomnode.db import Association, Delivery, Instance, Job, Output, PriorFetch, Series, SeriesDecision
 
 SERIES_STATES = ("receiving", "complete")
 JOB_STATES = ("pending", "running", "done", "failed", "superseded", "held", "cancelled")
 DELIVERY_STATES = ("pending", "sent", "failed", "held", "cancelled")
+FETCH_STATES = ("waiting", "querying", "retrieving", "retrieved", "not_found", "cancelled", "failed")
 
 
 def _counts(s: Session, column: Any, states: tuple[str, ...]) -> dict[str, int]:
@@ -37,9 +38,15 @@ def collect_status(
     *,
     settings: Settings | None = None,
     n_jobs: int = 20,
+    n_series: int = 20,
     patient: str | None = None,
 ) -> dict[str, Any]:
-    """Everything ``dicomnode status`` and ``GET /api/v1/status`` show; ``patient`` narrows the jobs."""
+    """Everything ``dicomnode status`` and ``GET /api/v1/status`` show; ``patient`` narrows the jobs.
+
+    Besides counts, queues, disk, destinations, jobs and failures: the ``n_series`` most recently
+    decided series that a rule skipped or that wait (with the reason) and the last fetches of
+    missing series.
+    """
     jobs = queries.list_jobs(s, patient=patient, limit=n_jobs).items
     events = queries.list_events(s, milestones=True, limit=n_events).items if n_events else []
     if settings is not None:
@@ -47,10 +54,19 @@ def collect_status(
         disk = spool_usage(s, Path(settings.storage.spool_dir))
     else:
         destinations, disk = [], {}
+    not_fused = s.execute(
+        select(SeriesDecision, Series.modality, Series.series_description)
+        .join(Series, Series.series_instance_uid == SeriesDecision.series_instance_uid, isouter=True)
+        .where(SeriesDecision.decision.in_(("skipped", "waiting")))
+        .order_by(SeriesDecision.updated_at.desc(), SeriesDecision.id.desc())
+        .limit(n_series)
+    ).all()
+    last_fetches = s.scalars(select(PriorFetch).order_by(PriorFetch.id.desc()).limit(10)).all()
     return {
         "series": _counts(s, Series.state, SERIES_STATES),
         "jobs": _counts(s, Job.state, JOB_STATES),
         "deliveries": _counts(s, Delivery.state, DELIVERY_STATES),
+        "fetches": _counts(s, PriorFetch.state, FETCH_STATES),
         "totals": {
             "associations": int(s.scalar(select(func.count()).select_from(Association)) or 0),
             "instances": int(s.scalar(select(func.count()).select_from(Instance)) or 0),
@@ -61,6 +77,29 @@ def collect_status(
         "destinations": destinations,
         "recent_jobs": jobs,
         "failures": queries.failures(s, limit=n_jobs),
+        "series_not_fused": [
+            {
+                "series_instance_uid": d.series_instance_uid,
+                "modality": modality or "",
+                "description": description or "",
+                "rule": d.rule_name,
+                "decision": d.decision,
+                "reason": d.reason,
+                "updated_at": d.updated_at.isoformat(timespec="seconds"),
+            }
+            for d, modality, description in not_fused
+        ],
+        "recent_fetches": [
+            {
+                "id": f.id,
+                "rule": f.rule_name,
+                "wanted": f.wanted_modality,
+                "state": f.state,
+                "reason": f.reason,
+                "updated_at": f.updated_at.isoformat(timespec="seconds"),
+            }
+            for f in last_fetches
+        ],
         "events": list(reversed(events)),
     }
 
@@ -124,7 +163,7 @@ def format_status(st: dict[str, Any]) -> str:
     """A readable text report of :func:`collect_status`."""
     lines = ["dicomnode status", ""]
     rows = []
-    for what in ("series", "jobs", "deliveries"):
+    for what in ("series", "jobs", "deliveries", "fetches"):
         rows.append([what] + [f"{k}={v}" for k, v in st[what].items()])
     width = max(len(r) for r in rows)
     rows = [r + [""] * (width - len(r)) for r in rows]
@@ -166,6 +205,33 @@ def format_status(st: dict[str, Any]) -> str:
             f"  job {d['job_id']}: {d['failed']} deliveries to {d['destination']} failed: {d['last_error']}"
             for d in fails["deliveries"]
         ]
+    if st.get("series_not_fused"):
+        lines += ["", "series skipped or waiting (by rule):"]
+        lines += _table(
+            ["series", "modality", "description", "rule", "decision", "reason"],
+            [
+                [
+                    d["series_instance_uid"][-24:],
+                    d["modality"],
+                    d["description"][:30],
+                    d["rule"],
+                    d["decision"],
+                    d["reason"],
+                ]
+                for d in st["series_not_fused"]
+            ],
+            max_width=110,
+        )
+    if st["recent_fetches"]:
+        lines += ["", "recent fetches of missing series:"]
+        lines += _table(
+            ["id", "rule", "wants", "state", "updated", "reason"],
+            [
+                [str(f["id"]), f["rule"], f["wanted"], f["state"], f["updated_at"], f["reason"] or ""]
+                for f in st["recent_fetches"]
+            ],
+            max_width=160,
+        )
     if st["recent_jobs"]:
         lines += ["", "jobs (newest first):"]
         lines += _table(JOB_HEADERS, [_job_row(j) for j in st["recent_jobs"]])

@@ -1,7 +1,12 @@
-"""Engine and session setup: SQLite in WAL mode by default, any SQLAlchemy URL works."""
+"""Engine and session setup: SQLite in WAL mode by default, any SQLAlchemy URL works.
+
+A SQLite database file is private to the node's user (0600, whatever the umask): it holds patient
+identifiers. SQLite gives its -wal and -shm files the database file's permissions.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,8 +29,8 @@ def make_engine(url: str) -> Engine:
     kwargs: dict[str, object] = {"future": True}
     if is_sqlite:
         db = parsed.database
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        if db and db != ":memory:" and not db.startswith("file:"):
+            _private_sqlite_file(Path(db))
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     engine = create_engine(url, **kwargs)
     if is_sqlite:
@@ -40,6 +45,22 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+def _private_sqlite_file(db: Path) -> None:
+    """Create the database file 0600 before SQLite does (its -wal/-shm follow it); tighten old ones."""
+    if not db.parent.exists():
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        try:
+            if path.stat().st_mode & 0o077 and path.stat().st_uid == os.geteuid():
+                os.chmod(path, 0o600)
+        except OSError:
+            continue
 
 
 def init_db(engine: Engine, attempts: int = 10) -> None:
