@@ -127,7 +127,7 @@ def test_a_worker_that_lost_its_lease_commits_nothing_and_removes_its_files(env,
 
     def pausing_write(self, relpath, chunks):  # type: ignore[no-untyped-def]
         size = real_write(self, relpath, chunks)
-        if not a_files:  # A wrote its first file, then stalls past its lease
+        if not a_files and relpath.startswith("outgoing/"):  # A wrote its first output, then stalls
             a_files.append(relpath)
             clock.advance(31)
             monkeypatch.setattr(Spool, "write", real_write)

@@ -116,12 +116,30 @@ def test_gate_holds_until_released_and_retry_runs_again(tmp_path: Path, study):
 
 
 def test_cancel_while_running_discards_the_result(tmp_path: Path, study):
+    """The cancel takes the job's lease: the worker's ownership-checked commit fails, its files go."""
     settings, sm, spool, stage, job_id = _stage(tmp_path, study, quality_metrics=False)
-    claimed = stage.claim()
-    assert claimed == job_id
+    claim = stage.claim()
+    assert claim is not None and claim.job_id == job_id
     AdminActions(settings, sm).cancel_job(job_id, "alice")
-    stage.run_job(job_id)  # the worker finishes; its result must not overwrite the cancel
+    stage.run_job(claim)  # the worker finishes; its result must not overwrite the cancel
+    with sm() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "cancelled" and job.lease_owner is None
+        assert s.scalars(select(Output)).all() == [] and s.scalars(select(Delivery)).all() == []
+        last = s.scalars(select(Event).where(Event.entity == "job").order_by(Event.id.desc())).first()
+    assert "cancelled while it ran" in last.reason and "result was discarded" in last.reason
+    assert not list((spool.root / "outgoing").rglob("*.dcm"))
+
+
+def test_cancel_is_noticed_at_the_next_lease_renewal(tmp_path: Path, study):
+    """A renewal after the cancel marks the job lost: the worker stops before fusing."""
+    settings, sm, spool, stage, job_id = _stage(tmp_path, study, quality_metrics=False)
+    claim = stage.claim()
+    AdminActions(settings, sm).cancel_job(job_id, "alice")
+    stage.leases.beat()
+    assert stage.leases.lost("job", job_id)
+    stage.run_job(claim)
     with sm() as s:
         assert s.get(Job, job_id).state == "cancelled"
-        assert s.scalars(select(Output)).all() == [] and s.scalars(select(Delivery)).all() == []
-    assert not list((spool.root / "outgoing").rglob("*.dcm"))
+        assert s.scalars(select(Output)).all() == []
+    assert not (spool.root / "outgoing").exists() or not list((spool.root / "outgoing").rglob("*"))

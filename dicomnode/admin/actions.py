@@ -111,8 +111,8 @@ class AdminActions:
             if job.state == "held" or job.output_series_uid:
                 discarded = self._discard_outputs(s, job_id)
             old = job.state
-            # attempts start again (a new budget against workers.max_job_attempts); a worker still
-            # finishing a cancelled run cannot commit: its owner and claim no longer match the row
+            # ``attempts`` stays: it is the claims' fencing token, so a worker still finishing a
+            # cancelled run cannot commit over the new one
             s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == old)
@@ -121,7 +121,6 @@ class AdminActions:
                     error=None,
                     output_series_uid=None,
                     finished_at=None,
-                    attempts=0,
                     lease_owner=None,
                     lease_expires_at=None,
                 )
@@ -302,7 +301,7 @@ class AdminActions:
         }
         reason = f"re-send requested by {actor}"
         failed = [d.id for d in by_key.values() if d.state == "failed"]
-        moved = set(requeue_failed(s, failed, reason, stage=STAGE, now=now))
+        moved = set(requeue_failed(s, failed, reason, stage=STAGE, now=now, actor=actor))
         again = {
             "state": "pending",
             "attempts": 0,

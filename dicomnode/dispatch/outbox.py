@@ -78,11 +78,18 @@ def _duration(td: timedelta) -> str:
 
 
 def requeue_failed(
-    s: Session, delivery_ids: Iterable[int], reason: str, *, stage: str = "admin", now: datetime | None = None
+    s: Session,
+    delivery_ids: Iterable[int],
+    reason: str,
+    *,
+    stage: str = "admin",
+    now: datetime | None = None,
+    actor: str | None = None,
 ) -> list[int]:
     """Put failed deliveries back to pending, due now, with attempts reset (an admin's re-send).
 
-    Returns the ids that moved; rows not in 'failed' are left alone. The caller commits.
+    Returns the ids that moved; rows not in 'failed' are left alone; ``actor`` names who asked in
+    the audit. The caller commits.
     """
     moved = []
     now = now or utcnow()
@@ -102,7 +109,7 @@ def requeue_failed(
             )
         )
         if res.rowcount == 1:  # type: ignore[attr-defined]
-            record(s, stage, "delivery", d.id, "failed", "pending", reason)
+            record(s, stage, "delivery", d.id, "failed", "pending", reason, actor)
             moved.append(d.id)
     return moved
 
