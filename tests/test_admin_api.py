@@ -27,7 +27,9 @@ from dicomnode.db import (
     Instance,
     Job,
     Output,
+    PriorFetch,
     Series,
+    SeriesDecision,
     make_sessionmaker,
     record,
 )
@@ -47,17 +49,20 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 
 
+DESTINATIONS = [
+    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242},
+    {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 4243},
+]
+
+
 class Api:
-    def __init__(self, tmp: Path, **admin: object) -> None:
+    def __init__(self, tmp: Path, destinations: list[dict] = DESTINATIONS, **admin: object) -> None:
         self.tmp = tmp
         self.spool = tmp / "spool"
         self.settings = load_settings(
             None,
             storage={"spool_dir": str(self.spool), "database_url": f"sqlite:///{tmp}/node.db"},
-            destinations=[
-                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242},
-                {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 4243},
-            ],
+            destinations=destinations,
             admin={"http_port": 0, "tokens": TOKENS, **admin},
         )
         Spool(self.spool)
@@ -240,6 +245,64 @@ def test_job_detail_and_other_lists(api: Api):
         assert path in doc["paths"], path
 
 
+def test_series_decisions_fetches_and_dicomweb_destinations(tmp_path: Path):
+    """Which rule chose or skipped a series and why, fetches of missing series, and destinations of
+    both types, in the API, the status and the dashboard."""
+    web = {"name": "cloud", "type": "dicomweb", "url": "https://pacs.example/dicom-web", "bearer_token": "t"}
+    a = Api(tmp_path, destinations=[*DESTINATIONS, web])
+    try:
+        with a.sm() as s, s.begin():
+            mr, ct = s.scalars(
+                select(Series.series_instance_uid)
+                .where(Series.patient_key == "P-DONE")
+                .order_by(Series.modality)
+            ).all()[::-1]
+            s.add(SeriesDecision(series_instance_uid=mr, rule_name="mr-ct", decision="chosen", job_id=1))
+            s.add(
+                SeriesDecision(
+                    series_instance_uid=ct,
+                    rule_name="mr-ct",
+                    decision="skipped",
+                    reason="LOCALIZER image type",
+                )
+            )
+            s.add(
+                PriorFetch(
+                    rule_name="mr-ct",
+                    patient_key="P-DONE",
+                    anchor_series_uid=mr,
+                    anchor_modality="MR",
+                    wanted_modality="CT",
+                    state="not_found",
+                    reason="no source holds a CT of this patient",
+                )
+            )
+        got = a.client.get("/api/v1/series", params={"decision": "skipped"}, headers=READ).json()["items"]
+        assert [x["series_instance_uid"] for x in got] == [ct]
+        assert got[0]["decisions"] == [
+            {"rule": "mr-ct", "decision": "skipped", "reason": "LOCALIZER image type", "job_id": None}
+        ]
+        chosen = a.client.get("/api/v1/series", params={"decision": "chosen", "rule": "mr-ct"}, headers=READ)
+        assert [x["series_instance_uid"] for x in chosen.json()["items"]] == [mr]
+        fetches = a.client.get("/api/v1/fetches", params={"state": "not_found"}, headers=READ).json()["items"]
+        assert fetches[0]["wanted"] == "CT" and "no source" in fetches[0]["reason"]
+        st = a.client.get("/api/v1/status", headers=READ)
+        assert st.status_code == 200, st.text
+        st = st.json()
+        assert [x["reason"] for x in st["series_not_fused"]] == ["LOCALIZER image type"]
+        assert st["recent_fetches"][0]["state"] == "not_found" and st["fetches"]["not_found"] == 1
+        assert "retrieve" in st["queue"]
+        dests = a.client.get("/api/v1/destinations", headers=READ)
+        assert dests.status_code == 200, dests.text
+        cloud = dests.json()[-1]
+        assert (cloud["type"], cloud["where"], cloud["ae_title"]) == ("dicomweb", web["url"], None)
+        page = a.client.get("/", headers=READ).text
+        assert "Series not fused" in page and "LOCALIZER image type" in page
+        assert "no source holds a CT" in page and web["url"] in page
+    finally:
+        a.close()
+
+
 # -- actions --------------------------------------------------------------------------------------
 
 
@@ -382,7 +445,7 @@ def test_metrics_parse_with_help_per_destination_and_durations(api: Api):
     spool = families["dicomnode_spool_bytes"].samples[0].value
     assert spool > 0
     queue = {s.labels["stage"]: s.value for s in families["dicomnode_queue_depth"].samples}
-    assert set(queue) == {"assemble", "fuse", "held", "dispatch"}
+    assert set(queue) == {"assemble", "retrieve", "fuse", "held", "dispatch"}
 
     def value(fams, name, **labels):  # type: ignore[no-untyped-def]
         return sum(

@@ -213,7 +213,7 @@ def test_status_answers_did_the_fusion_reach_the_pacs(db, capsys):
         "last_error": "association rejected",
     }
     assert st["disk"]["spool_bytes"] > 0 and st["disk"]["disk_free_bytes"] > 0
-    assert st["queue"] == {"assemble": 0, "fuse": 0, "held": 1, "dispatch": 0}
+    assert st["queue"] == {"assemble": 0, "retrieve": 0, "fuse": 0, "held": 1, "dispatch": 0}
 
     assert cli_main(["status", "--config", str(cfg)]) == 0
     text = capsys.readouterr().out

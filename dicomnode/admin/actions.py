@@ -141,7 +141,7 @@ class AdminActions:
             job = _job(s, job_id)
             if job.state not in UNFINISHED_JOB_STATES:
                 raise ActionError(f"job {job_id} is {job.state}: only pending, running or held jobs cancel")
-            old = job.state
+            old, worker = job.state, job.lease_owner
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == old, Job.attempts == job.attempts)
@@ -155,7 +155,7 @@ class AdminActions:
             if left:
                 why += f"; the series it replaces stays at {left} destinations"
             if old == "running":
-                why += f"; worker {job.lease_owner} discards its result"
+                why += f"; worker {worker or '(none)'} discards its result"
             record(s, STAGE, "job", job_id, old, "cancelled", why, actor)
         return ActionResult(f"job {job_id} cancelled", 1)
 
@@ -436,9 +436,9 @@ class AdminActions:
             for stmt in (
                 delete(Delivery).where(Delivery.output_id.in_(out_ids)),
                 delete(Output).where(Output.id.in_(out_ids)),
+                delete(SeriesRemoval).where(SeriesRemoval.replaced_by_job_id.in_(job_ids)),
                 delete(Job).where(Job.id.in_(job_ids)),
                 delete(SeriesDecision).where(SeriesDecision.series_instance_uid.in_(series_uids)),
-                delete(SeriesRemoval).where(SeriesRemoval.replaced_by_job_id.in_(job_ids)),
                 delete(PriorQuery).where(PriorQuery.fetch_id.in_(fetch_ids)),
                 delete(PriorRetrieve).where(PriorRetrieve.fetch_id.in_(fetch_ids)),
                 delete(PriorFetch).where(PriorFetch.id.in_(fetch_ids)),

@@ -100,10 +100,22 @@ def make_api(ctx: AdminContext) -> APIRouter:
         study: Text = None,
         state: Text = None,
         modality: Text = None,
+        decision: Annotated[
+            str | None, Query(max_length=16, description="chosen | skipped | waiting, by any rule")
+        ] = None,
+        rule: Annotated[str | None, Query(max_length=64, description="the rule that decided")] = None,
     ) -> dict[str, Any]:
-        """Series with state, modality, instances, description and each rule's decision and reason."""
+        """Series with state, modality, instances, description, and which rule chose or skipped each
+        (or keeps it waiting for a partner) and why."""
         return page_of(
-            queries.list_series, page, patient=patient, study=study, state=state, modality=modality
+            queries.list_series,
+            page,
+            patient=patient,
+            study=study,
+            state=state,
+            modality=modality,
+            decision=decision,
+            rule=rule,
         )
 
     @router.get("/jobs", response_model=schemas.Page[schemas.JobOut], tags=["jobs"])
@@ -151,6 +163,11 @@ def make_api(ctx: AdminContext) -> APIRouter:
         """Configured destinations: active or paused, pending count, last success."""
         with session() as s:
             return queries.list_destinations(s, ctx.settings)
+
+    @router.get("/fetches", response_model=schemas.Page[schemas.FetchOut], tags=["index"])
+    def fetches(_: Reader, page: Paging, state: Text = None, patient: Text = None) -> dict[str, Any]:
+        """Fetches of a rule's missing partner series from the PACS sources (C-FIND, C-MOVE/C-GET)."""
+        return page_of(queries.list_fetches, page, state=state, patient=patient)
 
     @router.get("/associations", response_model=schemas.Page[schemas.AssociationOut], tags=["index"])
     def associations(

@@ -10,6 +10,7 @@ reset them; purging a patient lowers the instance counters, which Prometheus rea
 from __future__ import annotations
 
 import json
+import re
 import threading
 from bisect import bisect_left
 from collections import Counter
@@ -34,11 +35,28 @@ DELIVERED_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3
 CHUNK = 20000
 
 
-def _delivery_result(old: str | None, new: str | None) -> str | None:
+# receive writes a burst of refusals one by one, then one summary event for the rest of the minute
+_SUMMARY = re.compile(r"^(\d+) more refusals like this .* the last: (0x[0-9A-Fa-f]{4})?")
+TAKEOVER = "lease of "  # a delivery taken over from a dead dispatcher: not an attempt
+
+
+def _refusals(reason: str | None) -> tuple[str, int]:
+    """(DICOM status, how many instances) that one ``instance -> failed`` event stands for."""
+    reason = reason or ""
+    m = _SUMMARY.match(reason)
+    if m:
+        return (m.group(2) or "other").upper().replace("0X", "0x"), int(m.group(1))
+    code = reason[:6]
+    return (code if code.startswith("0x") else "other"), 1
+
+
+def _delivery_result(old: str | None, new: str | None, reason: str | None = None) -> str | None:
     """sent | failed (gave up) | retry (an attempt failed, another follows) | None (not an attempt)."""
     if new in ("sent", "failed"):
         return new
-    return "retry" if old == "pending" and new == "pending" else None
+    if old == "pending" and new == "pending" and not (reason or "").startswith(TAKEOVER):
+        return "retry"
+    return None
 
 
 class _Histogram:
@@ -103,16 +121,31 @@ class NodeCollector(Collector):
             .group_by(Event.entity_id)
         ).all()
         self._observe_phases(s, [int(j) for j, n in runs if j.isdigit() for _ in range(int(n))])
+        summary = Event.reason.like("% more refusals like this %")
         for reason, n in s.execute(
             select(func.substr(Event.reason, 1, 6), func.count())
-            .where(Event.entity == "instance", Event.new_state == "failed", upto)
+            .where(
+                Event.entity == "instance",
+                Event.new_state == "failed",
+                or_(Event.reason.is_(None), ~summary),
+                upto,
+            )
             .group_by(func.substr(Event.reason, 1, 6))
         ):
             self._refused[reason if (reason or "").startswith("0x") else "other"] += int(n)
+        for (reason,) in s.execute(
+            select(Event.reason).where(Event.entity == "instance", Event.new_state == "failed", summary, upto)
+        ):
+            code, n = _refusals(reason)
+            self._refused[code] += n
         destination = dict(s.execute(select(Delivery.id, Delivery.destination)).all())
         for entity_id, old, new, n in s.execute(
             select(Event.entity_id, Event.old_state, Event.new_state, func.count())
-            .where(Event.entity == "delivery", upto)
+            .where(
+                Event.entity == "delivery",
+                or_(Event.reason.is_(None), ~Event.reason.startswith(TAKEOVER)),
+                upto,
+            )
             .group_by(Event.entity_id, Event.old_state, Event.new_state)
         ):
             result = _delivery_result(old, new)
@@ -173,12 +206,12 @@ class NodeCollector(Collector):
                     if new in ("done", "held") and entity_id.isdigit():
                         finished_jobs.append(int(entity_id))
                 elif entity == "delivery" and entity_id.isdigit():
-                    result = _delivery_result(old, new)
+                    result = _delivery_result(old, new, reason)
                     if result:
                         delivery_events.append((int(entity_id), result))
                 elif entity == "instance" and new == "failed":
-                    code = (reason or "")[:6]
-                    self._refused[code if code.startswith("0x") else "other"] += 1
+                    code, n = _refusals(reason)
+                    self._refused[code] += n
             self._observe_phases(s, finished_jobs)
             self._count_deliveries(s, delivery_events)
             if len(rows) < CHUNK:

@@ -25,11 +25,13 @@ from dicomnode.db import (
     Event,
     Job,
     Output,
+    PriorFetch,
     Series,
     SeriesDecision,
 )
 
 UNFINISHED_JOB_STATES = ("pending", "running", "held")
+FETCH_UNDER_WAY = ("waiting", "querying", "retrieving")
 PER_INSTANCE_ENTITIES = ("instance", "output", "delivery")  # summarised, never listed as milestones
 
 
@@ -277,10 +279,14 @@ def list_series(
     study: str | None = None,
     state: str | None = None,
     modality: str | None = None,
+    decision: str | None = None,
+    rule: str | None = None,
     limit: int = 50,
     cursor: int | None = None,
     offset: int = 0,
 ) -> Page:
+    """Series newest first; ``decision`` (chosen, skipped, waiting) and ``rule`` keep the series a
+    rule decided that way about (from ``series_decisions``)."""
     stmt = select(Series)
     for col, value in (
         (Series.patient_key, patient),
@@ -290,6 +296,13 @@ def list_series(
     ):
         if value:
             stmt = stmt.where(col == value)
+    if decision or rule:
+        decided = select(SeriesDecision.series_instance_uid)
+        if decision:
+            decided = decided.where(SeriesDecision.decision == decision)
+        if rule:
+            decided = decided.where(SeriesDecision.rule_name == rule)
+        stmt = stmt.where(Series.series_instance_uid.in_(decided))
     rows = s.scalars(_keyset(stmt, Series.id, limit, cursor, offset)).all()
     uids = [r.series_instance_uid for r in rows[:limit]]
     decisions: dict[str, list[SeriesDecision]] = defaultdict(list)
@@ -471,6 +484,8 @@ def list_destinations(s: Session, settings: Settings) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": d.name,
+                "type": d.type,
+                "where": d.where,
                 "ae_title": d.ae_title,
                 "host": d.host,
                 "port": d.port,
@@ -565,6 +580,43 @@ def list_events(
     return _page(rows, limit, lambda e: e.id, event_dict)
 
 
+def fetch_dict(f: PriorFetch) -> dict[str, Any]:
+    return {
+        "id": f.id,
+        "rule": f.rule_name,
+        "patient_key": f.patient_key,
+        "anchor_series_uid": f.anchor_series_uid,
+        "anchor_modality": f.anchor_modality,
+        "wanted": f.wanted_modality,
+        "state": f.state,
+        "reason": f.reason,
+        "attempts": f.attempts,
+        "source": f.source,
+        "chosen_series_uid": f.chosen_series_uid,
+        "created_at": iso(f.created_at),
+        "updated_at": iso(f.updated_at),
+    }
+
+
+def list_fetches(
+    s: Session,
+    *,
+    state: str | None = None,
+    patient: str | None = None,
+    limit: int = 50,
+    cursor: int | None = None,
+    offset: int = 0,
+) -> Page:
+    """Fetches of a rule's missing partner series from PACS sources, newest first."""
+    stmt = select(PriorFetch)
+    if state:
+        stmt = stmt.where(PriorFetch.state == state)
+    if patient:
+        stmt = stmt.where(PriorFetch.patient_key == patient)
+    rows = s.scalars(_keyset(stmt, PriorFetch.id, limit, cursor, offset)).all()
+    return _page(rows, limit, lambda f: f.id, fetch_dict)
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 
@@ -597,13 +649,17 @@ def failures(s: Session, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
 
 
 def queue_depth(s: Session) -> dict[str, int]:
-    """Work waiting per stage: series still arriving, jobs to fuse, jobs held, deliveries to send."""
+    """Work waiting per stage: series still arriving, missing series being fetched, jobs to fuse,
+    jobs held, deliveries to send."""
 
     def count(stmt: Select[Any]) -> int:
         return int(s.scalar(stmt) or 0)
 
     return {
         "assemble": count(select(func.count()).select_from(Series).where(Series.state == "receiving")),
+        "retrieve": count(
+            select(func.count()).select_from(PriorFetch).where(PriorFetch.state.in_(FETCH_UNDER_WAY))
+        ),
         "fuse": count(select(func.count()).select_from(Job).where(Job.state.in_(("pending", "running")))),
         "held": count(select(func.count()).select_from(Job).where(Job.state == "held")),
         "dispatch": count(select(func.count()).select_from(Delivery).where(Delivery.state == "pending")),

@@ -59,8 +59,8 @@ class EventOut(BaseModel):
 
 class DecisionOut(BaseModel):
     rule: str
-    decision: str
-    reason: str | None
+    decision: str = Field(description="chosen (for a job) | skipped | waiting (for a partner series)")
+    reason: str | None = Field(description="why the rule chose, skipped or waits on the series")
     job_id: int | None
 
 
@@ -144,9 +144,11 @@ class DeliveryOut(BaseModel):
 
 class DestinationOut(BaseModel):
     name: str
-    ae_title: str
-    host: str
-    port: int
+    type: str = Field(description="dimse (C-STORE) | dicomweb (STOW-RS)")
+    where: str = Field(description="AE@host:port, or the DICOMweb service URL")
+    ae_title: str | None
+    host: str | None
+    port: int | None
     state: str = Field(description="active | paused")
     changed_by: str | None
     changed_at: str | None
@@ -189,14 +191,47 @@ class ActionOut(BaseModel):
     changed: int
 
 
+class FetchOut(BaseModel):
+    id: int
+    rule: str
+    patient_key: str
+    anchor_series_uid: str = Field(description="the complete series waiting for its partner")
+    anchor_modality: str
+    wanted: str = Field(description="the partner modality fetched from the sources")
+    state: str = Field(
+        description="waiting | querying | retrieving | retrieved | not_found | cancelled | failed"
+    )
+    reason: str | None
+    attempts: int
+    source: str | None
+    chosen_series_uid: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
+class SeriesNotFusedOut(BaseModel):
+    series_instance_uid: str
+    modality: str
+    description: str
+    rule: str
+    decision: str = Field(description="skipped | waiting")
+    reason: str | None
+    updated_at: str | None
+
+
 class StatusOut(BaseModel):
     series: dict[str, int]
     jobs: dict[str, int]
     deliveries: dict[str, int]
+    fetches: dict[str, int]
     totals: dict[str, int]
     queue: dict[str, int]
     disk: dict[str, int]
     destinations: list[DestinationOut]
     recent_jobs: list[JobOut]
     failures: dict[str, list[dict[str, object]]]
+    series_not_fused: list[SeriesNotFusedOut] = Field(
+        description="series a rule skipped or that wait for a partner, most recent first, with the reason"
+    )
+    recent_fetches: list[FetchOut]
     events: list[EventOut]

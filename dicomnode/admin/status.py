@@ -89,17 +89,7 @@ def collect_status(
             }
             for d, modality, description in not_fused
         ],
-        "recent_fetches": [
-            {
-                "id": f.id,
-                "rule": f.rule_name,
-                "wanted": f.wanted_modality,
-                "state": f.state,
-                "reason": f.reason,
-                "updated_at": f.updated_at.isoformat(timespec="seconds"),
-            }
-            for f in last_fetches
-        ],
+        "recent_fetches": [queries.fetch_dict(f) for f in last_fetches],
         "events": list(reversed(events)),
     }
 
@@ -184,7 +174,7 @@ def format_status(st: dict[str, Any]) -> str:
             [
                 [
                     d["name"],
-                    f"{d['ae_title']}@{d['host']}:{d['port']}",
+                    d["where"],
                     d["state"],
                     str(d["pending"]),
                     str(d["held"]),
