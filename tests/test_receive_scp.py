@@ -318,7 +318,7 @@ def test_pacs_sources_are_admitted_with_an_allow_list(tmp_path: Path) -> None:
         ("PACS", "released"),
     ]
     rejected = [e for e in n.events("association") if e.new_state == "rejected"]
-    assert "not in node.allowed_calling_aets nor a source" in (rejected[0].reason or "")
+    assert "is not in node.allowed_peers or node.allowed_calling_aets" in (rejected[0].reason or "")
 
 
 def test_missing_series_uid_is_refused_with_c000(node: Node, tmp_path: Path) -> None:
