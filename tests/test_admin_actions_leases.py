@@ -33,6 +33,7 @@ from dicomnode.db import (
     utcnow,
 )
 from dicomnode.db.leases import claim_deliveries
+from dicomnode.receive.refusals import Summary
 from dicomnode.spool import Spool
 
 
@@ -211,16 +212,8 @@ def test_refusal_summaries_count_every_instance_and_takeovers_are_no_attempts(no
     with sm() as s, s.begin():
         for _ in range(5):
             record(s, "receive", "instance", "1.2.3", None, "failed", "0xC000: no SOP Instance UID")
-        record(
-            s,
-            "receive",
-            "instance",
-            "10.0.0.9",
-            None,
-            "failed",
-            "12 more refusals like this from 10.0.0.9 within 60 s were not written one by one "
-            "(instance-0xC000); the last: 0xC000: no SOP Instance UID",
-        )
+        summary = Summary("10.0.0.9", "instance 0xC000, required attribute missing", 12, 60, "missing UID")
+        record(s, "receive", "instance", "10.0.0.9", None, "failed", summary.reason)
         d = s.scalars(select(Delivery).join(Output).where(Output.job_id == job)).one()
         record(s, "dispatch", "delivery", d.id, "pending", "pending", "lease of d1 expired; taken over by d2")
         record(s, "dispatch", "delivery", d.id, "pending", "pending", "association rejected; retry in 2 s")

@@ -63,7 +63,7 @@ def test_series_complete_only_after_stable_wait(env):
     assert stage.complete_stable_series() == 1
     with sm() as s:
         assert s.scalar(select(Series.state).where(Series.series_instance_uid == "mr1")) == "complete"
-        ev = s.scalars(select(Event).where(Event.entity == "series")).all()
+        ev = s.scalars(select(Event).where(Event.entity == "series").order_by(Event.id)).all()
         assert ev[-1].old_state == "receiving" and ev[-1].new_state == "complete"
 
 
@@ -213,7 +213,9 @@ def decisions(sm, rule: str = "mr-ct") -> dict[str, tuple[str, str, int | None]]
 def series_events(sm, rule: str = "mr-ct") -> list[Event]:
     """The decision events of one rule."""
     with sm() as s:
-        rows = s.scalars(select(Event).where(Event.entity == "series", Event.stage == "assemble"))
+        rows = s.scalars(
+            select(Event).where(Event.entity == "series", Event.stage == "assemble").order_by(Event.id)
+        )
         return [e for e in rows if (e.reason or "").startswith(f"rule {rule}: ")]
 
 

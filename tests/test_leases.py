@@ -53,7 +53,9 @@ def env(tmp_path: Path):
 
 def job_events(sm, job_id: int) -> list[tuple[str | None, str | None, str | None]]:
     with sm() as s:
-        rows = s.scalars(select(Event).where(Event.entity == "job", Event.entity_id == str(job_id)))
+        rows = s.scalars(
+            select(Event).where(Event.entity == "job", Event.entity_id == str(job_id)).order_by(Event.id)
+        )
         return [(e.old_state, e.new_state, e.reason) for e in rows.all()]
 
 

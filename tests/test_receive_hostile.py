@@ -241,9 +241,9 @@ def test_each_header_finding_is_refused_with_c000(shared_node: ReceiveProcess, t
         assert list(s.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))) == []
         events = list(
             s.scalars(
-                select(Event).where(
-                    Event.entity == "instance", Event.new_state == "failed", Event.entity_id.in_(uids)
-                )
+                select(Event)
+                .where(Event.entity == "instance", Event.new_state == "failed", Event.entity_id.in_(uids))
+                .order_by(Event.id)
             )
         )
     reasons = [e.reason or "" for e in events]

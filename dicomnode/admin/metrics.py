@@ -35,8 +35,9 @@ DELIVERED_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3
 CHUNK = 20000
 
 
-# receive writes a burst of refusals one by one, then one summary event for the rest of the minute
-_SUMMARY = re.compile(r"^(\d+) more refusals like this .* the last: (0x[0-9A-Fa-f]{4})?")
+# receive writes a burst of refusals one by one, then one summary event for the rest of the minute:
+# "N more refusals like this from ADDRESS ... (instance 0xC000, what); the last: ..."
+_SUMMARY = re.compile(r"^(\d+) more refusals like this .*?\(instance (0x[0-9A-Fa-f]{4})")
 TAKEOVER = "lease of "  # a delivery taken over from a dead dispatcher: not an attempt
 
 
@@ -45,7 +46,7 @@ def _refusals(reason: str | None) -> tuple[str, int]:
     reason = reason or ""
     m = _SUMMARY.match(reason)
     if m:
-        return (m.group(2) or "other").upper().replace("0X", "0x"), int(m.group(1))
+        return "0x" + m.group(2)[2:].upper(), int(m.group(1))
     code = reason[:6]
     return (code if code.startswith("0x") else "other"), 1
 
@@ -121,7 +122,7 @@ class NodeCollector(Collector):
             .group_by(Event.entity_id)
         ).all()
         self._observe_phases(s, [int(j) for j, n in runs if j.isdigit() for _ in range(int(n))])
-        summary = Event.reason.like("% more refusals like this %")
+        summary = Event.reason.like("% more refusals like this %(instance 0x%")
         for reason, n in s.execute(
             select(func.substr(Event.reason, 1, 6), func.count())
             .where(
