@@ -480,7 +480,8 @@ def test_schema_fuzz_no_server_errors(tmp_path: Path):
         status_code_conformance,
     )
 
-    a = Api(tmp_path)
+    web = {"name": "cloud", "type": "dicomweb", "url": "https://pacs.example/dicom-web"}
+    a = Api(tmp_path, destinations=[*DESTINATIONS, web])
     try:
         schema = schemathesis.openapi.from_dict(a.client.get("/openapi.json").json())
         checks = [
