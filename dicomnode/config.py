@@ -492,6 +492,13 @@ class OutputConfig(_Section):
         return v
 
 
+def _unique_names(names: list[str], what: str) -> None:
+    """Refuse a list whose entries share a name, naming the first such name."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} name {dup[0]!r} is used twice; give each {what} its own name")
+
+
 class AdminToken(_Section):
     """A bearer token for the admin API and dashboard: ``read`` sees, ``admin`` also acts."""
 
@@ -526,10 +533,7 @@ class AdminConfig(_Section):
     @field_validator("tokens")
     @classmethod
     def _unique_tokens(cls, v: list[AdminToken]) -> list[AdminToken]:
-        names = [t.name for t in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"token name {dup[0]!r} is used twice; give each token its own name")
+        _unique_names([t.name for t in v], "token")
         secrets = [t.token.get_secret_value() for t in v]
         if len(set(secrets)) != len(secrets):
             raise ValueError("two entries share one token; give each name its own token")
@@ -600,10 +604,7 @@ class Settings(BaseSettings):
     @field_validator("sources")
     @classmethod
     def _unique_sources(cls, v: list[SourceConfig]) -> list[SourceConfig]:
-        names = [s.name for s in v]
-        if len(names) != len(set(names)):
-            dup = sorted({n for n in names if names.count(n) > 1})[0]
-            raise ValueError(f"source name {dup!r} is used twice; give each source its own name")
+        _unique_names([s.name for s in v], "source")
         return v
 
     @model_validator(mode="after")
@@ -631,10 +632,7 @@ class Settings(BaseSettings):
     @field_validator("destinations")
     @classmethod
     def _unique_destinations(cls, v: list[DestinationConfig]) -> list[DestinationConfig]:
-        names = [d.name for d in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"destination name {dup[0]!r} is used twice; give each destination its own name")
+        _unique_names([d.name for d in v], "destination")
         return v
 
     @model_validator(mode="after")
