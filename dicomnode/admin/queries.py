@@ -122,6 +122,7 @@ def job_dict(job: Job, series: dict[str, Series], deliveries: dict[str, dict[str
         "error": job.error,
         "quality": quality.get("metrics") if quality else None,
         "output_series_uid": job.output_series_uid,
+        "output_series_number": job.output_series_number,
         "deliveries": deliveries,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),

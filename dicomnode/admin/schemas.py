@@ -37,6 +37,7 @@ class JobOut(BaseModel):
     error: str | None = Field(description="why the job failed, or why the quality gate held it")
     quality: dict[str, float] | None = Field(description="mean of the nine fusion metrics on sampled slices")
     output_series_uid: str | None
+    output_series_number: int | None = Field(None, description="the fused series' Series Number")
     deliveries: dict[str, dict[str, int]] = Field(
         description="per destination, the job's deliveries by state"
     )
