@@ -23,6 +23,7 @@ from dicomnode.spool import Spool, outgoing_path
 from dicomnode.testing.peers import free_port, start_orthanc, start_status_scp, start_storescp
 
 N_SLICES = 4
+pytestmark = pytest.mark.both_backends
 
 
 class Clock:
@@ -41,7 +42,7 @@ class Clock:
 class Node:
     """Settings, DB, spool and outbox of one test node; helpers to add outputs and read rows."""
 
-    def __init__(self, tmp_path: Path, destinations: list[dict], **dispatch: float) -> None:
+    def __init__(self, tmp_path: Path, db_url: str, destinations: list[dict], **dispatch: float) -> None:
         dispatch_cfg = {
             "max_attempts": 5,
             "backoff_initial_seconds": 2,
@@ -52,7 +53,7 @@ class Node:
         self.settings: Settings = load_settings(
             None,
             node={"ae_title": "DICOMNODE"},
-            storage={"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path}/n.db"},
+            storage={"spool_dir": str(tmp_path / "spool"), "database_url": db_url},
             destinations=destinations,
             dispatch=dispatch_cfg,
         )
@@ -123,8 +124,8 @@ def orthanc(tmp_path: Path):
     handle.stop()
 
 
-def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, orthanc) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, db_url: str, orthanc) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     uids = node.add_outputs()
     assert node.outbox.run_once() == N_SLICES
     assert orthanc.sop_instance_uids() == set(uids)
@@ -147,11 +148,11 @@ def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, orthanc) -> 
     assert tags["SeriesDescription"] == "FUSED MR+CT [test]"
 
 
-def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path) -> None:
+def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path, db_url: str) -> None:
     orthanc = start_orthanc(tmp_path)
     orthanc.stop()  # ports known, nobody listening
     try:
-        node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
         uids = node.add_outputs()
         before = node.clock.now
         assert node.outbox.run_once() == 0
@@ -177,10 +178,11 @@ def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path) -> None:
         orthanc.stop()
 
 
-def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path) -> None:
+def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path, db_url: str) -> None:
     port = free_port()  # nothing listens here
     node = Node(
         tmp_path,
+        db_url,
         [dest("pacs", "NOBODY", port)],
         max_attempts=4,
         backoff_initial_seconds=2,
@@ -210,10 +212,10 @@ def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path) ->
     assert node.deliveries()[0].attempts == 4
 
 
-def test_wrong_called_aet_is_rejected_and_recorded(tmp_path: Path) -> None:
+def test_wrong_called_aet_is_rejected_and_recorded(tmp_path: Path, db_url: str) -> None:
     orthanc = start_orthanc(tmp_path, check_called_aet=True)
     try:
-        node = Node(tmp_path, [dest("pacs", "NOT-ORTHANC", orthanc.dicom_port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "NOT-ORTHANC", orthanc.dicom_port)])
         node.add_outputs(n=2)
         assert node.outbox.run_once() == 0
         rows = node.deliveries()
@@ -226,10 +228,10 @@ def test_wrong_called_aet_is_rejected_and_recorded(tmp_path: Path) -> None:
         orthanc.stop()
 
 
-def test_storescp_refusing_association(tmp_path: Path) -> None:
+def test_storescp_refusing_association(tmp_path: Path, db_url: str) -> None:
     scp = start_storescp(tmp_path, args=("--refuse",))
     try:
-        node = Node(tmp_path, [dest("pacs", "STORESCP", scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "STORESCP", scp.port)])
         node.add_outputs(n=1)
         assert node.outbox.run_once() == 0
         (d,) = node.deliveries()
@@ -238,10 +240,10 @@ def test_storescp_refusing_association(tmp_path: Path) -> None:
         scp.stop()
 
 
-def test_failure_status_is_a_failed_attempt(tmp_path: Path) -> None:
+def test_failure_status_is_a_failed_attempt(tmp_path: Path, db_url: str) -> None:
     scp = start_status_scp(status=0xA700)
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=2)
         assert node.outbox.run_once() == 0
         assert len(scp.received) == 2  # the PACS did get the requests
@@ -254,10 +256,10 @@ def test_failure_status_is_a_failed_attempt(tmp_path: Path) -> None:
         scp.stop()
 
 
-def test_warning_status_counts_as_stored(tmp_path: Path) -> None:
+def test_warning_status_counts_as_stored(tmp_path: Path, db_url: str) -> None:
     scp = start_status_scp(status=0xB000)
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=1)
         assert node.outbox.run_once() == 1
         (d,) = node.deliveries()
@@ -267,8 +269,8 @@ def test_warning_status_counts_as_stored(tmp_path: Path) -> None:
         scp.stop()
 
 
-def test_unconfigured_destination_fails_with_reason(tmp_path: Path) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", free_port())])
+def test_unconfigured_destination_fails_with_reason(tmp_path: Path, db_url: str) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", free_port())])
     node.add_outputs(n=1, destinations=("old-pacs",))
     assert node.outbox.run_once() == 0
     (d,) = node.deliveries()
@@ -277,8 +279,8 @@ def test_unconfigured_destination_fails_with_reason(tmp_path: Path) -> None:
     assert node.associations() == []
 
 
-def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, orthanc) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, db_url: str, orthanc) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     node.add_outputs(n=2)
     with node.sm() as s:
         first = s.scalars(select(Output).order_by(Output.id)).first()
@@ -289,8 +291,10 @@ def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, orthanc) -> Non
     assert rows[1].state == "sent"
 
 
-def test_crash_before_recording_leaves_rows_pending_and_resends(tmp_path: Path, orthanc, monkeypatch) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+def test_crash_before_recording_leaves_rows_pending_and_resends(
+    tmp_path: Path, db_url: str, orthanc, monkeypatch
+) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     uids = node.add_outputs()
 
     def die(self, results):  # the process dies after the PACS stored, before the DB write
@@ -307,11 +311,11 @@ def test_crash_before_recording_leaves_rows_pending_and_resends(tmp_path: Path, 
     assert len(orthanc.instances()) == N_SLICES
 
 
-def test_one_association_per_destination(tmp_path: Path, orthanc) -> None:
+def test_one_association_per_destination(tmp_path: Path, db_url: str, orthanc) -> None:
     scp = start_storescp(tmp_path)
     try:
         dests = [dest("pacs", "ORTHANC", orthanc.dicom_port), dest("archive", "STORESCP", scp.port)]
-        node = Node(tmp_path, dests)
+        node = Node(tmp_path, db_url, dests)
         node.add_outputs(destinations=("pacs", "archive"))
         assert node.outbox.run_once() == 2 * N_SLICES
         assocs = node.associations()
@@ -323,8 +327,8 @@ def test_one_association_per_destination(tmp_path: Path, orthanc) -> None:
         scp.stop()
 
 
-def test_run_forever_sends_and_stops(tmp_path: Path, orthanc) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+def test_run_forever_sends_and_stops(tmp_path: Path, db_url: str, orthanc) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     node.outbox.clock = utcnow
     node.add_outputs(n=2)
     stop = threading.Event()
@@ -370,10 +374,10 @@ def test_classify_status(status: int, stored: bool) -> None:
         assert f"0x{status:04X}" in (result.error or "")
 
 
-def test_peer_aborting_mid_association_fails_the_rest_with_reason(tmp_path: Path) -> None:
+def test_peer_aborting_mid_association_fails_the_rest_with_reason(tmp_path: Path, db_url: str) -> None:
     scp = start_storescp(tmp_path, args=("--abort-after",))
     try:
-        node = Node(tmp_path, [dest("pacs", "STORESCP", scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "STORESCP", scp.port)])
         node.add_outputs(n=3)
         assert node.outbox.run_once() == 0
         rows = node.deliveries()

@@ -31,7 +31,10 @@ from dicomnode.receive import ReceiveStage
 from dicomnode.spool import Spool
 from dicomnode.testing.peers import echoscu, have_dcmtk, storescu
 
-pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu/echoscu) not installed")
+pytestmark = [
+    pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu/echoscu) not installed"),
+    pytest.mark.both_backends,
+]
 
 
 def make_ct(
@@ -97,11 +100,11 @@ def dataset_bytes(path: Path) -> bytes:
 class Node:
     """A started stage with its DB and spool, for assertions."""
 
-    def __init__(self, tmp: Path, allowed: list[str] | None = None) -> None:
+    def __init__(self, tmp: Path, db_url: str, allowed: list[str] | None = None) -> None:
         self.settings = load_settings(
             None,
             node={"ae_title": "DICOMNODE", "host": "127.0.0.1", "allowed_calling_aets": allowed or []},
-            storage={"spool_dir": str(tmp / "spool"), "database_url": f"sqlite:///{tmp / 'db.sqlite'}"},
+            storage={"spool_dir": str(tmp / "spool"), "database_url": db_url},
         )
         self.settings.node.port = 0  # any free port
         self.sessions = make_sessionmaker(self.settings.storage.database_url)
@@ -122,8 +125,8 @@ class Node:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
+def node(tmp_path: Path, db_url: str) -> Iterator[Node]:
+    n = Node(tmp_path, db_url)
     n.stage.start()
     try:
         yield n
@@ -276,8 +279,8 @@ def test_new_instance_after_completion_reopens_series(node: Node, tmp_path: Path
     assert len(reopen) == 1 and "new instance after completion" in (reopen[0].reason or "")
 
 
-def test_disallowed_calling_ae_is_rejected(tmp_path: Path) -> None:
-    n = Node(tmp_path, allowed=["MODALITY1"])
+def test_disallowed_calling_ae_is_rejected(tmp_path: Path, db_url: str) -> None:
+    n = Node(tmp_path, db_url, allowed=["MODALITY1"])
     n.stage.start()
     try:
         f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
