@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 MODALITY_CODES = {"MR", "CT", "PT", "NM"}
@@ -38,6 +39,10 @@ class NodeConfig(_Section):
     port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
+    # Receive processes sharing the port (SO_REUSEPORT; the kernel spreads connections over them).
+    receive_processes: int = Field(1, ge=1, le=64)
+    # Let other receive processes of this user bind the same port (implied by receive_processes > 1).
+    reuse_port: bool = False
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -46,11 +51,56 @@ class NodeConfig(_Section):
     def _check_allowed(cls, v: list[str]) -> list[str]:
         return [_ae_title(a) for a in v]
 
+    @model_validator(mode="after")
+    def _shared_port(self) -> NodeConfig:
+        if self.receive_processes > 1 and self.port == 0:
+            raise ValueError("receive_processes > 1 needs a fixed node.port (0 picks a port per process)")
+        return self
+
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _default_node_id() -> str:
+    """The host name, as a file-name component (at most 64 characters)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:64]
+    return name or "node"
+
 
 class StorageConfig(_Section):
     spool_dir: Path = Path("./var/spool")
     database_url: str = "sqlite:///./var/dicomnode.db"
     fsync: bool = True
+    # Upgrade an older schema at start. None: yes on SQLite, no on a server database (there,
+    # run `dicomnode db upgrade` once). A newer schema is always refused.
+    auto_migrate: bool | None = None
+    # This node's name in spool file names where nodes sharing one spool could collide.
+    node_id: str = Field(default_factory=_default_node_id)
+    # Database connections kept per process (as many again at peak); server databases only.
+    pool_size: int = Field(5, ge=1, le=100)
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url  # noqa: PLC0415
+        from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+        try:
+            make_url(v)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (e.g. sqlite:///var/dicomnode.db, postgresql+psycopg://...)"
+            ) from None
+        return v
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        if not _NODE_ID.match(v):
+            raise ValueError(
+                "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
 
 
 class AssemblyConfig(_Section):
@@ -77,7 +127,7 @@ DEFAULT_EXCLUDE = [r"locali[sz]er|scout|survey|\bloc\b|3[- ]?plane|topogram|cali
 class RuleConfig(_Section):
     """A modality set: fuse a ``reference`` series (MR) with a ``moving`` series of one patient."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
     reference: str = "MR"
     moving: str
     reference_prefer: list[str] | None = None  # None = DEFAULT_PREFER[reference]
@@ -116,7 +166,7 @@ class RuleConfig(_Section):
 
 
 class DestinationConfig(_Section):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)

@@ -1,7 +1,7 @@
 """Database: models, engine/session setup, audit writer."""
 
 from dicomnode.db.audit import record
-from dicomnode.db.engine import init_db, make_engine, make_sessionmaker
+from dicomnode.db.engine import init_db, make_engine, make_sessionmaker, storage_sessionmaker
 from dicomnode.db.models import (
     Association,
     Base,
@@ -13,6 +13,7 @@ from dicomnode.db.models import (
     Series,
     utcnow,
 )
+from dicomnode.db.schema import SchemaError
 
 __all__ = [
     "Association",
@@ -22,10 +23,12 @@ __all__ = [
     "Instance",
     "Job",
     "Output",
+    "SchemaError",
     "Series",
     "init_db",
     "make_engine",
     "make_sessionmaker",
     "record",
+    "storage_sessionmaker",
     "utcnow",
 ]

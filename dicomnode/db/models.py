@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -20,10 +21,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+LEGACY_GUARD_VERSION = 2  # see SchemaInfo
 
 
 def utcnow() -> datetime:
+    """Now in UTC as a naive datetime: every DateTime column holds naive UTC, on every backend."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
@@ -32,6 +34,13 @@ class Base(DeclarativeBase):
 
 
 class SchemaInfo(Base):
+    """A guard for dicomnode releases from before schema migrations.
+
+    They wrote ``version`` 1 and refused any other value; a database managed by migrations holds
+    ``LEGACY_GUARD_VERSION`` here, so such a release refuses it instead of writing into a schema it
+    does not know. The schema's revision itself is Alembic's (table ``alembic_version``).
+    """
+
     __tablename__ = "schema_info"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
@@ -78,7 +87,7 @@ class Instance(Base):
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
     path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # 64 bit: a data set may pass 2 GiB
     association_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -140,7 +149,7 @@ class Job(Base):
     output_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: geometry, timings
-    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)  # host name (<= 64) : pid
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
