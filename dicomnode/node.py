@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.db import make_sessionmaker
+from dicomnode.db import storage_sessionmaker
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.node")
@@ -26,16 +26,30 @@ class Node:
         unknown = set(self.stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(sorted(unknown))}; known: {', '.join(STAGES)}")
-        self.sessionmaker: sessionmaker[Session] = make_sessionmaker(settings.storage.database_url)
-        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        self.sessionmaker: sessionmaker[Session] = storage_sessionmaker(settings.storage)
+        self.spool = Spool(
+            settings.storage.spool_dir, fsync=settings.storage.fsync, node_id=settings.storage.node_id
+        )
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self.receiver = None
+        self.receive_processes = None
         self.http = None
 
     def start(self) -> None:
         s = self.settings
-        if "receive" in self.stages:
+        if "receive" in self.stages and s.node.receive_processes > 1:
+            from dicomnode.receive.shared_port import ReceiveProcesses  # noqa: PLC0415
+
+            self.receive_processes = ReceiveProcesses(s).start()
+            log.info(
+                "receiving as %s on %s:%d in %d processes",
+                s.node.ae_title,
+                s.node.host,
+                s.node.port,
+                s.node.receive_processes,
+            )
+        elif "receive" in self.stages:
             from dicomnode.receive import ReceiveStage  # noqa: PLC0415
 
             self.receiver = ReceiveStage(s, self.sessionmaker, self.spool)
@@ -69,6 +83,8 @@ class Node:
         self.stop_event.set()
         if self.receiver is not None:
             self.receiver.stop()
+        if self.receive_processes is not None:
+            self.receive_processes.stop()
         if self.http is not None:
             self.http.stop()
         for t in self._threads:

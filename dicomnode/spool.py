@@ -41,9 +41,10 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Durable writes into the spool directory: temp file, fsync, rename, fsync the directory."""
 
-    def __init__(self, root: str | os.PathLike[str], fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], fsync: bool = True, node_id: str = "") -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.node_id = node_id  # storage.node_id: names this node's files on a spool shared by several
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()

@@ -13,7 +13,7 @@ import sys
 import threading
 
 from dicomnode.config import ConfigError, load_settings
-from dicomnode.db import make_sessionmaker
+from dicomnode.db import storage_sessionmaker
 from dicomnode.receive.scp import ReceiveStage
 from dicomnode.spool import Spool
 
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.port is not None:
         settings.node.port = args.port
-    sessions = make_sessionmaker(settings.storage.database_url)
-    spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+    sessions = storage_sessionmaker(settings.storage)
+    spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync, node_id=settings.storage.node_id)
     stage = ReceiveStage(settings, sessions, spool)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

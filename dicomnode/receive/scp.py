@@ -117,7 +117,8 @@ class ReceiveStage:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         ae = self._make_ae()
-        self._server = start_threaded_server(ae, (node.host, node.port), handlers)
+        shared = node.reuse_port or node.receive_processes > 1
+        self._server = start_threaded_server(ae, (node.host, node.port), handlers, reuse_port=shared)
         self.port = int(self._server.server_address[1])
         log.info("receive: %s listening on %s:%d", node.ae_title, node.host, self.port)
 

@@ -13,6 +13,8 @@ import threading
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicomnode.receive.shared_port import ReusePortMixin
+
 DUL_IDLE_SLEEP = 0.0002  # seconds; pynetdicom's default is 0.001
 
 
@@ -49,11 +51,16 @@ class FastRequestHandler(RequestHandler):
         return assoc
 
 
+class SharedPortServer(ReusePortMixin, ThreadedAssociationServer):
+    """A ThreadedAssociationServer whose port other receive processes may bind too."""
+
+
 def start_threaded_server(
-    ae: object, address: tuple[str, int], evt_handlers: list[object]
+    ae: object, address: tuple[str, int], evt_handlers: list[object], reuse_port: bool = False
 ) -> ThreadedAssociationServer:
-    """Like ``AE.start_server(block=False)`` but with FastRequestHandler."""
-    server = ThreadedAssociationServer(
+    """Like ``AE.start_server(block=False)`` but with FastRequestHandler (and SO_REUSEPORT if asked)."""
+    server_class = SharedPortServer if reuse_port else ThreadedAssociationServer
+    server = server_class(
         ae,  # type: ignore[arg-type]
         address,
         ae.ae_title,  # type: ignore[attr-defined]
