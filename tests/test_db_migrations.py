@@ -248,7 +248,7 @@ def test_database_from_before_migrations_is_upgraded_with_its_rows(db_url: str):
     sm = make_sessionmaker(db_url, auto_migrate=True)
     engine = sm.kw["bind"]
     assert current(engine).kind == "current"
-    assert dump(engine, Base.metadata) == before  # every row kept, column for column
+    assert dump(engine, legacy.metadata) == before  # every row kept, column for column
     with engine.connect() as conn:
         assert schema_differences(conn) == []
         assert conn.scalar(text("SELECT version FROM schema_info")) == LEGACY_GUARD_VERSION

@@ -62,6 +62,8 @@ class Association(Base):
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # inbound: the receive process that took it, "<storage.node_id>:<pid>" (several share a port)
+    receiver: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class Instance(Base):

@@ -50,8 +50,9 @@ _REOPEN_SERIES = (
 class InstanceIndex:
     """Database access for the receive stage (thread safe; one writer at a time in-process)."""
 
-    def __init__(self, sessionmaker_: sessionmaker[Session]) -> None:
+    def __init__(self, sessionmaker_: sessionmaker[Session], receiver: str | None = None) -> None:
         self._sessionmaker = sessionmaker_
+        self.receiver = receiver  # "<node_id>:<pid>" recorded on the associations this process takes
         # SQLite has one writer anyway; serialising here also makes the series upsert race-free
         # between associations of this process. Other processes are covered by IntegrityError.
         self._write_lock = threading.Lock()
@@ -206,6 +207,7 @@ class InstanceIndex:
                 peer_host=host,
                 peer_port=port,
                 state="open",
+                receiver=self.receiver,
             )
             s.add(row)
             s.flush()
@@ -225,6 +227,7 @@ class InstanceIndex:
                 state="rejected",
                 reason=reason,
                 ended_at=utcnow(),
+                receiver=self.receiver,
             )
             s.add(row)
             s.flush()

@@ -8,6 +8,7 @@ arrived; only its header is parsed.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,7 +83,7 @@ class ReceiveStage:
     def __init__(self, settings: Settings, sessionmaker: sessionmaker[Session], spool: Spool) -> None:
         self.settings = settings
         self.spool = spool
-        self.index = InstanceIndex(sessionmaker)
+        self.index = InstanceIndex(sessionmaker, receiver=f"{settings.storage.node_id}:{os.getpid()}")
         self.port: int | None = None
         self._server: Any = None
         self._claims = _UidClaims()
