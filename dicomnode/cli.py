@@ -142,7 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``with_train`` False leaves out ``train`` (whose import loads torch)."""
     p = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
     p.add_argument("--config", default=None, help="config file (default: ./config.yaml when present)")
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--modalities", default="MR,CT,PT", help="comma-separated, e.g. MR,CT,PT,NM")
     sp.set_defaults(func=cmd_demo)
 
+    if not with_train:
+        return p
     try:
         from dicomnode.fusion.training.cli import add_train_parser  # noqa: PLC0415
     except ImportError:
@@ -210,8 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (None when there is none yet, e.g. ``--help``)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    command = _command(sys.argv[1:] if argv is None else argv)
+    # A stage process (serve --stage receive, ...) starts without loading torch for `train`.
+    parser = build_parser(with_train=command in (None, "train"))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
