@@ -359,3 +359,52 @@ def test_revision_tool_writes_what_the_models_add(tmp_path: Path):
         f"down_revision = '{head_revision()}'" in source or f'down_revision = "{head_revision()}"' in source
     )
     assert "batch_alter_table('jobs'" in source and "add_column" in source and "'priority'" in source
+
+
+def test_the_wheel_carries_the_migrations(tmp_path: Path):
+    """`pip install` users get the migrations: the built wheel holds them and they load from it."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = tmp_path.glob("dicomnode-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "site")
+    shipped = {
+        f"dicomnode/db/migrations/versions/{p.name}"
+        for p in (root / "dicomnode/db/migrations/versions").glob("*.py")
+    }
+    assert shipped <= names and "dicomnode/db/migrations/env.py" in names
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import dicomnode.db.schema as s; print(s.MIGRATIONS); print(s.head_revision())",
+        ],
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,  # not the checkout: python -c puts the working directory first
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    assert out == [str(tmp_path / "site/dicomnode/db/migrations"), head_revision()]
