@@ -3,6 +3,7 @@
 Run by hand:  .venv/bin/python benchmarks/ingest.py [--n 500] [--rounds 3] [--diagnose]
 Receivers run in their own processes on free loopback ports, alternating round by round; the
 table shows instances/s (median over rounds) and the ratio to storescp. Nothing is asserted.
+``--parallel N [--orthanc-pg]``: N associations at once instead (see ingest_parallel.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="add dicomnode rows without flushes (shows what durability costs)",
     )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="N storescu associations at once, N series (ingest_parallel.py)",
+    )
+    parser.add_argument(
+        "--orthanc-pg", action="store_true", help="with --parallel: Orthanc on PostgreSQL too"
+    )
     args = parser.parse_args(argv)
+    if args.parallel > 1:
+        from ingest_parallel import run as run_parallel  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory(prefix="dicomnode-ingest-") as tmp:
+            return run_parallel(args.n, args.parallel, args.rounds, args.cache, args.orthanc_pg, Path(tmp))
 
     folder = ensure_series(args.cache, args.n)
     size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6

@@ -20,10 +20,12 @@ import sys
 import tempfile
 import threading
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import SecretBytes, SecretStr
 
 from dicomnode.config import Settings
 
@@ -59,6 +61,23 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _plain(value: Any) -> Any:
+    """Settings as YAML-safe values, secrets included (JSON mode would mask them)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_plain(v) for v in value]
+    if isinstance(value, SecretStr | SecretBytes):
+        return _plain(value.get_secret_value())
+    if isinstance(value, bytes):
+        return value.decode()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Enum):
+        return _plain(value.value)
+    return str(value)  # Path, URL, IP network ...
+
+
 class ReceiveProcesses:
     """``node.receive_processes`` receive processes on ``node.port``, restarted when one dies.
 
@@ -84,7 +103,7 @@ class ReceiveProcesses:
             return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
     def _write_config(self) -> None:
-        data: dict[str, Any] = self.settings.model_dump(mode="json")
+        data: dict[str, Any] = _plain(self.settings.model_dump(mode="python"))
         data["node"]["receive_processes"] = 1
         data["node"]["reuse_port"] = True
         fd = os.open(self._config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
