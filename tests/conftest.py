@@ -4,9 +4,13 @@ A test that takes ``db_url`` (a fresh database) or ``db_factory`` (fresh databas
 once per selected backend, its id ending in ``[sqlite]`` or ``[postgresql]``. The selection comes
 from ``--db`` or the environment variable ``DICOMNODE_TEST_DB``:
 
-- unset / ``default``: SQLite for every such test, and PostgreSQL too for tests marked
-  ``both_backends`` (the stage tests whose SQL differs between backends, and the end-to-end runs:
-  what fits the CI budget);
+- unset / ``default`` (CI): SQLite for every such test, and PostgreSQL too for tests marked
+  ``both_backends``: the migrations, what SQLite lets pass and PostgreSQL refuses, the receive
+  index (stores, duplicates, concurrent associations, a reopened series), two receive processes
+  on one port, assemble, the fuse stage's claims and recovery, the outbox's state machine and
+  the one-process end-to-end run. The others (network refusals, transfer syntaxes, fusion
+  geometry, the four-process end-to-end run) run no SQL those do not, and CI's time is bounded;
+  they run on PostgreSQL when asked;
 - ``sqlite`` or ``postgresql``: that backend only, for every such test;
 - ``all``: both backends for every such test.
 

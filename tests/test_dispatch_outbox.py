@@ -23,7 +23,6 @@ from dicomnode.spool import Spool, outgoing_path
 from dicomnode.testing.peers import free_port, start_orthanc, start_status_scp, start_storescp
 
 N_SLICES = 4
-pytestmark = pytest.mark.both_backends
 
 
 class Clock:
@@ -124,6 +123,7 @@ def orthanc(tmp_path: Path):
     handle.stop()
 
 
+@pytest.mark.both_backends
 def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, db_url: str, orthanc) -> None:
     node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     uids = node.add_outputs()
@@ -178,6 +178,7 @@ def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path, db_url: str
         orthanc.stop()
 
 
+@pytest.mark.both_backends
 def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path, db_url: str) -> None:
     port = free_port()  # nothing listens here
     node = Node(
@@ -291,6 +292,7 @@ def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, db_url: str, or
     assert rows[1].state == "sent"
 
 
+@pytest.mark.both_backends
 def test_crash_before_recording_leaves_rows_pending_and_resends(
     tmp_path: Path, db_url: str, orthanc, monkeypatch
 ) -> None:

@@ -23,7 +23,6 @@ from dicomnode.testing.peers import (
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.both_backends,
     pytest.mark.skipif(not (have_orthanc() and have_dcmtk()), reason="needs Debian orthanc and dcmtk"),
 ]
 

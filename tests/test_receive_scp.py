@@ -31,10 +31,7 @@ from dicomnode.receive import ReceiveStage
 from dicomnode.spool import Spool
 from dicomnode.testing.peers import echoscu, have_dcmtk, storescu
 
-pytestmark = [
-    pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu/echoscu) not installed"),
-    pytest.mark.both_backends,
-]
+pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu/echoscu) not installed")
 
 
 def make_ct(
@@ -156,6 +153,7 @@ def test_echo_is_answered_and_association_recorded(node: Node) -> None:
     ]
 
 
+@pytest.mark.both_backends
 def test_store_writes_identical_files_and_index_rows(node: Node, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -227,6 +225,7 @@ def test_other_transfer_syntaxes_are_stored_as_received(node: Node, tmp_path: Pa
     assert dcmread(stored).pixel_array.shape == (16, 16)
 
 
+@pytest.mark.both_backends
 def test_same_instance_twice_is_stored_once(node: Node, tmp_path: Path) -> None:
     f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
     assert storescu([f], node.port).returncode == 0
@@ -240,6 +239,7 @@ def test_same_instance_twice_is_stored_once(node: Node, tmp_path: Path) -> None:
     assert len(list(node.spool.root.glob("incoming/*/*/*.dcm"))) == 1
 
 
+@pytest.mark.both_backends
 def test_concurrent_associations_store_each_uid_once(node: Node, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -263,6 +263,7 @@ def test_concurrent_associations_store_each_uid_once(node: Node, tmp_path: Path)
     assert len(list(node.spool.root.glob("incoming/*/*/*.dcm"))) == 8
 
 
+@pytest.mark.both_backends
 def test_new_instance_after_completion_reopens_series(node: Node, tmp_path: Path) -> None:
     study, series = generate_uid(), generate_uid()
     f1 = make_ct(tmp_path / "a.dcm", study=study, series=series, index=0)
@@ -349,6 +350,7 @@ def test_disk_full_answers_a700_and_indexes_nothing(
     assert "No space left on device" in (ev.reason or "") and "0xA700" in (ev.reason or "")
 
 
+@pytest.mark.both_backends
 def test_db_failure_answers_a700_and_leaves_no_file(
     node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -95,7 +95,6 @@ def env(tmp_path: Path, db_url: str):
     return sm, spool, FuseStage(settings, sm, spool, worker_id="test:1")
 
 
-@pytest.mark.both_backends
 def test_job_to_outputs_and_deliveries(env, tmp_path: Path):
     sm, spool, stage = env
     st = generate_study(tmp_path / "st", modalities=("MR", "CT"), scale=0.2, seed=1)
