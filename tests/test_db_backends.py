@@ -12,7 +12,7 @@ from alembic.operations import Operations
 from sqlalchemy import Column, Integer, String, func, inspect, select, text
 
 from dicomnode.config import ConfigError, load_settings
-from dicomnode.db import Event, Instance, Job, Series, make_engine, make_sessionmaker, record
+from dicomnode.db import Association, Event, Instance, Job, Series, make_engine, make_sessionmaker, record
 from dicomnode.db.idempotent_ops import (
     add_column_if_missing,
     create_index_if_missing,
@@ -51,7 +51,7 @@ def test_audit_event_keeps_an_overlong_identifier_from_the_network(db_url: str):
 
 
 def test_columns_hold_what_the_node_writes(db_url: str):
-    """A data set over 2 GiB and the worker name of a host with a 64-character name."""
+    """A data set over 2 GiB, a host name of 64 characters in a worker name, a destination's DNS name."""
     sm = make_sessionmaker(db_url)
     index = InstanceIndex(sm, receiver="n" * 64 + ":4194304")
     assert index.add_instance(
@@ -62,6 +62,10 @@ def test_columns_hold_what_the_node_writes(db_url: str):
         association_id=None,
     )
     index.open_association("SCANNER", "DICOMNODE", "2001:db8::1", 40000)
+    pacs = ".".join(["archive-of-the-radiology-department"] * 6)[:253]  # a destination's DNS name
+    with sm() as s:
+        s.add(Association(direction="out", calling_aet="DICOMNODE", called_aet="PACS", peer_host=pacs))
+        s.commit()
     with sm() as s:
         s.add(
             Job(

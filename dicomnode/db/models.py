@@ -54,7 +54,7 @@ class Association(Base):
     direction: Mapped[str] = mapped_column(String(8), default="in")  # in | out
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     called_aet: Mapped[str] = mapped_column(String(16), default="")
-    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    peer_host: Mapped[str] = mapped_column(String(255), default="")  # an address, or a destination's DNS name
     peer_port: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="open")  # open|rejected|released|aborted
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
