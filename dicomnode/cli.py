@@ -62,6 +62,8 @@ def cmd_db(args: argparse.Namespace) -> int:
             before, after = schema.upgrade(engine)
             if before.kind == "current":
                 print(f"database already at {after.revision}")
+            elif before.kind == "empty":
+                print(f"database created at revision {after.revision}")
             else:
                 print(f"database upgraded: {before.describe()} -> revision {after.revision}")
             return 0
