@@ -181,12 +181,13 @@ class PostgresServer:
         ) as conn:
             conn.execute(sql)  # type: ignore[arg-type]
 
-    def create_database(self, name: str | None = None) -> str:
-        """A new empty database; returns its SQLAlchemy URL."""
+    def create_database(self, name: str | None = None, template: str | None = None) -> str:
+        """A new database, empty or a copy of ``template`` (which nobody may be connected to)."""
         name = name or f"t_{os.getpid()}_{time.monotonic_ns()}"
-        if not _NAME.match(name):
-            raise ValueError(f"database name must match {_NAME.pattern}: {name!r}")
-        self._admin(f'CREATE DATABASE "{name}"')
+        for value in (name, template):
+            if value is not None and not _NAME.match(value):
+                raise ValueError(f"database name must match {_NAME.pattern}: {value!r}")
+        self._admin(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         return self.url(name)
 
     def reset_database(self, name: str) -> None:
