@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from receivers import OrthancReceiver, fresh_dir
+from receivers import OrthancReceiver, StoreScp, fresh_dir
 from sqlalchemy import create_engine, func, select
 
 from dicomnode.db import Instance
@@ -56,27 +56,13 @@ def ensure_series(cache: Path, n: int, senders: int) -> list[Path]:
     return folders
 
 
-class ForkingStorescp:
+class ForkingStorescp(StoreScp):
     """dcmtk storescp with ``--fork`` (one process per association), no fsync."""
-
-    aet = "STORESCP"
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = 0
-        self.scp: Any = None
 
     def start(self) -> ForkingStorescp:
         self.scp = start_storescp(self.workdir, aet=self.aet, args=("--fork",))
         self.port = self.scp.port
         return self
-
-    def count(self) -> int:
-        return len(self.scp.files()) if self.scp is not None else 0
-
-    def stop(self) -> None:
-        if self.scp is not None:
-            self.scp.stop()
 
 
 class OrthancPostgres(OrthancReceiver):
