@@ -276,6 +276,15 @@ def test_older_schema_is_refused_without_auto_migrate(db_url: str):
     engine.dispose()
 
 
+def test_by_default_sqlite_is_upgraded_at_start_and_a_server_database_is_not(db_url: str):
+    make_legacy_database(db_url)
+    if db_url.startswith("sqlite"):
+        assert current(make_sessionmaker(db_url).kw["bind"]).kind == "current"
+    else:
+        with pytest.raises(SchemaError, match="dicomnode db upgrade"):
+            make_sessionmaker(db_url)
+
+
 def test_newer_schema_is_refused(db_url: str):
     make_sessionmaker(db_url).kw["bind"].dispose()
     engine = make_engine(db_url)
