@@ -11,6 +11,7 @@ median over rounds, and the ratios to storescp and Orthanc. Nothing is asserted.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -145,6 +146,39 @@ class DicomnodeServe:
         stop_process(self.proc, timeout=60)
 
 
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU time (user + system) of processes, their live descendants and their reaped children."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks, todo, seen = 0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in stats and pid not in seen:
+            seen.add(pid)
+            ticks += stats[pid][1]
+            todo += children.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def root_pids(receiver: Any, pg: PostgresServer | None) -> list[int]:
+    """The processes doing a receiver's work: its own, and the PostgreSQL cluster's when it uses it."""
+    handle = getattr(receiver, "scp", None) or getattr(receiver, "orthanc", None) or receiver
+    pids = [handle.proc.pid]
+    uses_pg = isinstance(receiver, OrthancPostgres) or "postgresql" in getattr(receiver, "database_url", "")
+    if pg is not None and uses_pg:
+        pids.append(int((pg.data_dir / "postmaster.pid").read_text().split()[0]))
+    return pids
+
+
 def send_parallel(folders: list[Path], port: int, called_aet: str) -> float:
     """One storescu association per folder, all at once; wall time until the last one ended."""
 
@@ -191,13 +225,17 @@ def run(n: int, senders: int, rounds: int, cache: Path, orthanc_pg: bool, tmp: P
                 (f"dicomnode postgresql x{procs}", lambda d, p=procs: DicomnodeServe(d, p, pg_url()))
             )
     rates: dict[str, list[float]] = {name: [] for name, _ in makers}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in makers}
     try:
         for rnd in range(1, rounds + 1):
             for name, make in makers:
                 workdir = fresh_dir(tmp / f"{name.split()[0]}-{rnd}-{len(rates[name])}")
                 receiver: Receiver = make(workdir).start()
                 try:
+                    roots = root_pids(receiver, pg)
+                    cpu0 = tree_cpu_seconds(roots)
                     seconds = send_parallel(folders, receiver.port, receiver.aet)
+                    cpu[name].append((tree_cpu_seconds(roots) - cpu0) * 1000 / total)
                     stored = receiver.count()
                 finally:
                     receiver.stop()
