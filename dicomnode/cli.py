@@ -8,10 +8,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomnode import __version__
 from dicomnode.config import ConfigError, Settings, load_settings
 from dicomnode.db.schema import SchemaError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -49,6 +53,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import OperationalError  # noqa: PLC0415
+
     from dicomnode.db import make_engine, schema  # noqa: PLC0415
 
     if args.db_command == "revision":
@@ -58,20 +64,29 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = make_engine(settings.storage.database_url)
     try:
-        if args.db_command == "upgrade":
-            before, after = schema.upgrade(engine)
-            if before.kind == "current":
-                print(f"database already at {after.revision}")
-            elif before.kind == "empty":
-                print(f"database created at revision {after.revision}")
-            else:
-                print(f"database upgraded: {before.describe()} -> revision {after.revision}")
-            return 0
-        state = schema.current(engine)
-        print(state.describe())
-        return 0 if state.kind == "current" or not args.check else 1
+        return _db_command(args, engine)
+    except OperationalError as exc:
+        print(f"error: cannot use the database ({engine.url!r}): {exc.orig}", file=sys.stderr)
+        return 2
     finally:
         engine.dispose()
+
+
+def _db_command(args: argparse.Namespace, engine: Engine) -> int:
+    from dicomnode.db import schema  # noqa: PLC0415
+
+    if args.db_command == "upgrade":
+        before, after = schema.upgrade(engine)
+        if before.kind == "current":
+            print(f"database already at {after.revision}")
+        elif before.kind == "empty":
+            print(f"database created at revision {after.revision}")
+        else:
+            print(f"database upgraded: {before.describe()} -> revision {after.revision}")
+        return 0
+    state = schema.current(engine)
+    print(state.describe())
+    return 0 if state.kind == "current" or not args.check else 1
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
