@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -197,6 +198,7 @@ def send_parallel(folders: list[Path], port: int, called_aet: str) -> float:
 
 def run(n: int, senders: int, rounds: int, cache: Path, orthanc_pg: bool, tmp: Path) -> int:
     """Run the rounds and print the table."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks stop the peers
     folders = ensure_series(cache, n, senders)
     total = n * senders
     size_mb = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 1e6
@@ -244,7 +246,9 @@ def run(n: int, senders: int, rounds: int, cache: Path, orthanc_pg: bool, tmp: P
                     print(f"  round {rnd} {name}: stored {stored} of {total} instances!", flush=True)
                 rates[name].append(total / seconds)
                 print(
-                    f"  round {rnd} {name:<30} {total / seconds:8.1f} inst/s  ({seconds:.2f} s)", flush=True
+                    f"  round {rnd} {name:<30} {total / seconds:8.1f} inst/s  ({seconds:.2f} s, "
+                    f"{cpu[name][-1]:.1f} ms CPU per instance)",
+                    flush=True,
                 )
     finally:
         if pg is not None:
@@ -257,13 +261,16 @@ def run(n: int, senders: int, rounds: int, cache: Path, orthanc_pg: bool, tmp: P
         f"parallel ingest: {senders} storescu associations at once, {n} CT instances each "
         f"(512x512, 16 bit; {total} instances, {size_mb:.0f} MB), median of {rounds} rounds"
     )
-    print(
-        f"{'receiver':<32}{'inst/s':>9}{'MB/s':>8}{'min':>9}{'max':>9}{'vs storescp':>13}{'vs orthanc':>12}"
-    )
+    head = f"{'receiver':<32}{'inst/s':>9}{'MB/s':>8}{'min':>9}{'max':>9}"
+    print(f"{head}{'vs storescp':>13}{'vs orthanc':>12}{'CPU ms/inst':>13}")
     for name, values in rates.items():
         med = statistics.median(values)
         print(
             f"{name:<32}{med:>9.1f}{med * size_mb / total:>8.1f}{min(values):>9.1f}{max(values):>9.1f}"
-            f"{med / base:>12.2f}x{med / orthanc:>11.2f}x"
+            f"{med / base:>12.2f}x{med / orthanc:>11.2f}x{statistics.median(cpu[name]):>13.1f}"
         )
+    print(
+        "CPU ms/inst: CPU time of the receiver's processes (with the PostgreSQL cluster's where it is"
+        " used) per instance; the cores divided by it bound inst/s on an otherwise idle machine"
+    )
     return 0
