@@ -118,7 +118,9 @@ class PostgresServer:
         missing = postgres_missing()
         if missing:
             raise PeerError(missing)
-        self.workdir = Path(tempfile.mkdtemp(prefix="dicomnode-pg-"))
+        # as root, in /tmp: the postgres user must reach it (TMPDIR may be a folder only root can enter)
+        parent = "/tmp" if os.geteuid() == 0 else None
+        self.workdir = Path(tempfile.mkdtemp(prefix="dicomnode-pg-", dir=parent))
         if os.geteuid() == 0:
             pw = pwd.getpwnam(SERVICE_USER)
             os.chown(self.workdir, pw.pw_uid, pw.pw_gid)
