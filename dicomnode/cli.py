@@ -29,9 +29,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.node import STAGES, Node  # noqa: PLC0415
-    from dicomnode.receive.shared_port import die_with_parent  # noqa: PLC0415
 
-    die_with_parent()
     settings = _settings(args)
     stages = STAGES if not args.stage else tuple(args.stage)
     node = Node(settings, stages)

@@ -15,6 +15,7 @@ import threading
 from dicomnode.config import ConfigError, load_settings
 from dicomnode.db import storage_sessionmaker
 from dicomnode.receive.scp import ReceiveStage
+from dicomnode.receive.shared_port import die_with_parent
 from dicomnode.spool import Spool
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="override node.port (0 = any free port)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
+    die_with_parent()  # when started by ReceiveProcesses: end with the node
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = load_settings(args.config)

@@ -11,20 +11,18 @@ path of the receive stage).
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import SecretBytes, SecretStr
 
 from dicomnode.config import Settings
@@ -78,6 +76,12 @@ def _plain(value: Any) -> Any:
     return str(value)  # Path, URL, IP network ...
 
 
+def _config_variable(name: str, sections: dict[str, Any]) -> bool:
+    """``DICOMNODE_<SECTION>`` or ``DICOMNODE_<SECTION>__<KEY>`` of a config section."""
+    prefix = "DICOMNODE_"
+    return name.upper().startswith(prefix) and name[len(prefix) :].split("__")[0].lower() in sections
+
+
 class ReceiveProcesses:
     """``node.receive_processes`` receive processes on ``node.port``, restarted when one dies.
 
@@ -92,8 +96,7 @@ class ReceiveProcesses:
         self._restarts = [0] * self.count
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._dir = Path(tempfile.mkdtemp(prefix="dicomnode-receive-"))
-        self._config = self._dir / "config.yaml"
+        self._env = self._child_environment()
         self._watcher: threading.Thread | None = None
 
     @property
@@ -102,29 +105,29 @@ class ReceiveProcesses:
         with self._lock:
             return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
-    def _write_config(self) -> None:
+    def _child_environment(self) -> dict[str, str]:
+        """This process's environment with the settings as DICOMNODE_<SECTION> JSON values.
+
+        The settings travel in the environment, not in a file that a node killed with -9 would
+        leave behind (it may hold the database password); the DICOMNODE_* variables they came
+        from are replaced, so that none of them can undo ``receive_processes: 1``.
+        """
         data: dict[str, Any] = _plain(self.settings.model_dump(mode="python"))
         data["node"]["receive_processes"] = 1
         data["node"]["reuse_port"] = True
-        fd = os.open(self._config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(data, fh)
+        env = {k: v for k, v in os.environ.items() if not _config_variable(k, data)}
+        env.update({f"DICOMNODE_{section.upper()}": json.dumps(value) for section, value in data.items()})
+        env[PARENT_ENV] = str(os.getpid())
+        return env
 
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        # the file holds these already; the environment would win over it
-        env["DICOMNODE_NODE__RECEIVE_PROCESSES"] = "1"
-        env["DICOMNODE_NODE__REUSE_PORT"] = "true"
-        env[PARENT_ENV] = str(os.getpid())
-        config = str(self._config)
-        cmd = [sys.executable, "-m", "dicomnode.cli", "--config", config, "serve", "--stage", "receive"]
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "dicomnode.receive", "--log-level", "INFO"]  # the settings: from _env
+        proc = subprocess.Popen(cmd, env=self._env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         log.info("receive process %d started (pid %d)", slot + 1, proc.pid)
         return proc
 
     def start(self, timeout: float = 60.0) -> ReceiveProcesses:
         """Start the processes and wait until the port accepts connections."""
-        self._write_config()
         with self._lock:
             for slot in range(self.count):
                 self._procs[slot] = self._spawn(slot)
@@ -188,8 +191,3 @@ class ReceiveProcesses:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=timeout)
-        self._config.unlink(missing_ok=True)
-        try:
-            self._dir.rmdir()
-        except OSError:
-            pass
