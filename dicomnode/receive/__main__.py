@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent()  # when started by ReceiveProcesses: end with the node
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))  # as the CLI
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
