@@ -1,8 +1,11 @@
 """Ingest benchmark: one storescu association of N CT instances into storescp, Orthanc and dicomnode.
 
-Run by hand:  .venv/bin/python benchmarks/ingest.py [--n 500] [--rounds 3] [--diagnose]
+Run by hand:  .venv/bin/python benchmarks/ingest.py [--n 500] [--rounds 3] [--diagnose] [--baseline DIR]
 Receivers run in their own processes on free loopback ports, alternating round by round; the
-table shows instances/s (median over rounds) and the ratio to storescp. Nothing is asserted.
+table shows instances/s (median over rounds), the ratio to storescp and the receiver's CPU time
+per instance (from /proc; less sensitive than the rate to what else runs on the machine).
+``--baseline DIR`` adds the receive stage of another checkout (e.g. a worktree of main) to the
+same rounds, so a change can be compared with what it changes, side by side. Nothing is asserted.
 ``--parallel N [--orthanc-pg]``: N associations at once instead (see ingest_parallel.py).
 """
 
@@ -46,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         help="add dicomnode rows without flushes (shows what durability costs)",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="another dicomnode checkout to run beside this one (repeatable)",
+    )
+    parser.add_argument(
+        "--only-dicomnode", action="store_true", help="leave out storescp and Orthanc (baseline comparisons)"
+    )
+    parser.add_argument(
         "--parallel",
         type=int,
         default=1,
@@ -68,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         ("orthanc", lambda d: OrthancReceiver(d)),
         ("dicomnode", lambda d: DicomnodeReceiver(d)),
     ]
+    if args.only_dicomnode:
+        makers = makers[2:]
+    for code in args.baseline:
+        makers.append((f"dicomnode@{code.name}", lambda d, code=code: DicomnodeReceiver(d, code=code)))
     if args.diagnose:
         makers.append(("dicomnode (spool fsync off)", lambda d: DicomnodeReceiver(d, fsync=False)))
         shm = Path("/dev/shm")
@@ -79,13 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     rates: dict[str, list[float]] = {name: [] for name, _ in makers}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in makers}  # receiver CPU s per instance
     with tempfile.TemporaryDirectory(prefix="dicomnode-ingest-") as tmp:
         for rnd in range(1, args.rounds + 1):
             for name, make in makers:
                 workdir = fresh_dir(Path(tmp) / f"{name.split()[0]}-{rnd}-{len(rates[name])}")
                 receiver = make(workdir).start()
                 try:
+                    cpu_before = receiver.cpu_seconds()
                     seconds = send_folder(folder, receiver.port, receiver.aet)
+                    cpu[name].append((receiver.cpu_seconds() - cpu_before) / args.n)
                     stored = receiver.count()
                 finally:
                     receiver.stop()
@@ -97,17 +117,23 @@ def main(argv: list[str] | None = None) -> int:
                 rates[name].append(rate)
                 print(f"  round {rnd} {name:<28} {rate:8.1f} inst/s  ({seconds:.2f} s)", flush=True)
 
-    base = statistics.median(rates["storescp"])
+    base = statistics.median(rates["storescp" if "storescp" in rates else "dicomnode"])
+    base_name = "storescp" if "storescp" in rates else "dicomnode"
     print()
     print(
         f"ingest: {args.n} CT instances (512x512, 16 bit, {size_mb:.0f} MB), one storescu association, "
         f"median of {args.rounds} rounds"
     )
-    print(f"{'receiver':<30}{'inst/s':>10}{'MB/s':>9}{'min':>9}{'max':>9}{'vs storescp':>13}")
+    head = f"{'receiver':<30}{'inst/s':>10}{'MB/s':>9}{'min':>9}{'max':>9}{'vs ' + base_name:>15}"
+    print(head + f"{'CPU ms/inst':>13}")
     for name, values in rates.items():
         med = statistics.median(values)
         mbs = med * size_mb / args.n
-        print(f"{name:<30}{med:>10.1f}{mbs:>9.1f}{min(values):>9.1f}{max(values):>9.1f}{med / base:>12.2f}x")
+        ms = f"{statistics.median(cpu[name]) * 1000:.2f}" if all(c == c for c in cpu[name]) else "-"
+        row = f"{name:<30}{med:>10.1f}{mbs:>9.1f}{min(values):>9.1f}{max(values):>9.1f}{med / base:>14.2f}x"
+        print(row + f"{ms:>13}")
+    if "orthanc" not in rates:
+        return 0
     orthanc = statistics.median(rates["orthanc"])
     node = statistics.median(rates["dicomnode"])
     print(

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from dicomnode.testing.peers import Orthanc, Storescp, start_storescp, stop_process, storescu
+from dicomnode.testing.peers import Orthanc, Storescp, start_storescp, storescu
+from dicomnode.testing.receiver import ReceiveProcess, process_cpu_seconds, start_receive_process
 
 __all__ = ["DicomnodeReceiver", "OrthancReceiver", "StoreScp", "fresh_dir", "send_folder"]
 
@@ -36,6 +35,9 @@ class StoreScp:
 
     def count(self) -> int:
         return len(self.scp.files()) if self.scp is not None else 0
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.scp.proc.pid) if self.scp and self.scp.proc else float("nan")
 
     def stop(self) -> None:
         if self.scp is not None:
@@ -60,6 +62,9 @@ class OrthancReceiver:
     def count(self) -> int:
         return int(self.orthanc.rest("/statistics")["CountInstances"])
 
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.orthanc.proc.pid) if self.orthanc.proc else float("nan")
+
     def stop(self) -> None:
         self.orthanc.stop()
 
@@ -69,41 +74,33 @@ class DicomnodeReceiver:
 
     aet = "DICOMNODE"
 
-    def __init__(self, workdir: Path, fsync: bool = True, name: str = "dicomnode") -> None:
+    def __init__(
+        self, workdir: Path, fsync: bool = True, name: str = "dicomnode", code: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.fsync = fsync
         self.name = name
+        self.code = code  # another checkout of dicomnode to run instead of the installed one
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: ReceiveProcess | None = None
 
     def start(self) -> DicomnodeReceiver:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "config.yaml"
-        cfg.write_text(
-            f"node: {{ae_title: {self.aet}, host: 127.0.0.1, port: 11112}}\n"
-            f"storage: {{spool_dir: '{self.workdir / 'spool'}', "
-            f"database_url: 'sqlite:///{self.workdir / 'dicomnode.db'}', fsync: {str(self.fsync).lower()}}}\n"
+        self.process = start_receive_process(
+            self.workdir, storage={"fsync": self.fsync}, log_level="WARNING", code=self.code
         )
-        with open(self.workdir / "receive.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicomnode.receive", "--config", str(cfg), "--port", "0"],
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode().strip()
-        if not line.startswith("LISTENING "):
-            stop_process(self.proc)
-            raise RuntimeError(f"dicomnode receiver did not start; see {self.workdir / 'receive.log'}")
-        self.port = int(line.split()[1])
+        self.port = self.process.port
         return self
 
     def count(self) -> int:
         with sqlite3.connect(self.workdir / "dicomnode.db") as db:
             return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
 
+    def cpu_seconds(self) -> float:
+        return self.process.cpu_seconds() if self.process is not None else float("nan")
+
     def stop(self) -> None:
-        stop_process(self.proc)
+        if self.process is not None:
+            self.process.stop()
 
 
 def send_folder(folder: Path, port: int, called_aet: str, calling_aet: str = "SCANNER") -> float:

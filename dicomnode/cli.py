@@ -169,7 +169,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     sp.add_argument(
         "--stage",
         action="append",
-        choices=["receive", "assemble", "fuse", "dispatch", "admin"],
+        choices=["receive", "assemble", "retrieve", "fuse", "dispatch", "admin"],
         help="run only this stage (repeatable); default: all stages in one process",
     )
     sp.set_defaults(func=cmd_serve)

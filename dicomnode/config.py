@@ -5,17 +5,22 @@ Validation happens at start; an unknown key or a bad value raises ConfigError na
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 MODALITY_CODES = {"MR", "CT", "PT", "NM"}
+MAX_SERIES_NUMBER_BASE = 2**31 - 1 - 100_000  # Series Number is an IS (at most 2^31-1); room to count up
+DEFAULT_NOTICE = "RESEARCH USE ONLY"
 
 
 class ConfigError(Exception):
@@ -33,12 +38,75 @@ def _ae_title(value: str) -> str:
     return value
 
 
+def _readable_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+class NodeTlsConfig(_Section):
+    """DICOM TLS on the receive port: the node's certificate and key, the CA of client certificates."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+    _check_files = field_validator("cert", "key", "ca")(
+        classmethod(lambda cls, v: None if v is None else _readable_file(v))
+    )
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> NodeTlsConfig:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the CA that signs the client certificates)")
+        return self
+
+
+class AllowedPeer(_Section):
+    """One allow-list entry: a calling AE title, a peer address or network (CIDR), or both."""
+
+    ae_title: str | None = None
+    address: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else _ae_title(v)
+
+    @field_validator("address")
+    @classmethod
+    def _network(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            return str(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP address or network: {v!r}") from None
+
+    @model_validator(mode="after")
+    def _something(self) -> AllowedPeer:
+        if self.ae_title is None and self.address is None:
+            raise ValueError("an allowed peer needs ae_title, address or both")
+        return self
+
+
 class NodeConfig(_Section):
     ae_title: str = "DICOMNODE"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
-    allowed_calling_aets: list[str] = Field(default_factory=list)
-    max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
+    allowed_calling_aets: list[str] = Field(default_factory=list)  # AE titles admitted from any address
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)
+    check_called_aet: bool = True  # refuse associations addressed to another AE title
+    tls: NodeTlsConfig | None = None
+    # The largest P-DATA PDU the node announces and accepts; a longer declared PDU ends the association.
+    max_pdu_size: int = Field(1_048_576, ge=4096, le=64 * 1_048_576)
+    max_dataset_mb: int = Field(2048, ge=1)  # one C-STORE data set; larger ones end the association
+    max_associations: int = Field(32, ge=1, le=4096)  # connections at once, counted from accept
+    max_associations_per_address: int = Field(8, ge=1, le=4096)
+    acse_timeout_seconds: float = Field(10.0, gt=0, le=3600)  # connect -> A-ASSOCIATE-RQ, and release
+    dimse_timeout_seconds: float = Field(600.0, gt=0, le=86400)  # one command or data set, first to last byte
+    network_timeout_seconds: float = Field(60.0, gt=0, le=86400)  # idle association, or a PDU stalled
     # Receive processes sharing the port (SO_REUSEPORT; the kernel spreads connections over them).
     receive_processes: int = Field(1, ge=1, le=64)
     # Let other receive processes of this user bind the same port (implied by receive_processes > 1).
@@ -124,6 +192,16 @@ DEFAULT_PREFER: dict[str, list[str]] = {
 DEFAULT_EXCLUDE = [r"locali[sz]er|scout|survey|\bloc\b|3[- ]?plane|topogram|calibration|b1map|dose report"]
 
 
+class FetchMissingConfig(_Section):
+    """Query and retrieve a rule's missing partner series from the ``sources`` (PACS)."""
+
+    enabled: bool = False
+    lookback_days: int = Field(365, ge=0, le=36500)  # partner studies at most this many days older
+    wait_minutes: float = Field(10, ge=0)  # how long a complete series waits for its partner to arrive
+    # Series completed longer ago than this never start a fetch (e.g. when switched on over an old spool).
+    max_age_hours: float = Field(24, gt=0)
+
+
 class RuleConfig(_Section):
     """A modality set: fuse a ``reference`` series (MR) with a ``moving`` series of one patient."""
 
@@ -135,6 +213,9 @@ class RuleConfig(_Section):
     exclude: list[str] | None = None  # None = DEFAULT_EXCLUDE
     body_part: str | None = None  # e.g. HEAD: skip series whose Body Part Examined says otherwise
     min_slices: int = Field(8, ge=1)  # fewer slices is not a volume (a localizer, a single slice)
+    # First Series Number of this rule's fused series; None = 9100, 9200, ... by the rule's position.
+    series_number_base: int | None = Field(None, ge=1, le=MAX_SERIES_NUMBER_BASE)
+    fetch_missing: FetchMissingConfig = Field(default_factory=FetchMissingConfig)
 
     @field_validator("reference", "moving")
     @classmethod
@@ -165,13 +246,128 @@ class RuleConfig(_Section):
         return [re.compile(p, re.IGNORECASE) for p in raw]
 
 
-class DestinationConfig(_Section):
+def _http_url(value: str) -> str:
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("put credentials in username/password, not in the URL")
+    return value.rstrip("/")
+
+
+class HttpAuthConfig(_Section):
+    """Optional HTTP authentication: a bearer token, or basic auth with username and password."""
+
+    bearer_token: str | None = Field(None, min_length=1)
+    username: str | None = Field(None, min_length=1)
+    password: str | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> HttpAuthConfig:
+        if self.bearer_token and self.username:
+            raise ValueError("give either bearer_token or username/password, not both")
+        if self.password is not None and not self.username:
+            raise ValueError("password needs a username")
+        return self
+
+
+class OrthancRestConfig(HttpAuthConfig):
+    """A destination that is an Orthanc: its REST API, used to look up and delete series."""
+
+    url: str
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+
+
+class DestinationTlsConfig(_Section):
+    """DICOM TLS to a destination: the CA of its certificate, and our client certificate if it asks."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    check_hostname: bool = True  # the certificate must name the destination's host
+
+    _check_files = field_validator("ca", "cert", "key")(
+        classmethod(lambda cls, v: None if v is None else _readable_file(v))
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (the client certificate and its private key)")
+        return self
+
+
+class DestinationConfig(HttpAuthConfig):
+    """A PACS the fused series go to: DIMSE C-STORE (``type: dimse``) or DICOMweb STOW-RS (``dicomweb``).
+
+    The auth keys (bearer_token, username, password) are for ``dicomweb``; ``orthanc`` (optional)
+    names the destination's Orthanc REST API, the capability to list and delete series there.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    type: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    url: str | None = None  # dicomweb: the service root, e.g. http://pacs:8042/dicom-web
+    orthanc: OrthancRestConfig | None = None
+    tls: DestinationTlsConfig | None = None  # dimse: DICOM TLS to this destination
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str | None) -> str | None:
+        return None if v is None else _ae_title(v)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v)
+
+    @model_validator(mode="after")
+    def _keys_for_type(self) -> DestinationConfig:
+        if self.type == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dimse destination needs {', '.join(missing)}")
+            if self.url is not None or self.bearer_token or self.username:
+                raise ValueError("url and HTTP auth keys are for type: dicomweb")
+        elif self.url is None:
+            raise ValueError("a dicomweb destination needs url (the DICOMweb service root)")
+        return self
+
+    @property
+    def where(self) -> str:
+        """Where the destination is, for logs and the audit: AE@host:port or the URL."""
+        if self.type == "dicomweb":
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class SourceConfig(_Section):
+    """A PACS the node may query (C-FIND) and retrieve from (C-MOVE to ``node.ae_title``, or C-GET)."""
+
     name: str = Field(min_length=1, max_length=64)
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    retrieve: Literal["c-move", "c-get"] = "c-move"
+    timeout_seconds: float = Field(30.0, gt=0)  # per association step and per DIMSE response
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+class RetrieveConfig(_Section):
+    """The retrieve stage: polling, retries with backoff, bounds on what a source may answer."""
+
+    poll_seconds: float = Field(1.0, gt=0)
+    max_attempts: int = Field(8, ge=1)  # per query round and per retrieve
+    backoff_initial_seconds: float = Field(10.0, gt=0)
+    backoff_max_seconds: float = Field(300.0, gt=0)
+    max_studies: int = Field(50, ge=1, le=1000)  # study matches used per source and query
+    max_series: int = Field(200, ge=1, le=10000)  # series matches used per study
+    max_retrieve_seconds: float = Field(1800.0, gt=0)  # one C-MOVE / C-GET, all sub-operations
 
 
 class FusionConfig(_Section):
@@ -189,12 +385,87 @@ class FusionConfig(_Section):
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    """A duration from seconds (number) or text with a unit: ``90s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or e.g. 30m, 12h, 7d")
+    if isinstance(value, int | float):
+        return timedelta(seconds=float(value))
+    m = _DURATION.match(str(value))
+    if m is None:
+        raise ValueError(f"not a duration: {value!r} (use seconds or e.g. 30m, 12h, 7d)")
+    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[(m.group(2) or "s").lower()])
+
+
 class DispatchConfig(_Section):
-    max_attempts: int = Field(10, ge=1)
+    """Outbox retries: transient failures are retried with capped exponential backoff until
+    ``give_up_after`` has passed since the first failed attempt; permanent refusals end at once."""
+
+    give_up_after: timedelta = timedelta(days=7)
+    max_attempts: int | None = Field(None, ge=1)  # optional extra cap on attempts; None = time decides
     backoff_initial_seconds: float = Field(2.0, gt=0)
     backoff_max_seconds: float = Field(300.0, gt=0)
     poll_seconds: float = Field(0.5, gt=0)
     timeout_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("give_up_after", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> timedelta:
+        d = parse_duration(v)
+        if d.total_seconds() <= 0:
+            raise ValueError("give_up_after must be positive")
+        return d
+
+
+class WorkersConfig(_Section):
+    """Leases: every claimed job, delivery and open association carries its worker's id and an expiry
+    the worker renews; another worker takes the work over when a lease expires (a dead process)."""
+
+    lease_seconds: float = Field(30.0, ge=1.0, le=3600.0)
+    worker_id: str | None = Field(None, min_length=1, max_length=64)  # None = <host>-<pid>-<random>
+    max_job_attempts: int = Field(3, ge=1, le=100)  # a job whose worker keeps dying fails after this
+
+    @field_validator("worker_id")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and (not v.isprintable() or not v.strip() or not v.isascii()):
+            raise ValueError("worker_id must be printable ASCII text")
+        return v.strip() if v is not None else None
+
+
+class OutputConfig(_Section):
+    """What the fused series says about itself (notice, replacement) and which IOD carries it."""
+
+    notice: str = Field(DEFAULT_NOTICE, max_length=64)
+    notice_in_description: bool = True  # the notice ends the Series Description
+    burn_in_notice: bool = True  # the notice is drawn into a corner of every image
+    # Ends the Series Description of a re-fusion; {series_number} is the replaced series' number.
+    replaces_text: str = Field("REPLACES {series_number}", max_length=32)
+    replace_previous: bool = False  # ask destinations that allow it to delete the replaced series
+    iod: Literal["sc", "multiframe-sc"] = "sc"
+
+    @field_validator("notice", "replaces_text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        v = " ".join(v.split())
+        if "\\" in v or not v.isprintable():
+            raise ValueError("must be printable text without backslash")
+        return v
+
+    @field_validator("replaces_text")
+    @classmethod
+    def _placeholder(cls, v: str) -> str:
+        try:
+            v.format(series_number=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only the placeholder {{series_number}} is allowed ({exc})") from None
+        return v
 
 
 class AdminConfig(_Section):
@@ -224,7 +495,28 @@ class Settings(BaseSettings):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in v]
+        if len(names) != len(set(names)):
+            raise ValueError("source names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _fetch_needs_sources(self) -> Settings:
+        for n, rule in enumerate(self.rules):
+            if rule.fetch_missing.enabled and not self.sources:
+                raise ValueError(
+                    f"rules.{n}.fetch_missing.enabled: no sources configured to fetch from (add sources:)"
+                )
+        return self
 
     @field_validator("rules")
     @classmethod
@@ -233,6 +525,21 @@ class Settings(BaseSettings):
         if len(names) != len(set(names)):
             raise ValueError("rule names must be unique")
         return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, v: list[DestinationConfig]) -> list[DestinationConfig]:
+        names = [d.name for d in v]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        return v
+
+    def series_number_base(self, rule_name: str) -> int:
+        """The first Series Number of a rule's fused series (9100, 9200, ... unless configured)."""
+        for position, rule in enumerate(self.rules):
+            if rule.name == rule_name:
+                return rule.series_number_base or 9000 + 100 * (position + 1)
+        return 9000
 
     @classmethod
     def settings_customise_sources(

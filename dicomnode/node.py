@@ -11,10 +11,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
 from dicomnode.db import storage_sessionmaker
+from dicomnode.db.leases import WorkerLeases
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.node")
-STAGES = ("receive", "assemble", "fuse", "dispatch", "admin")
+STAGES = ("receive", "assemble", "retrieve", "fuse", "dispatch", "admin")
 
 
 class Node:
@@ -27,8 +28,17 @@ class Node:
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(sorted(unknown))}; known: {', '.join(STAGES)}")
         self.sessionmaker: sessionmaker[Session] = storage_sessionmaker(settings.storage)
+        # One worker identity per process: its heartbeat and every lease its stages hold.
+        self.leases = WorkerLeases(
+            self.sessionmaker,
+            settings.workers.lease_seconds,
+            settings.workers.worker_id,
+            stages=self.stages,
+            node_id=settings.storage.node_id,
+        )
+        self.leases.register()  # before the spool's tmp folder exists, so no sweep takes it for a dead one
         self.spool = Spool(
-            settings.storage.spool_dir, fsync=settings.storage.fsync, node_id=settings.storage.node_id
+            settings.storage.spool_dir, fsync=settings.storage.fsync, tmp_dir=self.leases.tmp_dir
         )
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -38,6 +48,8 @@ class Node:
 
     def start(self) -> None:
         s = self.settings
+        self.leases.start()
+        log.info("worker id %s (lease %g s)", self.leases.owner, self.leases.seconds)
         if "receive" in self.stages and s.node.receive_processes > 1:
             from dicomnode.receive.shared_port import ReceiveProcesses  # noqa: PLC0415
 
@@ -52,7 +64,7 @@ class Node:
         elif "receive" in self.stages:
             from dicomnode.receive import ReceiveStage  # noqa: PLC0415
 
-            self.receiver = ReceiveStage(s, self.sessionmaker, self.spool)
+            self.receiver = ReceiveStage(s, self.sessionmaker, self.spool, leases=self.leases)
             self.receiver.start()
             log.info("receiving as %s on %s:%d", s.node.ae_title, s.node.host, self.receiver.port)
         workers = []
@@ -60,14 +72,19 @@ class Node:
             from dicomnode.assemble import AssembleStage  # noqa: PLC0415
 
             workers.append(("assemble", AssembleStage(s, self.sessionmaker)))
+        if "retrieve" in self.stages:
+            from dicomnode.retrieve import RetrieveStage  # noqa: PLC0415
+
+            workers.append(("retrieve", RetrieveStage(s, self.sessionmaker, self.spool, leases=self.leases)))
         if "fuse" in self.stages:
             from dicomnode.runner import FuseStage  # noqa: PLC0415
 
-            workers.append(("fuse", FuseStage(s, self.sessionmaker, self.spool)))
+            workers.append(("fuse", FuseStage(s, self.sessionmaker, self.spool, leases=self.leases)))
         if "dispatch" in self.stages:
-            from dicomnode.dispatch import DispatchOutbox  # noqa: PLC0415
+            from dicomnode.dispatch import DispatchOutbox, SeriesRemover  # noqa: PLC0415
 
-            workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool)))
+            workers.append(("dispatch", DispatchOutbox(s, self.sessionmaker, self.spool, leases=self.leases)))
+            workers.append(("removal", SeriesRemover(s, self.sessionmaker)))
         for name, worker in workers:
             t = threading.Thread(target=worker.run_forever, args=(self.stop_event,), name=name, daemon=True)
             t.start()
@@ -89,6 +106,7 @@ class Node:
             self.http.stop()
         for t in self._threads:
             t.join(timeout=30)
+        self.leases.stop()  # gives back what is still held, so other workers take it at once
 
     def serve_forever(self) -> None:
         """Start, then block until SIGINT/SIGTERM."""

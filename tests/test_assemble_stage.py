@@ -5,9 +5,10 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from dicomnode.admin import collect_status, format_status
 from dicomnode.assemble import AssembleStage
 from dicomnode.config import load_settings
-from dicomnode.db import Event, Job, Series, make_sessionmaker
+from dicomnode.db import Event, Instance, Job, Series, SeriesDecision, make_sessionmaker
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 pytestmark = pytest.mark.both_backends
@@ -202,3 +203,107 @@ def test_no_eligible_reference_makes_no_job(env):
     clock.now = T0 + timedelta(minutes=1)
     stage.run_once()
     assert jobs(sm) == []
+
+
+def decisions(sm, rule: str = "mr-ct") -> dict[str, tuple[str, str, int | None]]:
+    with sm() as s:
+        rows = s.scalars(select(SeriesDecision).where(SeriesDecision.rule_name == rule)).all()
+        return {d.series_instance_uid: (d.decision, d.reason, d.job_id) for d in rows}
+
+
+def series_events(sm, rule: str = "mr-ct") -> list[Event]:
+    """The decision events of one rule."""
+    with sm() as s:
+        rows = s.scalars(select(Event).where(Event.entity == "series", Event.stage == "assemble"))
+        return [e for e in rows if (e.reason or "").startswith(f"rule {rule}: ")]
+
+
+def add_instances(sm, series_uid: str, n: int, rows: int, columns: int) -> None:
+    with sm() as s:
+        for k in range(n):
+            s.add(
+                Instance(
+                    sop_instance_uid=f"{series_uid}.{k}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    series_instance_uid=series_uid,
+                    study_instance_uid="1.2.3",
+                    image_orientation="1\\0\\0\\0\\1\\0",
+                    rows=rows,
+                    columns=columns,
+                    path=f"x/{series_uid}/{k}",
+                )
+            )
+        s.commit()
+
+
+def test_one_slice_ct_is_skipped_with_a_reason_in_the_audit_and_status(env):
+    """A CT of one slice creates no job, and both series say why (once, not on every pass)."""
+    sm, stage, clock = env
+    add_series(sm, "mr1", "MR", series_description="T1 MPRAGE")
+    add_series(sm, "ct1", "CT", series_description="CT HEAD", n_instances=1)
+    clock.now = T0 + timedelta(minutes=1)
+    stage.run_once()
+    stage.run_once()
+    assert jobs(sm) == []
+    got = decisions(sm)
+    assert got["ct1"] == ("skipped", "1 slices, fewer than 8 (not a volume)", None)
+    assert got["mr1"][0] == "waiting" and "no eligible CT series to pair with" in got["mr1"][1]
+    assert "'CT HEAD' (ct1) 1 slices, fewer than 8" in got["mr1"][1]
+    decided = [
+        (e.entity_id, e.old_state, e.new_state) for e in series_events(sm) if e.new_state != "complete"
+    ]
+    assert sorted(decided) == [("ct1", None, "skipped"), ("mr1", None, "waiting")]
+    with sm() as s:
+        st = collect_status(s)
+    shown = {d["series_instance_uid"]: d for d in st["series_not_fused"]}
+    assert shown["ct1"]["reason"] == "1 slices, fewer than 8 (not a volume)"
+    assert shown["ct1"]["modality"] == "CT" and shown["ct1"]["rule"] == "mr-ct"
+    text = format_status(st)
+    assert "series skipped or waiting" in text and "1 slices, fewer than 8 (not a volume)" in text
+
+
+def test_series_of_one_by_one_pixels_is_skipped(env):
+    """2000 slices of 1x1 pixels are not an image: skipped with the reason, no job."""
+    sm, stage, clock = env
+    add_series(sm, "mr1", "MR", n_instances=20)
+    add_series(sm, "ct1", "CT", n_instances=2000)
+    add_instances(sm, "mr1", 20, 256, 256)
+    add_instances(sm, "ct1", 2000, 1, 1)
+    clock.now = T0 + timedelta(minutes=1)
+    stage.run_once()
+    assert jobs(sm) == []
+    assert decisions(sm)["ct1"][:2] == (
+        "skipped",
+        "1x1 pixels per slice, fewer than 32x32 (not an image to fuse)",
+    )
+
+
+def test_decisions_change_with_the_series_and_are_audited_once_per_change(env):
+    sm, stage, clock = env
+    add_series(sm, "mr1", "MR", series_description="T1 MPRAGE", acquisition_type="3D")
+    add_series(sm, "mr-t2", "MR", series_description="T2 TSE")
+    clock.now = T0 + timedelta(minutes=1)
+    stage.run_once()
+    got = decisions(sm)
+    assert got["mr1"][0] == "waiting" and got["mr-t2"][0] == "skipped"
+    assert "ranks higher" in got["mr-t2"][1] and "'T1 MPRAGE' (mr1)" in got["mr-t2"][1]
+    add_series(sm, "ct1", "CT", series_description="CT HEAD", last=clock.now)
+    clock.now += timedelta(minutes=1)
+    stage.run_once()
+    stage.run_once()
+    (job,) = jobs(sm)
+    got = decisions(sm)
+    assert got["mr1"][0] == got["ct1"][0] == "chosen"
+    assert got["mr1"][2] == got["ct1"][2] == job.id
+    assert got["mr-t2"][0] == "skipped"
+    changes = [
+        (e.entity_id, e.old_state, e.new_state) for e in series_events(sm) if e.new_state != "complete"
+    ]
+    assert changes == [
+        ("mr-t2", None, "skipped"),
+        ("mr1", None, "waiting"),
+        ("ct1", None, "chosen"),
+        ("mr1", "waiting", "chosen"),
+    ]
+    chosen = [e.reason for e in series_events(sm) if e.new_state == "chosen"]
+    assert all(r.startswith("rule mr-ct: ") and r.endswith(f"(job {job.id})") for r in chosen)

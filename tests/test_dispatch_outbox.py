@@ -16,7 +16,9 @@ from test_output_sc import make_headers
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.db import Association, Delivery, Event, Job, Output, make_sessionmaker, utcnow
+from dicomnode.db.leases import WorkerLeases, claim_deliveries
 from dicomnode.dispatch import DispatchOutbox, classify_status
+from dicomnode.dispatch.outbox import requeue_failed
 from dicomnode.dispatch.scu import FileInfo, presentation_contexts
 from dicomnode.output import build_fused_series
 from dicomnode.spool import Spool, outgoing_path
@@ -145,7 +147,7 @@ def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, db_url: str,
     # the stored instance is the file from the spool (pixels survive the trip)
     orthanc_id = orthanc.instances()[0]
     tags = orthanc.instance_tags(orthanc_id)
-    assert tags["SeriesDescription"] == "FUSED MR+CT [test]"
+    assert tags["SeriesDescription"] == "FUSED MR + CT [test] RESEARCH USE ONLY"
 
 
 def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path, db_url: str) -> None:
@@ -213,17 +215,27 @@ def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path, db
     assert node.deliveries()[0].attempts == 4
 
 
-def test_wrong_called_aet_is_rejected_and_recorded(tmp_path: Path, db_url: str) -> None:
+def test_permanent_rejection_fails_at_once_with_the_reason(tmp_path: Path, db_url: str) -> None:
+    """Orthanc answers a wrong called AE title with A-ASSOCIATE-RJ "rejected permanent": retrying
+    cannot help, so the deliveries fail at the first attempt with the reason (no week of retries)."""
     orthanc = start_orthanc(tmp_path, check_called_aet=True)
     try:
         node = Node(tmp_path, db_url, [dest("pacs", "NOT-ORTHANC", orthanc.dicom_port)])
         node.add_outputs(n=2)
         assert node.outbox.run_once() == 0
         rows = node.deliveries()
-        assert all(d.state == "pending" and d.attempts == 1 for d in rows)
-        assert all("rejected" in (d.last_error or "") for d in rows), [d.last_error for d in rows]
+        assert all(d.state == "failed" and d.attempts == 1 for d in rows), [
+            (d.state, d.attempts) for d in rows
+        ]
+        assert all("Rejected Permanent" in (d.last_error or "") for d in rows), [d.last_error for d in rows]
+        assert all("Called AE title not recognised" in (d.last_error or "") for d in rows)
+        events = node.events()
+        assert [(e.old_state, e.new_state) for e in events] == [("pending", "failed")] * 2
+        assert all(e.reason.startswith("refused permanently, not retried") for e in events)
         assoc = node.associations()[-1]
         assert assoc.state == "rejected" and "rejected" in (assoc.reason or "")
+        node.clock.advance(3600)
+        assert node.outbox.run_once() == 0 and len(node.associations()) == 1  # never tried again
         assert orthanc.instances() == []
     finally:
         orthanc.stop()
@@ -237,6 +249,152 @@ def test_storescp_refusing_association(tmp_path: Path, db_url: str) -> None:
         assert node.outbox.run_once() == 0
         (d,) = node.deliveries()
         assert d.attempts == 1 and "rejected" in (d.last_error or "")
+        assert d.state == "failed"  # dcmtk refuses with "rejected permanent"
+    finally:
+        scp.stop()
+
+
+def _defaults_node(tmp_path: Path, db_url: str, port: int) -> Node:
+    """A node with the shipped dispatch defaults (backoff 2 s .. 300 s, give up after 7 days)."""
+    node = Node(tmp_path, db_url, [dest("pacs", "STATUSSCP", port)])
+    defaults = load_settings(None).dispatch
+    node.settings.dispatch = defaults.model_copy(update={"timeout_seconds": 5})
+    return node
+
+
+def test_outage_longer_than_fourteen_minutes_is_still_delivered_with_defaults(
+    tmp_path: Path, db_url: str
+) -> None:
+    """With the shipped settings a PACS that is down for 20 minutes gets the series when it is back
+    (the attempts keep coming, at most backoff_max apart), with no manual step."""
+    port = free_port()  # the PACS: nobody listens during the outage
+    node = _defaults_node(tmp_path, db_url, port)
+    node.add_outputs(n=2)
+    t0 = node.clock.now
+    rounds = 0
+    while node.clock.now - t0 < timedelta(minutes=20):
+        assert node.outbox.run_once() == 0
+        rounds += 1
+        rows = node.deliveries()
+        assert all(d.state == "pending" for d in rows), [d.last_error for d in rows]
+        gaps = {(d.next_attempt_at - node.clock.now).total_seconds() for d in rows}
+        assert max(gaps) <= 300 * 1.1 + 1e-6  # capped backoff
+        node.clock.now = min(d.next_attempt_at for d in rows)
+    assert rounds >= 11  # more attempts than the old limit of 10 allowed
+    scp = start_status_scp(status=0x0000, port=port)
+    try:
+        node.clock.now = max(d.next_attempt_at for d in node.deliveries())
+        assert node.outbox.run_once() == 2
+        assert len(scp.received) == 2
+        assert all(d.state == "sent" and d.attempts >= 11 for d in node.deliveries())
+    finally:
+        scp.stop()
+
+
+def test_give_up_after_ends_an_endless_outage(tmp_path: Path, db_url: str) -> None:
+    port = free_port()
+    node = _defaults_node(tmp_path, db_url, port)
+    node.add_outputs(n=1)
+    t0 = node.clock.now
+    assert node.outbox.run_once() == 0
+    (d,) = node.deliveries()
+    assert d.state == "pending" and d.failing_since == t0
+    node.clock.now = t0 + timedelta(days=7) - timedelta(seconds=1)
+    assert node.outbox.run_once() == 0
+    (d,) = node.deliveries()
+    # the last attempt is at the deadline, not a backoff step beyond it
+    assert d.state == "pending" and d.next_attempt_at == t0 + timedelta(days=7)
+    node.clock.now = d.next_attempt_at
+    assert node.outbox.run_once() == 0
+    (d,) = node.deliveries()
+    assert (d.state, d.attempts) == ("failed", 3)
+    last = node.events()[-1]
+    assert (last.old_state, last.new_state) == ("pending", "failed")
+    assert "gave up after 3 attempts over 7 days" in last.reason and "cannot connect" in last.reason
+
+
+@pytest.mark.parametrize("status", [0x0122, 0xA900, 0xC000])
+def test_status_a_retry_cannot_change_fails_at_once(tmp_path: Path, db_url: str, status: int) -> None:
+    scp = start_status_scp(status=status)
+    try:
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
+        node.add_outputs(n=1)
+        assert node.outbox.run_once() == 0
+        (d,) = node.deliveries()
+        assert (d.state, d.attempts, d.last_status) == ("failed", 1, status)
+        assert f"0x{status:04X}" in d.last_error and "retry cannot change" in d.last_error
+    finally:
+        scp.stop()
+
+
+def test_destination_without_the_sop_class_fails_at_once(tmp_path: Path, db_url: str) -> None:
+    """A PACS that accepts no presentation context for Secondary Capture will not start to."""
+    from pydicom.uid import CTImageStorage  # noqa: PLC0415
+
+    scp = start_status_scp(sop_classes=[CTImageStorage])
+    try:
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
+        node.add_outputs(n=2)
+        assert node.outbox.run_once() == 0
+        rows = node.deliveries()
+        assert all((d.state, d.attempts) == ("failed", 1) for d in rows), [d.last_error for d in rows]
+        assert all("presentation context" in d.last_error for d in rows)
+        assert scp.received == []
+    finally:
+        scp.stop()
+
+
+def test_failed_delivery_requeued_by_an_admin_is_sent(tmp_path: Path, db_url: str) -> None:
+    scp = start_status_scp(status=0x0122)
+    try:
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
+        node.add_outputs(n=2)
+        assert node.outbox.run_once() == 0
+        assert [d.state for d in node.deliveries()] == ["failed", "failed"]
+        scp.status = 0x0000  # the PACS admin added the SOP class
+        with node.sm() as s, s.begin():
+            moved = requeue_failed(
+                s, [d.id for d in node.deliveries()], "re-sent by admin", now=node.clock.now
+            )
+        assert len(moved) == 2
+        rows = node.deliveries()
+        assert all((d.state, d.attempts, d.failing_since) == ("pending", 0, None) for d in rows)
+        assert node.outbox.run_once() == 2
+        assert all(d.state == "sent" for d in node.deliveries())
+        states = [(e.old_state, e.new_state) for e in node.events()]
+        assert states.count(("failed", "pending")) == 2 and states.count(("pending", "sent")) == 2
+    finally:
+        scp.stop()
+
+
+def test_leased_deliveries_are_not_sent_by_a_second_dispatcher(tmp_path: Path, db_url: str) -> None:
+    """Two dispatchers on one database: rows leased by one are skipped by the other until the lease
+    expires; then the other takes them over (audited) and sends each once."""
+    scp = start_status_scp(status=0x0000)
+    try:
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
+        node.add_outputs(n=3)
+        other = DispatchOutbox(
+            node.settings,
+            node.sm,
+            node.spool,
+            clock=node.clock,
+            leases=WorkerLeases(node.sm, 30, "dispatcher-b", clock=node.clock),
+        )
+        with node.sm() as s:  # dispatcher A claims the round, then dies without a word
+            claimed = claim_deliveries(
+                s, "dispatcher-a", node.clock.now, node.clock.now + timedelta(seconds=30), limit=10
+            )
+        assert len(claimed) == 3
+        assert other.run_once() == 0 and scp.received == []
+        node.clock.advance(31)
+        assert other.run_once() == 3
+        assert sorted(scp.received) == sorted(set(scp.received)) and len(scp.received) == 3
+        rows = node.deliveries()
+        assert all(d.state == "sent" and d.lease_owner is None for d in rows)
+        taken = [e.reason for e in node.events() if e.new_state == "pending"]
+        assert taken == ["lease of dispatcher-a expired; taken over by dispatcher-b"] * 3
+        other.leases.stop()
     finally:
         scp.stop()
 

@@ -116,7 +116,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, db_factory):
 def test_fused_series_in_same_patient_and_study(run: Run):
     assert len(run.series) == 2
     descs = sorted(run.series)
-    assert descs[0].startswith("FUSED MR+CT [") and descs[1].startswith("FUSED MR+PT [")
+    assert descs[0].startswith("FUSED MR T1 3D AX + CT HEAD [")
+    assert descs[1].startswith("FUSED MR T1 3D AX + PT PET FDG AC [")
     n_mr = len(run.study.series["MR"].paths)
     for s in run.series.values():
         study = run.orthanc.rest(f"/studies/{s['ParentStudy']}")
@@ -132,7 +133,7 @@ def test_references_geometry_and_order(run: Run):
         pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in run.study.series["MR"].paths
     ]
     for desc, s in run.series.items():
-        moving = "CT" if "MR+CT" in desc else "PT"
+        moving = "CT" if "+ CT " in desc else "PT"
         mov_series_uid = run.study.series[moving].series_instance_uid
         seen = []
         for iid in s["Instances"]:
@@ -190,7 +191,7 @@ def _slices(run: Run, desc_prefix: str):  # type: ignore[no-untyped-def]
 def test_ct_skull_is_visible_where_the_skull_is(run: Run):
     phantom = run.study.phantom
     fused_skull, fused_brain, mr_skull, mr_brain = [], [], [], []
-    for px, mr_px, pts in _slices(run, "FUSED MR+CT"):
+    for px, mr_px, pts in _slices(run, "FUSED MR T1 3D AX + CT"):
         labels = phantom.labels(pts)
         skull, brain = labels == 2, np.isin(labels, (3, 4))
         if skull.sum() < 5 or brain.sum() < 5:
@@ -208,7 +209,7 @@ def test_ct_skull_is_visible_where_the_skull_is(run: Run):
 def test_pet_lesion_is_hot_at_the_lesion(run: Run):
     phantom = run.study.phantom
     found = 0
-    for px, _mr, pts in _slices(run, "FUSED MR+PT"):
+    for px, _mr, pts in _slices(run, "FUSED MR T1 3D AX + PT"):
         lesion = phantom.lesion_mask(pts)
         labels = phantom.labels(pts)
         brain = np.isin(labels, (3, 4)) & ~lesion

@@ -71,7 +71,7 @@ def test_stages_in_separate_processes(tmp_path: Path, db_url: str):
 
             def delivered() -> bool:
                 for s in orthanc.rest("/series?expand"):
-                    if s["MainDicomTags"].get("SeriesDescription", "").startswith("FUSED MR+CT"):
+                    if s["MainDicomTags"].get("SeriesDescription", "").startswith("FUSED MR T1 3D AX + CT"):
                         return len(s["Instances"]) == n_mr
                 return False
 

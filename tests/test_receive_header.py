@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import zlib
 from datetime import datetime
 from io import BytesIO
@@ -84,7 +85,11 @@ def test_bad_datasets_raise_header_error(raw: bytes, message: str) -> None:
 def test_request_uid_must_match_dataset_uid() -> None:
     with pytest.raises(HeaderError, match="differs"):
         parse_header(encoded(), ExplicitVRLittleEndian, CTImageStorage, "9.9.9")
-    assert parse_header(encoded(SOPInstanceUID=None), ExplicitVRLittleEndian, CTImageStorage, "1.2.3.4.5")
+
+
+def test_dataset_without_sop_instance_uid_is_refused_even_when_the_request_names_one() -> None:
+    with pytest.raises(HeaderError, match="SOP Instance UID"):
+        parse_header(encoded(SOPInstanceUID=None), ExplicitVRLittleEndian, CTImageStorage, "1.2.3.4.5")
 
 
 def test_bad_deflate_is_a_header_error() -> None:
@@ -205,3 +210,100 @@ def test_series_selection_tags_are_indexed(tmp_path):
         assert h.protocol_name == "t1_mprage_sag" and h.sequence_name == "*tfl3d1"
         assert h.acquisition_type == "3D" and h.body_part == "HEAD"
         assert h.image_type == "ORIGINAL\\PRIMARY\\M\\ND"
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_series_number_is_indexed(implicit: bool) -> None:
+    ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    assert parse_header(encoded(implicit, SeriesNumber=1003), ts).series_number == 1003
+    assert parse_header(encoded(implicit), ts).series_number is None
+    assert parse_header(encoded(implicit, SeriesNumber=" 7 "), ts).series_number == 7
+
+
+@pytest.mark.parametrize("depth", [33, 500, 5000])
+def test_deeply_nested_sequences_are_refused_not_a_recursion_error(depth: int) -> None:
+    from dicomnode.testing.malformed import encode, nested_sequence
+
+    elements = {
+        0x00080016: (b"UI", CTImageStorage.encode()),
+        0x00080018: (b"UI", b"1.2.3.4.5"),
+        0x0020000D: (b"UI", b"1.2.3"),
+        0x0020000E: (b"UI", b"1.2.3.4"),
+    }
+    data = encode(elements, nested_sequence(depth, undefined=True), 0x00081140)
+    with pytest.raises(HeaderError, match="nested deeper than 32"):
+        parse_header(data, ExplicitVRLittleEndian)
+    shallow = encode(elements, nested_sequence(32, undefined=True), 0x00081140)
+    assert parse_header(shallow, ExplicitVRLittleEndian).sop_instance_uid == "1.2.3.4.5"
+
+
+def test_deep_nesting_in_big_endian_is_refused_too() -> None:
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack(">HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    sq = struct.pack(">HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack(">HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    ends = struct.pack(">HHI", 0xFFFE, 0xE00D, 0) + struct.pack(">HHI", 0xFFFE, 0xE0DD, 0)
+    data = (
+        element(0x00080016, b"UI", CTImageStorage.encode())
+        + element(0x00080018, b"UI", b"1.2.3.4\x00")
+        + (sq + item) * 3000
+        + ends * 3000
+        + element(0x0020000D, b"UI", b"1.2.3\x00")
+        + element(0x0020000E, b"UI", b"1.2.3.4\x00")
+    )
+    with pytest.raises(HeaderError, match="nested too deeply"):
+        parse_header(data, "1.2.840.10008.1.2.2")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        ("InstanceNumber", "inf", "not a finite number"),
+        ("InstanceNumber", "1e999", "not a finite number"),
+        ("InstanceNumber", "9" * 23, "out of the IS range"),
+        ("InstanceNumber", "-2147483649", "out of the IS range"),
+        ("InstanceNumber", "seven", "not a number"),
+        ("NumberOfFrames", "nan", "not a finite number"),
+        ("SliceThickness", "1e999", "not a finite decimal"),
+        ("SliceThickness", "nan", "not a finite decimal"),
+        ("PixelSpacing", "0.5\\inf", "not a finite decimal"),
+        ("ImagePositionPatient", "1\\2\\x", "not a finite decimal"),
+        ("PatientID", "P" * 65, "longer than 64"),
+    ],
+)
+def test_numbers_and_identifiers_out_of_range_are_refused(keyword: str, value: str, message: str) -> None:
+    from dicomnode.testing.malformed import encode
+
+    tags = {
+        "InstanceNumber": (0x00200013, b"IS"),
+        "NumberOfFrames": (0x00280008, b"IS"),
+        "SliceThickness": (0x00180050, b"DS"),
+        "PixelSpacing": (0x00280030, b"DS"),
+        "ImagePositionPatient": (0x00200032, b"DS"),
+        "PatientID": (0x00100020, b"LO"),
+    }
+    tag, vr = tags[keyword]
+    elements = {
+        0x00080016: (b"UI", CTImageStorage.encode()),
+        0x00080018: (b"UI", b"1.2.3.4.5"),
+        0x0020000D: (b"UI", b"1.2.3"),
+        0x0020000E: (b"UI", b"1.2.3.4"),
+        tag: (vr, value.encode()),
+    }
+    with pytest.raises(HeaderError, match=message):
+        parse_header(encode(elements), ExplicitVRLittleEndian)
+
+
+def test_integral_decimals_in_is_are_still_read() -> None:
+    h = parse_header(encoded(InstanceNumber="7.0"), ExplicitVRLittleEndian)
+    assert h.instance_number == 7
+
+
+@pytest.mark.parametrize("uid", ["..", "X_7", "X/7", "X 7", "1.2.", "1..2", "1" * 65, "1.2.a", "/etc"])
+@pytest.mark.parametrize(
+    "keyword", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"]
+)
+def test_values_that_are_not_uids_are_refused(keyword: str, uid: str) -> None:
+    with pytest.raises(HeaderError, match="not a valid UID"):
+        parse_header(encoded(**{keyword: uid}), ExplicitVRLittleEndian)

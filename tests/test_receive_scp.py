@@ -53,6 +53,7 @@ def make_ct(
     ds.StudyDate, ds.StudyTime = "20240305", "141516.25"
     ds.Modality = "CT"
     ds.SeriesDescription = "HEAD CT"
+    ds.SeriesNumber = 4
     ds.PatientName = "Doe^Jane"
     ds.PatientID = patient_id
     if issuer:
@@ -97,11 +98,14 @@ def dataset_bytes(path: Path) -> bytes:
 class Node:
     """A started stage with its DB and spool, for assertions."""
 
-    def __init__(self, tmp: Path, db_url: str, allowed: list[str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, db_url: str, allowed: list[str] | None = None, sources: list[dict] | None = None
+    ) -> None:
         self.settings = load_settings(
             None,
             node={"ae_title": "DICOMNODE", "host": "127.0.0.1", "allowed_calling_aets": allowed or []},
             storage={"spool_dir": str(tmp / "spool"), "database_url": db_url},
+            sources=sources or [],
         )
         self.settings.node.port = 0  # any free port
         self.sessions = make_sessionmaker(self.settings.storage.database_url)
@@ -192,7 +196,7 @@ def test_store_writes_identical_files_and_index_rows(node: Node, tmp_path: Path)
     assert (ser.series_instance_uid, ser.n_instances) == (series, 3)
     assert (ser.state, ser.generation) == ("receiving", 1)
     assert (ser.patient_key, ser.patient_name, ser.modality) == ("PAT-1", "Doe^Jane", "CT")
-    assert ser.series_description == "HEAD CT"
+    assert ser.series_description == "HEAD CT" and ser.series_number == 4
     assert ser.study_datetime is not None and ser.study_datetime.isoformat() == "2024-03-05T14:15:16.250000"
     assert [(e.entity_id, e.old_state, e.new_state) for e in node.events("series")] == [
         (series, None, "receiving")
@@ -299,6 +303,28 @@ def test_disallowed_calling_ae_is_rejected(tmp_path: Path, db_url: str) -> None:
     assert len(n.rows(Instance)) == 1
 
 
+def test_pacs_sources_are_admitted_with_an_allow_list(tmp_path: Path, db_url: str) -> None:
+    """A C-MOVE to the node arrives as C-STORE from the PACS's own AE title: a configured source
+    is admitted without being listed in node.allowed_calling_aets."""
+    source = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
+    n = Node(tmp_path, db_url, allowed=["MODALITY1"], sources=[source])
+    n.stage.start()
+    try:
+        f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
+        assert storescu([f], n.port, calling_aet="INTRUDER").returncode != 0
+        result = storescu([f], n.port, calling_aet="PACS")
+        assert result.returncode == 0, result.stderr
+    finally:
+        n.stage.stop()
+    wait_closed(n)
+    assert [(a.calling_aet, a.state) for a in n.rows(Association)] == [
+        ("INTRUDER", "rejected"),
+        ("PACS", "released"),
+    ]
+    rejected = [e for e in n.events("association") if e.new_state == "rejected"]
+    assert "is not in node.allowed_peers or node.allowed_calling_aets" in (rejected[0].reason or "")
+
+
 def test_missing_series_uid_is_refused_with_c000(node: Node, tmp_path: Path) -> None:
     f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series="1.2.3", drop=("SeriesInstanceUID",))
     result = storescu([f], node.port, extra=["-d"])
@@ -338,10 +364,10 @@ def test_garbage_dataset_is_refused_with_c000(
 def test_disk_full_answers_a700_and_indexes_nothing(
     node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(self: Spool, relpath: str, chunks: object) -> int:
+    def full(self: Spool, relpath: str, chunks: object) -> tuple[str, int]:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Spool, "write", full)
+    monkeypatch.setattr(Spool, "write_new", full)
     f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
     result = storescu([f], node.port, extra=["-d"])
     assert "0xa700" in (result.stdout + result.stderr).lower()

@@ -120,3 +120,37 @@ def test_two_receive_processes_on_one_port_store_each_instance_once(tmp_path: Pa
                     continue
                 if int(stat.rsplit(")", 1)[1].split()[1]) == node.pid:
                     os.kill(int(pid), signal.SIGKILL)
+
+
+def test_receive_processes_get_every_setting_of_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The settings travel to the receive processes as environment values: every section and value
+    type (durations, addresses, paths, secrets) must read back as the node had it."""
+    from dicomnode.config import load_settings  # noqa: PLC0415
+    from dicomnode.receive.shared_port import ReceiveProcesses  # noqa: PLC0415
+
+    settings = load_settings(
+        None,
+        node={"port": 11999, "receive_processes": 2, "allowed_peers": [{"address": "10.1.0.0/16"}]},
+        storage={"spool_dir": str(tmp_path / "spool"), "database_url": "postgresql://u:secret@db/x"},
+        dispatch={"give_up_after": "3d"},
+        workers={"lease_seconds": 12},
+        destinations=[
+            {
+                "name": "web",
+                "type": "dicomweb",
+                "url": "http://pacs/dicom-web",
+                "password": "p",
+                "username": "u",
+            }
+        ],
+    )
+    env = ReceiveProcesses(settings)._child_environment()
+    for name in [k for k in os.environ if k.startswith("DICOMNODE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("DICOMNODE_"):
+            monkeypatch.setenv(name, value)
+    child = load_settings(None)
+    expected = settings.model_dump()
+    expected["node"].update(receive_processes=1, reuse_port=True)
+    assert child.model_dump() == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from dicomnode.config import load_settings
-from dicomnode.db import Delivery, Event, Instance, Job, Output, Series, make_sessionmaker
+from dicomnode.db import Delivery, Event, Instance, Job, Output, Series, make_sessionmaker, utcnow
 from dicomnode.fusion.spatial_registration import SPATIAL_REGISTRATION_STORAGE
 from dicomnode.runner import FuseStage
 from dicomnode.spool import Spool, incoming_path
@@ -227,7 +228,7 @@ def test_superseded_generation_and_recovery(env, tmp_path: Path):
     stage.run_once()
     with sm() as s:
         assert s.get(Job, job_id).state == "superseded"
-        # a job left running by a worker that died is put back to pending on start
+        # a job left running by a worker whose lease expired is taken over by the next claim
         dead = Job(
             rule_name="mr-ct",
             patient_key=st.patient_id,
@@ -235,17 +236,20 @@ def test_superseded_generation_and_recovery(env, tmp_path: Path):
             moving_series_uid=ct_uid,
             moving_generation=2,
             state="running",
-            worker="test:1",
+            worker="gone:1",
+            lease_owner="gone:1",
+            lease_expires_at=utcnow() - timedelta(seconds=1),
+            attempts=1,
         )
         s.add(dead)
         s.commit()
         dead_id = dead.id
-    assert stage.recover() == 1
+    assert stage.run_once() == 1
     with sm() as s:
-        assert s.get(Job, dead_id).state == "pending"
-    stage.run_once()
-    with sm() as s:
-        assert s.get(Job, dead_id).state == "done"
+        job = s.get(Job, dead_id)
+        assert (job.state, job.attempts, job.lease_owner) == ("done", 2, None)
+        taken = s.scalars(select(Event).where(Event.entity_id == str(dead_id), Event.entity == "job")).first()
+        assert taken.reason == "lease of gone:1 expired; taken over by test:1"
 
 
 def test_different_frames_without_reg_are_registered(env, tmp_path: Path):

@@ -7,11 +7,22 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicomnode.db import Association, Delivery, Event, Instance, Job, Output, Series
+from dicomnode.db import (
+    Association,
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    Output,
+    PriorFetch,
+    Series,
+    SeriesDecision,
+)
 
 SERIES_STATES = ("receiving", "complete")
 JOB_STATES = ("pending", "running", "done", "failed", "superseded")
 DELIVERY_STATES = ("pending", "sent", "failed")
+FETCH_STATES = ("waiting", "querying", "retrieving", "retrieved", "not_found", "cancelled", "failed")
 
 
 def _counts(s: Session, column: Any, states: tuple[str, ...]) -> dict[str, int]:
@@ -21,14 +32,24 @@ def _counts(s: Session, column: Any, states: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def collect_status(s: Session, n_events: int = 20) -> dict[str, Any]:
-    """Counts by state for series, jobs and deliveries, totals, and the last ``n_events`` events."""
+def collect_status(s: Session, n_events: int = 20, n_series: int = 20) -> dict[str, Any]:
+    """Counts by state for series, jobs and deliveries, totals, the last ``n_events`` events and the
+    ``n_series`` most recently decided series that a rule skipped or that wait, with the reason."""
     events = s.scalars(select(Event).order_by(Event.id.desc()).limit(n_events)).all()
     last_jobs = s.scalars(select(Job).order_by(Job.id.desc()).limit(10)).all()
+    not_fused = s.execute(
+        select(SeriesDecision, Series.modality, Series.series_description)
+        .join(Series, Series.series_instance_uid == SeriesDecision.series_instance_uid, isouter=True)
+        .where(SeriesDecision.decision.in_(("skipped", "waiting")))
+        .order_by(SeriesDecision.updated_at.desc(), SeriesDecision.id.desc())
+        .limit(n_series)
+    ).all()
+    last_fetches = s.scalars(select(PriorFetch).order_by(PriorFetch.id.desc()).limit(10)).all()
     return {
         "series": _counts(s, Series.state, SERIES_STATES),
         "jobs": _counts(s, Job.state, JOB_STATES),
         "deliveries": _counts(s, Delivery.state, DELIVERY_STATES),
+        "fetches": _counts(s, PriorFetch.state, FETCH_STATES),
         "totals": {
             "associations": int(s.scalar(select(func.count()).select_from(Association)) or 0),
             "instances": int(s.scalar(select(func.count()).select_from(Instance)) or 0),
@@ -44,6 +65,29 @@ def collect_status(s: Session, n_events: int = 20) -> dict[str, Any]:
                 "created_at": j.created_at.isoformat(timespec="seconds"),
             }
             for j in last_jobs
+        ],
+        "series_not_fused": [
+            {
+                "series_instance_uid": d.series_instance_uid,
+                "modality": modality or "",
+                "description": description or "",
+                "rule": d.rule_name,
+                "decision": d.decision,
+                "reason": d.reason,
+                "updated_at": d.updated_at.isoformat(timespec="seconds"),
+            }
+            for d, modality, description in not_fused
+        ],
+        "recent_fetches": [
+            {
+                "id": f.id,
+                "rule": f.rule_name,
+                "wanted": f.wanted_modality,
+                "state": f.state,
+                "reason": f.reason,
+                "updated_at": f.updated_at.isoformat(timespec="seconds"),
+            }
+            for f in last_fetches
         ],
         "events": [
             {
@@ -74,7 +118,7 @@ def format_status(st: dict[str, Any]) -> str:
     """A readable text table of :func:`collect_status`."""
     lines = ["dicomnode status", ""]
     rows = []
-    for what in ("series", "jobs", "deliveries"):
+    for what in ("series", "jobs", "deliveries", "fetches"):
         rows.append([what] + [f"{k}={v}" for k, v in st[what].items()])
     width = max(len(r) for r in rows)
     rows = [r + [""] * (width - len(r)) for r in rows]
@@ -89,6 +133,33 @@ def format_status(st: dict[str, Any]) -> str:
                 [str(j["id"]), j["rule"], j["state"], j["method"] or "", j["created_at"], j["error"] or ""]
                 for j in st["recent_jobs"]
             ],
+        )
+    if st.get("series_not_fused"):
+        lines += ["", "series skipped or waiting (by rule):"]
+        lines += _table(
+            ["series", "modality", "description", "rule", "decision", "reason"],
+            [
+                [
+                    d["series_instance_uid"][-24:],
+                    d["modality"],
+                    d["description"][:30],
+                    d["rule"],
+                    d["decision"],
+                    d["reason"],
+                ]
+                for d in st["series_not_fused"]
+            ],
+            max_width=110,
+        )
+    if st["recent_fetches"]:
+        lines += ["", "recent fetches of missing series:"]
+        lines += _table(
+            ["id", "rule", "wants", "state", "updated", "reason"],
+            [
+                [str(f["id"]), f["rule"], f["wanted"], f["state"], f["updated_at"], f["reason"] or ""]
+                for f in st["recent_fetches"]
+            ],
+            max_width=160,
         )
     lines += ["", f"last {len(st['events'])} events:"]
     lines += _table(

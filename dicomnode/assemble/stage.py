@@ -3,9 +3,15 @@
 A series is complete when nothing arrived for ``assembly.series_stable_seconds``. For every rule
 and patient (once nothing of the patient is still arriving), the best reference series of each
 study is chosen by the rule's preferences (``SeriesSelector``) and paired with the best complete
-moving series of the same study or of a study within ``assembly.pair_window_hours``. A job is keyed by
+moving series of the same study or of a study within ``assembly.pair_window_hours``. What each rule
+decided about each series (chosen for a job, skipped and why, waiting for what) is kept in
+``series_decisions`` and audited when it changes (``decisions.py``). A job is keyed by
 (rule, reference series, moving series, their generations), so re-running never duplicates it;
 a series that received new instances after completion has a new generation and gets a new job.
+
+A series fetched from a PACS (``prior_retrieves``) is left alone while its retrieve is pending or
+running, and is complete as soon as its retrieve is done and nothing arrived after it: every
+sub-operation has been answered, so there is nothing to wait for.
 """
 
 from __future__ import annotations
@@ -15,16 +21,18 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.assemble.selection import Choice, SeriesSelector
+from dicomnode.assemble.decisions import SeriesDecisions
+from dicomnode.assemble.selection import Choice, SeriesSelector, pairable, series_geometry
 from dicomnode.config import RuleConfig, Settings
-from dicomnode.db import Instance, Job, Series, record, utcnow
+from dicomnode.db import Job, PriorRetrieve, Series, record, utcnow
 
 log = logging.getLogger("dicomnode.assemble")
 STAGE = "assemble"
+RETRIEVE_ACTIVE = ("pending", "running")
 
 
 class AssembleStage:
@@ -54,19 +62,36 @@ class AssembleStage:
 
     def complete_stable_series(self) -> int:
         cutoff = self.clock() - timedelta(seconds=self.settings.assembly.series_stable_seconds)
+        stable_why = f"no instance for {self.settings.assembly.series_stable_seconds:g} s"
         done = 0
         with self.sessionmaker() as s:
             stable = s.scalars(
                 select(Series).where(Series.state == "receiving", Series.last_received_at <= cutoff)
             ).all()
-            for series in stable:
+            candidates = [(series, cutoff, stable_why) for series in stable]
+            retrieved = s.execute(
+                select(Series, PriorRetrieve.id, PriorRetrieve.source, PriorRetrieve.finished_at)
+                .join(PriorRetrieve, PriorRetrieve.series_instance_uid == Series.series_instance_uid)
+                .where(
+                    Series.state == "receiving",
+                    PriorRetrieve.state == "done",
+                    PriorRetrieve.finished_at >= Series.last_received_at,
+                )
+            ).all()
+            seen = {series.id for series in stable}
+            for series, retrieve_id, source, finished in retrieved:
+                if series.id not in seen:
+                    seen.add(series.id)
+                    why = f"retrieve {retrieve_id} from {source} done, every sub-operation answered"
+                    candidates.append((series, finished, why))
+            for series, not_after, why in candidates:
                 # Conditional update: a receiver that just added an instance wins.
                 res = s.execute(
                     update(Series)
                     .where(
                         Series.id == series.id,
                         Series.state == "receiving",
-                        Series.last_received_at <= cutoff,
+                        Series.last_received_at <= not_after,
                         Series.generation == series.generation,
                     )
                     .values(state="complete", completed_at=self.clock())
@@ -79,8 +104,7 @@ class AssembleStage:
                         series.series_instance_uid,
                         "receiving",
                         "complete",
-                        f"no instance for {self.settings.assembly.series_stable_seconds:g} s; "
-                        f"{series.n_instances} instances, generation {series.generation}",
+                        f"{why}; {series.n_instances} instances, generation {series.generation}",
                     )
                     done += 1
             s.commit()
@@ -88,20 +112,13 @@ class AssembleStage:
             log.info("%d series complete", done)
         return done
 
-    def _pairable(self, ref: Series, mov: Series) -> bool:
-        if ref.patient_key != mov.patient_key or ref.id == mov.id:
-            return False
-        if ref.study_instance_uid == mov.study_instance_uid:
-            return True
-        if ref.study_datetime is None or mov.study_datetime is None:
-            return False
-        window = timedelta(hours=self.settings.assembly.pair_window_hours)
-        return abs(ref.study_datetime - mov.study_datetime) <= window
-
     def _create_for_rule(self, s: Session, rule: RuleConfig) -> int:
-        refs = s.scalars(
-            select(Series).where(Series.state == "complete", Series.modality == rule.reference)
+        complete = s.scalars(
+            select(Series).where(
+                Series.state == "complete", Series.modality.in_({rule.reference, rule.moving})
+            )
         ).all()
+        refs = [x for x in complete if x.modality == rule.reference]
         if not refs:
             return 0
         patients = {r.patient_key for r in refs}
@@ -113,54 +130,59 @@ class AssembleStage:
                 )
             ).all()
         )
-        movs = s.scalars(
-            select(Series).where(
-                Series.state == "complete",
-                Series.modality == rule.moving,
-                Series.patient_key.in_(patients - busy),
-            )
-        ).all()
-        if not movs:
-            return 0
-        geometry = self._geometry(s, [x.series_instance_uid for x in (*refs, *movs)])
+        # A series still being retrieved from a PACS is not chosen until its retrieve is done.
+        retrieving = set(
+            s.scalars(
+                select(PriorRetrieve.series_instance_uid).where(
+                    PriorRetrieve.state.in_(RETRIEVE_ACTIVE), PriorRetrieve.patient_key.in_(patients)
+                )
+            ).all()
+        )
+        settled = [
+            x
+            for x in complete
+            if x.patient_key in patients - busy and x.series_instance_uid not in retrieving
+        ]
+        refs = [x for x in settled if x.modality == rule.reference]
+        movs = [x for x in settled if x.modality == rule.moving]
+        geometry = series_geometry(s, [x.series_instance_uid for x in settled])
         selector = SeriesSelector(rule, geometry)
+        decisions = SeriesDecisions(rule, selector)
+        window = self.settings.assembly.pair_window_hours
         created = 0
         for patient in sorted(patients - busy):
             p_refs = [r for r in refs if r.patient_key == patient]
             p_movs = [m for m in movs if m.patient_key == patient]
             for study_uid in sorted({r.study_instance_uid for r in p_refs}):
-                ref_choice = selector.choose(
-                    [r for r in p_refs if r.study_instance_uid == study_uid], "reference"
-                )
+                candidates = [r for r in p_refs if r.study_instance_uid == study_uid]
+                ref_choice = selector.choose(candidates, "reference")
+                decisions.not_chosen(candidates, ref_choice.series)
                 if ref_choice.series is None:
                     continue
                 ref = ref_choice.series
-                mov_choice = selector.choose(
-                    [m for m in p_movs if self._pairable(ref, m)], "moving", near=ref
-                )
+                paired = [m for m in p_movs if pairable(rule, window, ref, m)]
+                mov_choice = selector.choose(paired, "moving", near=ref)
+                decisions.not_chosen(paired, mov_choice.series)
                 if mov_choice.series is None:
+                    decisions.waiting(ref, f"no eligible {rule.moving} series to pair with: {mov_choice.why}")
                     continue
-                if self._create_job(s, rule, ref, mov_choice.series, ref_choice, mov_choice):
-                    created += 1
+                job, is_new = self._create_job(s, rule, ref, mov_choice.series, ref_choice, mov_choice)
+                created += is_new
+                decisions.chosen(ref, ref_choice.why, job.id)
+                decisions.chosen(mov_choice.series, mov_choice.why, job.id)
+            for m in p_movs:
+                decisions.waiting(
+                    m,
+                    f"no eligible {rule.reference} series of the patient in its study or within "
+                    f"{self.settings.assembly.pair_window_hours:g} h",
+                )
+        decisions.save(s, self.clock())
         return created
-
-    @staticmethod
-    def _geometry(s: Session, series_uids: list[str]) -> dict[str, tuple[int, int]]:
-        """Per series: (slices incl. frames, number of distinct orientations)."""
-        rows = s.execute(
-            select(
-                Instance.series_instance_uid,
-                func.sum(Instance.number_of_frames),
-                func.count(func.distinct(Instance.image_orientation)),
-            )
-            .where(Instance.series_instance_uid.in_(series_uids))
-            .group_by(Instance.series_instance_uid)
-        ).all()
-        return {uid: (int(n or 0), int(o or 0)) for uid, n, o in rows}
 
     def _create_job(
         self, s: Session, rule: RuleConfig, ref: Series, mov: Series, ref_choice: Choice, mov_choice: Choice
-    ) -> bool:
+    ) -> tuple[Job, bool]:
+        """The job of this pair at the series' generations: (the existing one, False) or (new, True)."""
         key = and_(
             Job.rule_name == rule.name,
             Job.reference_series_uid == ref.series_instance_uid,
@@ -168,8 +190,9 @@ class AssembleStage:
         )
         existing = s.scalars(select(Job).where(key).order_by(Job.id)).all()
         gens = (ref.generation, mov.generation)
-        if any((j.reference_generation, j.moving_generation) == gens for j in existing):
-            return False
+        same = [j for j in existing if (j.reference_generation, j.moving_generation) == gens]
+        if same:
+            return same[0], False
         reason = f"rule {rule.name}: {rule.reference} series complete with {rule.moving} series"
         if existing:
             prev = existing[-1]
@@ -196,10 +219,13 @@ class AssembleStage:
                 s.add(job)
                 s.flush()
         except IntegrityError:  # another assembler created it first: idempotent
-            return False
+            other = s.scalars(
+                select(Job).where(key, Job.reference_generation == gens[0], Job.moving_generation == gens[1])
+            ).one()
+            return other, False
         record(s, STAGE, "job", job.id, None, "pending", reason)
         log.info("job %d created (rule %s)", job.id, rule.name)
-        return True
+        return job, True
 
     def create_jobs(self) -> int:
         created = 0

@@ -2,10 +2,14 @@
 
 Any SQLAlchemy URL works; these two are tested. The schema is brought to this release's
 revision (or refused) by ``dicomnode.db.schema`` before the first session.
+
+A SQLite database file is private to the node's user (0600, whatever the umask): it holds patient
+identifiers. SQLite gives its -wal and -shm files the database file's permissions.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,8 +42,8 @@ def make_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
     kwargs: dict[str, object] = {"future": True}
     if is_sqlite:
         db = parsed.database
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        if db and db != ":memory:" and not db.startswith("file:"):
+            _private_sqlite_file(Path(db))
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=3600)
@@ -58,6 +62,22 @@ def make_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
             cur.close()
 
     return engine
+
+
+def _private_sqlite_file(db: Path) -> None:
+    """Create the database file 0600 before SQLite does (its -wal/-shm follow it); tighten old ones."""
+    if not db.parent.exists():
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        try:
+            if path.stat().st_mode & 0o077 and path.stat().st_uid == os.geteuid():
+                os.chmod(path, 0o600)
+        except OSError:
+            continue
 
 
 def init_db(engine: Engine, auto_migrate: bool | None = None, attempts: int = 10) -> SchemaState:

@@ -47,9 +47,14 @@ class SchemaInfo(Base):
 
 
 class Association(Base):
-    """One DICOM association (accepted or rejected)."""
+    """One DICOM association (accepted or rejected).
+
+    An open association carries the lease of the process that serves it; when that lease expires
+    (the process died) any stage closes the row as aborted.
+    """
 
     __tablename__ = "associations"
+    __table_args__ = (Index("ix_associations_state_owner", "state", "lease_owner"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     direction: Mapped[str] = mapped_column(String(8), default="in")  # in | out
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
@@ -64,6 +69,8 @@ class Association(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     # inbound: the receive process that took it, "<storage.node_id>:<pid>" (several share a port)
     receiver: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Instance(Base):
@@ -94,6 +101,29 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class QuarantinedInstance(Base):
+    """A data set received under a SOP Instance UID already stored with different content: kept, not fused.
+
+    The first instance stays the indexed one; each different later one is a file under
+    ``quarantine/`` and a row here, for an admin to compare and resolve.
+    """
+
+    __tablename__ = "quarantined_instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    association_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Series(Base):
     """A received series; state receiving -> complete (-> receiving again if more arrives)."""
 
@@ -114,6 +144,7 @@ class Series(Base):
     image_type: Mapped[str] = mapped_column(String(200), default="")  # e.g. ORIGINAL\PRIMARY\AXIAL
     frame_of_reference_uid: Mapped[str] = mapped_column(String(64), default="")
     study_datetime: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     n_instances: Mapped[int] = mapped_column(Integer, default=0)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), default="receiving")  # receiving | complete
@@ -136,6 +167,7 @@ class Job(Base):
             name="uq_job_pair_generation",
         ),
         Index("ix_jobs_state", "state"),
+        Index("ix_jobs_lease_owner", "lease_owner"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rule_name: Mapped[str] = mapped_column(String(64))
@@ -149,12 +181,18 @@ class Job(Base):
     method: Mapped[str | None] = mapped_column(String(64), nullable=True)
     method_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     output_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    output_series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The fused series this job's output replaces (an earlier fusion of the rule in the same study).
+    replaces_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: geometry, timings
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)  # host name (<= 64) : pid
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # A running job is leased: its worker renews the expiry; ``attempts`` is the fencing token.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Output(Base):
@@ -177,6 +215,7 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("output_id", "destination", name="uq_delivery"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+        Index("ix_deliveries_lease_owner", "lease_owner"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
@@ -188,6 +227,62 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # first failed attempt
+    # A delivery being sent stays 'pending' and is leased by its dispatcher.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Worker(Base):
+    """A live stage process: its heartbeat expiry, renewed with its leases (spool leftovers of a
+    worker whose heartbeat expired are removed by the next stage that starts)."""
+
+    __tablename__ = "workers"
+    worker_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stages: Mapped[str] = mapped_column(String(128), default="")
+    host: Mapped[str] = mapped_column(String(128), default="")  # for people; never used for liveness
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    tmp_dir: Mapped[str] = mapped_column(String(64), default="")  # its partial writes: spool tmp/<tmp_dir>/
+
+
+class SeriesDecision(Base):
+    """What a rule decided about a series: chosen (for a job), skipped (and why) or waiting."""
+
+    __tablename__ = "series_decisions"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "rule_name", name="uq_series_decision"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    rule_name: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))  # chosen | skipped | waiting
+    reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class SeriesRemoval(Base):
+    """A replaced fused series to delete at one destination once its replacement is delivered there.
+
+    state: pending (waiting for the replacement's deliveries, or retrying) | deleted | left (kept:
+    the destination cannot delete, the series was not ours, or the replacement was not delivered)
+    | failed (gave up after ``dispatch.max_attempts``).
+    """
+
+    __tablename__ = "series_removals"
+    __table_args__ = (
+        UniqueConstraint("series_instance_uid", "destination", name="uq_series_removal"),
+        Index("ix_series_removals_state", "state"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    replaced_by_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Event(Base):
@@ -196,9 +291,92 @@ class Event(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    stage: Mapped[str] = mapped_column(String(16))  # receive|assemble|fuse|output|dispatch|admin
-    entity: Mapped[str] = mapped_column(String(16))  # association|instance|series|job|output|delivery
+    stage: Mapped[str] = mapped_column(String(16))  # receive|assemble|retrieve|fuse|output|dispatch|admin
+    # association|instance|series|job|output|delivery|removal|fetch|query|retrieve
+    entity: Mapped[str] = mapped_column(String(16))
     entity_id: Mapped[str] = mapped_column(String(80), default="")
     old_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     new_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class PriorFetch(Base):
+    """A complete series waiting for its rule's partner; when none arrives, the partner is fetched.
+
+    state: waiting -> querying -> retrieving -> retrieved, or an end with a reason:
+    not_found (no source holds a usable partner), cancelled (the partner arrived by itself,
+    or the node already holds it), failed (retries exhausted).
+    """
+
+    __tablename__ = "prior_fetches"
+    __table_args__ = (
+        UniqueConstraint("rule_name", "anchor_series_uid", name="uq_prior_fetch"),
+        Index("ix_prior_fetches_state", "state"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_name: Mapped[str] = mapped_column(String(64))
+    patient_key: Mapped[str] = mapped_column(String(140), index=True)
+    anchor_series_uid: Mapped[str] = mapped_column(String(64))  # the series that waits
+    anchor_modality: Mapped[str] = mapped_column(String(16))
+    wanted_modality: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="waiting")
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    due_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # end of the wait
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # query rounds
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    chosen_study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    chosen_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PriorQuery(Base):
+    """One C-FIND sent to a source for a fetch (study or series level); state sent -> done | failed."""
+
+    __tablename__ = "prior_queries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fetch_id: Mapped[int] = mapped_column(ForeignKey("prior_fetches.id"), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(8))  # STUDY | SERIES
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)  # SERIES level
+    state: Mapped[str] = mapped_column(String(16), default="sent")
+    n_matches: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # final C-FIND status
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PriorRetrieve(Base):
+    """One series retrieved from a source (C-MOVE to the node, or C-GET); retried with backoff.
+
+    state: pending -> running -> done, pending again after a failed attempt, failed after the
+    last attempt, cancelled when the partner arrived by itself meanwhile.
+    """
+
+    __tablename__ = "prior_retrieves"
+    __table_args__ = (Index("ix_prior_retrieves_state_next", "state", "next_attempt_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fetch_id: Mapped[int] = mapped_column(ForeignKey("prior_fetches.id"), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(8))  # c-move | c-get
+    patient_key: Mapped[str] = mapped_column(String(140))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    n_completed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_failed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_warning: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -20,6 +20,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.status import code_to_category
 
 from dicomnode.config import DestinationConfig
+from dicomnode.tls import client_context
 
 log = logging.getLogger("dicomnode.dispatch")
 
@@ -42,11 +43,13 @@ class FileInfo:
 
 @dataclass
 class StoreResult:
-    """Outcome of one C-STORE: ``stored`` means the PACS took it (success or warning status)."""
+    """Outcome of one C-STORE: ``stored`` means the PACS took it (success or warning status);
+    ``permanent`` means the destination's answer will not change on retry (no further attempts)."""
 
     stored: bool
     status: int | None
     error: str | None = None
+    permanent: bool = False
 
 
 @dataclass
@@ -55,8 +58,28 @@ class _Peer:
 
     connected: bool = False
     rejection: str | None = None
+    rejected_permanently: bool = False
     abort: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+# Failure statuses whose answer does not change when the same instance is sent again (PS3.4 C.4.2,
+# PS3.7 C): refused SOP class, not authorized, invalid instance, unrecognised/mistyped request,
+# attribute errors, data set does not match the SOP class (A9xx), cannot understand (Cxxx).
+# Everything else (A7xx out of resources, 0110 processing failure, 0213 resource limitation,
+# unknown codes) is worth retrying.
+_PERMANENT_STATUSES = {0x0105, 0x0106, 0x0117, 0x0122, 0x0124, 0x0211, 0x0212}
+
+
+def status_is_permanent(status: int) -> bool:
+    """True for a C-STORE failure status that a retry of the same instance cannot change."""
+    return status in _PERMANENT_STATUSES or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
+
+
+def rejection_is_permanent(result: int | None, source: int | None, reason: int | None) -> bool:
+    """A-ASSOCIATE-RJ "rejected permanent" (result 1), except a provider's congestion or local
+    limit (source 3, reason 1 or 2), which are transient whatever the result says."""
+    return result == 0x01 and not (source == 0x03 and reason in (0x01, 0x02))
 
 
 def inspect_file(path: Path) -> FileInfo:
@@ -95,12 +118,20 @@ def status_text(status: int) -> str:
 
 
 def classify_status(status: int) -> StoreResult:
-    """Success and Warning statuses mean stored; everything else is a failed attempt."""
+    """Success and Warning statuses mean stored; everything else is a failed attempt, permanent
+    when the status says a retry cannot change it."""
     category = code_to_category(status)
     if category == "Success":
         return StoreResult(stored=True, status=status)
     if category == "Warning":
         return StoreResult(stored=True, status=status, error=f"stored with warning {status_text(status)}")
+    if status_is_permanent(status):
+        return StoreResult(
+            stored=False,
+            status=status,
+            error=f"destination refused the instance with {status_text(status)}, which a retry cannot change",
+            permanent=True,
+        )
     return StoreResult(stored=False, status=status, error=f"destination answered {status_text(status)}")
 
 
@@ -161,6 +192,7 @@ class StoreSession:
             self.ae.add_requested_context(sop_class, syntaxes)
         self.assoc = None
         self.error: str | None = None
+        self.permanent = False  # the open failed in a way a retry cannot change
         self._in_flight = False
         self._msg_id = 0
         self._lost: str | None = None
@@ -173,6 +205,9 @@ class StoreSession:
         prim = event.primitive
         if isinstance(prim, A_ASSOCIATE) and prim.result in (0x01, 0x02):
             self._peer.rejection = f"{prim.result_str}, source: {prim.source_str}, reason: {prim.reason_str}"
+            self._peer.rejected_permanently = rejection_is_permanent(
+                prim.result, prim.result_source, prim.diagnostic
+            )
         elif isinstance(prim, A_ABORT | A_P_ABORT):
             src = getattr(prim, "abort_source", None)
             reason = getattr(prim, "provider_reason", None)
@@ -182,6 +217,9 @@ class StoreSession:
         if isinstance(event.pdu, A_ASSOCIATE_RJ):  # the DUL thread sees it even if a close races it
             rj = event.pdu
             self._peer.rejection = f"{rj.result_str}, source: {rj.source_str}, reason: {rj.reason_str}"
+            self._peer.rejected_permanently = rejection_is_permanent(
+                rj.result, rj.source, rj.reason_diagnostic
+            )
         elif isinstance(event.pdu, A_ABORT_RQ):  # seen in the DUL thread, before the DIMSE wait ends
             self._peer.abort = f"A-ABORT, source {event.pdu.source}, reason {event.pdu.reason_diagnostic}"
             self._wake_sender()
@@ -206,10 +244,15 @@ class StoreSession:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         try:
+            tls_args = (client_context(self.dest.tls), self.dest.host) if self.dest.tls else None
             self.assoc = self.ae.associate(
-                self.dest.host, self.dest.port, ae_title=self.dest.ae_title, evt_handlers=handlers
+                self.dest.host,
+                self.dest.port,
+                ae_title=self.dest.ae_title,
+                evt_handlers=handlers,
+                tls_args=tls_args,
             )
-        except Exception as exc:  # bad host name etc.: pynetdicom raises before connecting
+        except Exception as exc:  # bad host name, unreadable certificate: raised before connecting
             self.error = f"cannot associate with {self.where}: {exc}"
             return self.error
         if self.assoc.is_established:
@@ -217,12 +260,17 @@ class StoreSession:
             return None
         if self._peer.rejection:
             self.error = f"association rejected by {self.where} ({self._peer.rejection})"
+            self.permanent = self._peer.rejected_permanently
         elif not self._peer.connected:
-            self.error = f"cannot connect to {self.where} (connection refused, unreachable or timed out)"
+            why = "connection refused, unreachable or timed out"
+            if self.dest.tls:
+                why += ", or the TLS handshake failed (certificate not trusted?)"
+            self.error = f"cannot connect to {self.where} ({why})"
         elif self.assoc.is_aborted and self._peer.abort:
             self.error = f"association aborted by {self.where} ({self._peer.abort})"
         elif self.assoc.is_aborted and not self.assoc.accepted_contexts:
             self.error = f"{self.where} accepted none of the proposed presentation contexts"
+            self.permanent = True
         else:
             self.error = f"no answer from {self.where} to the association request within {self.timeout:g} s"
         return self.error
@@ -253,6 +301,7 @@ class StoreSession:
                 False,
                 None,
                 f"{self.where} did not accept SOP class {info.sop_class_uid} with {ts.name}: {exc}",
+                permanent=True,
             )
         except RuntimeError:  # the association ended between the check above and the call
             return self._ended()

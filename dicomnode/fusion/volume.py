@@ -14,7 +14,8 @@ What real series bring, and how it is handled:
   fractional index along the stack axis (affine step = median spacing); a reference volume is
   sampled at those positions and a moving one is first interpolated onto a uniform grid (``uniform``);
 - MONOCHROME1: stored values are inverted over the stored range before rescale (brighter = higher);
-- per-slice/per-frame Rescale Slope/Intercept; PET converted to SUVbw when the header allows it
+- per-slice/per-frame Rescale Slope/Intercept (non-finite, zero or absurd values refuse the series);
+  PET converted to SUVbw when the header allows it
   (``suv.py``), else kept and noted.
 """
 
@@ -37,6 +38,10 @@ __all__ = ["Volume", "VolumeError", "load_volume", "slice_geometry", "volume_fro
 
 MAX_TILT_DEG = 45.0
 POSITION_TOLERANCE_MM = 0.05
+# Wide enough for every real CT/MR/PET/NM (PET slopes reach the thousands, CT intercepts -32768);
+# beyond them the header is broken.
+MAX_ABS_SLOPE = 1e6
+MAX_ABS_INTERCEPT = 1e7
 
 
 @dataclass
@@ -158,13 +163,39 @@ def _physical(raw: np.ndarray, header: Dataset, src: Dataset) -> np.ndarray:
     if str(getattr(src, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         lo, hi = stored_range(src)
         arr = np.float32(lo + hi) - arr
-    slope = float(header.get("RescaleSlope", 1) or 1)
-    intercept = float(header.get("RescaleIntercept", 0) or 0)
+    slope, intercept = rescale(header)
     if slope != 1.0:
         arr *= np.float32(slope)
     if intercept != 0.0:
         arr += np.float32(intercept)
+    if not np.isfinite(arr).all():
+        raise VolumeError(
+            f"Rescale Slope {slope:g} and Intercept {intercept:g} overflow the pixel values of instance "
+            f"{_instance_label(header)}"
+        )
     return arr
+
+
+def _instance_label(header: Dataset) -> str:
+    number = header.get("InstanceNumber", None)
+    return f"number {number}" if number not in (None, "") else str(header.get("SOPInstanceUID", "?"))[-16:]
+
+
+def rescale(header: Dataset) -> tuple[float, float]:
+    """(Rescale Slope, Rescale Intercept) of a slice; VolumeError for non-finite or absurd values."""
+    where = f"of instance {_instance_label(header)}"
+    try:
+        slope = float(header.get("RescaleSlope", 1) or 1)
+        intercept = float(header.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise VolumeError(f"Rescale Slope/Intercept {where} is not a number") from exc
+    if not np.isfinite(slope) or not np.isfinite(intercept):
+        raise VolumeError(f"Rescale Slope {slope} / Intercept {intercept} {where} is not a finite number")
+    if slope == 0.0 or abs(slope) > MAX_ABS_SLOPE:
+        raise VolumeError(f"Rescale Slope {slope:g} {where} is absurd (0 or beyond {MAX_ABS_SLOPE:g})")
+    if abs(intercept) > MAX_ABS_INTERCEPT:
+        raise VolumeError(f"Rescale Intercept {intercept:g} {where} is absurd (beyond {MAX_ABS_INTERCEPT:g})")
+    return slope, intercept
 
 
 def _stack_axis(

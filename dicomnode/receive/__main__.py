@@ -14,6 +14,7 @@ import threading
 
 from dicomnode.config import ConfigError, load_settings
 from dicomnode.db import storage_sessionmaker
+from dicomnode.db.leases import WorkerLeases
 from dicomnode.receive.scp import ReceiveStage
 from dicomnode.receive.shared_port import die_with_parent
 from dicomnode.spool import Spool
@@ -37,8 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.port is not None:
         settings.node.port = args.port
     sessions = storage_sessionmaker(settings.storage)
-    spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync, node_id=settings.storage.node_id)
-    stage = ReceiveStage(settings, sessions, spool)
+    leases = WorkerLeases(
+        sessions,
+        settings.workers.lease_seconds,
+        settings.workers.worker_id,
+        stages=("receive",),
+        node_id=settings.storage.node_id,
+    )
+    leases.register()
+    spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync, tmp_dir=leases.tmp_dir)
+    stage = ReceiveStage(settings, sessions, spool, leases=leases)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LISTENING {stage.port}", flush=True)
     stop.wait()
     stage.stop()
+    leases.stop()
     return 0
 
 

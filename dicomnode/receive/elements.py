@@ -2,7 +2,8 @@
 
 Walks the dataset up to a stop tag, stepping over sequences (defined or undefined length)
 without decoding them. Anything it does not expect raises ValueError, and the caller falls back
-to pydicom. About 20x cheaper than pydicom's reader for a CT header.
+to pydicom; sequences nested deeper than ``MAX_DEPTH`` raise NestingTooDeep, which the caller
+refuses outright. About 20x cheaper than pydicom's reader for a CT header.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
+MAX_DEPTH = 32  # nested sequences; real objects (SR trees included) stay far below
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+
+
+class NestingTooDeep(ValueError):
+    """Sequences nested deeper than MAX_DEPTH: refused rather than walked."""
 
 
 def _header(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
@@ -39,8 +45,10 @@ def _header(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, i
     return tag, vr, _U16.unpack_from(data, pos + 6)[0], pos + 8
 
 
-def _skip_items(data: bytes, pos: int, implicit: bool) -> int:
+def _skip_items(data: bytes, pos: int, implicit: bool, depth: int = 1) -> int:
     """Skip the items of an undefined-length sequence starting at ``pos``; returns the end offset."""
+    if depth > MAX_DEPTH:
+        raise NestingTooDeep(f"sequences nested deeper than {MAX_DEPTH} levels")
     while True:
         tag, _vr, length, pos = _header(data, pos, implicit)
         if tag == _SEQ_END:
@@ -50,16 +58,16 @@ def _skip_items(data: bytes, pos: int, implicit: bool) -> int:
         if length != _UNDEFINED:
             pos += length
             continue
-        pos = _skip_dataset(data, pos, implicit)
+        pos = _skip_dataset(data, pos, implicit, depth)
 
 
-def _skip_dataset(data: bytes, pos: int, implicit: bool) -> int:
+def _skip_dataset(data: bytes, pos: int, implicit: bool, depth: int) -> int:
     """Skip the elements of an undefined-length item up to its Item Delimitation Item."""
     while True:
         tag, _vr, length, pos = _header(data, pos, implicit)
         if tag == _ITEM_END:
             return pos
-        pos = _skip_items(data, pos, implicit) if length == _UNDEFINED else pos + length
+        pos = _skip_items(data, pos, implicit, depth + 1) if length == _UNDEFINED else pos + length
         if pos > len(data):
             raise ValueError("element runs past the end of the dataset")
 

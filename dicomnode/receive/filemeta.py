@@ -6,6 +6,7 @@ the SCU sent, wrapped as a Part 10 file.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from dicomnode import __version__
@@ -51,3 +52,30 @@ def encode_file_meta(
     )
     group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def stored_dataset_is(path: str | os.PathLike[str], raw: bytes) -> bool:
+    """True when the spool file at ``path`` holds exactly ``raw`` after its File Meta Information.
+
+    The file is one this module's prefix started (group length first), so the data set begins at
+    144 + group length. Sizes are compared before any content is read.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(144)
+            if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+                return False
+            start = 144 + struct.unpack_from("<I", head, 140)[0]
+            if os.fstat(f.fileno()).st_size - start != len(raw):
+                return False
+            f.seek(start)
+            view = memoryview(raw)
+            pos = 0
+            while pos < len(raw):
+                chunk = f.read(min(1 << 20, len(raw) - pos))
+                if not chunk or chunk != view[pos : pos + len(chunk)]:
+                    return False
+                pos += len(chunk)
+            return True
+    except OSError:
+        return False

@@ -2,10 +2,14 @@
 
 The dataset bytes are parsed as they arrived (inflated first for Deflated Explicit VR Little
 Endian) and parsing stops after Pixel Spacing (0028,0030), so pixel data is never read.
+Every value is checked before it reaches the index: UIDs must be UIDs, numbers finite and within
+their VR's range, identifiers within their VR's length, sequences nested at most
+``elements.MAX_DEPTH`` deep. Anything else is a HeaderError naming the element (0xC000).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,10 +20,12 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from dicomnode.receive.elements import scan_elements
+from dicomnode.receive.elements import NestingTooDeep, scan_elements
+from dicomnode.uid import uid_problem
 
 _LAST_TAG = 0x00280030  # Pixel Spacing: the last tag the index needs
 _INFLATE_HEAD = 1 << 20  # inflate at most this much of a Deflated dataset: the header fits
+_IS_RANGE = (-(2**31), 2**31 - 1)  # PS3.5 6.2: an Integer String is a signed 32-bit value
 
 
 class HeaderError(ValueError):
@@ -46,6 +52,7 @@ class InstanceHeader:
     image_type: str = ""
     frame_of_reference_uid: str = ""
     study_datetime: datetime | None = None
+    series_number: int | None = None
     instance_number: int | None = None
     image_position: str | None = None
     image_orientation: str | None = None
@@ -83,6 +90,7 @@ _TAGS: dict[int, str] = {
     0x00181030: "ProtocolName",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
     0x00200013: "InstanceNumber",
     0x00200032: "ImagePositionPatient",
     0x00200037: "ImageOrientationPatient",
@@ -94,6 +102,21 @@ _TAGS: dict[int, str] = {
 }
 _WANTED = frozenset(_TAGS)
 _BINARY_US = {"Rows", "Columns"}
+# Index column widths. Identifiers longer than their VR allows are refused (a cut identifier could
+# name another patient); descriptive text is cut to fit; decimals longer than this are refused.
+_ID_LIMITS = {"PatientID": 64, "IssuerOfPatientID": 64, "Modality": 16}
+_TEXT_LIMITS = {
+    "PatientName": 200,
+    "SeriesDescription": 200,
+    "ProtocolName": 200,
+    "SequenceName": 200,
+    "BodyPartExamined": 64,
+    "MRAcquisitionType": 8,
+    "ImageType": 200,
+    "ImagePositionPatient": 128,
+    "ImageOrientationPatient": 256,
+    "PixelSpacing": 64,
+}
 _CHARSET_TEXT = {"SeriesDescription", "PatientName", "PatientID", "IssuerOfPatientID", "ProtocolName"}
 _PN_DELIMITERS = {0x5E, 0x3D}  # ^ and =
 
@@ -147,25 +170,50 @@ def _values_pydicom(data: bytes, implicit: bool, little: bool) -> dict[str, str 
     return {k: (v.strip() if isinstance(v, str) else v) for k, v in values.items() if v != ""}
 
 
-def _int(text: str | int | None) -> int | None:
-    if text is None or isinstance(text, int):
-        return text
+def _tag(name: str) -> str:
+    tag = next(t for t, n in _TAGS.items() if n == name)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _int(name: str, value: str | int | None) -> int | None:
+    """An IS value as int; HeaderError when it is not a finite number within the IS range."""
+    if value is None or isinstance(value, int):
+        return value
     try:
-        return int(text)
+        number = int(value)
     except ValueError:
         try:
-            return int(float(text))
+            real = float(value)
         except ValueError:
-            return None
+            raise HeaderError(f"{name} {_tag(name)} is not a number: {value[:32]!r}") from None
+        if not math.isfinite(real):
+            raise HeaderError(f"{name} {_tag(name)} is not a finite number: {value[:32]!r}") from None
+        number = int(real)
+    if not _IS_RANGE[0] <= number <= _IS_RANGE[1]:
+        raise HeaderError(f"{name} {_tag(name)} is out of the IS range: {value[:32]!r}")
+    return number
 
 
-def _float(text: str | int | None) -> float | None:
-    if text is None:
+def _decimals(name: str, value: str | int | None) -> str | None:
+    """A DS value (backslash-separated) unchanged, after checking every part is a finite number."""
+    if value is None:
         return None
-    try:
-        return float(str(text).split("\\")[0])
-    except ValueError:
-        return None
+    text = str(value)
+    if len(text) > _TEXT_LIMITS.get(name, 256):
+        raise HeaderError(f"{name} {_tag(name)} is longer than {_TEXT_LIMITS.get(name, 256)} characters")
+    for part in text.split("\\"):
+        try:
+            ok = math.isfinite(float(part))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise HeaderError(f"{name} {_tag(name)} is not a finite decimal: {part[:32]!r}")
+    return text
+
+
+def _float(name: str, value: str | int | None) -> float | None:
+    text = _decimals(name, value)
+    return None if text is None else float(text.split("\\")[0])
 
 
 def parse_study_datetime(date: str, time: str) -> datetime | None:
@@ -208,6 +256,8 @@ def parse_header(
     if little:
         try:
             values = _values_fast(data, implicit)
+        except NestingTooDeep as exc:
+            raise HeaderError(f"the dataset cannot be parsed: {exc}") from None
         except (ValueError, LookupError):
             values = None  # unusual encoding: let pydicom try
     if values is None:
@@ -215,6 +265,8 @@ def parse_header(
             values = _values_pydicom(data, implicit, little)
         except HeaderError:
             raise
+        except RecursionError:
+            raise HeaderError("the dataset cannot be parsed: sequences nested too deeply") from None
         except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
             raise HeaderError(f"the dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
     if not values:
@@ -224,27 +276,31 @@ def parse_header(
 
 def _build(v: dict[str, str | int], request_sop_class: str, request_sop_instance: str) -> InstanceHeader:
     def text(name: str) -> str:
-        return str(v.get(name, ""))
+        value = str(v.get(name, ""))
+        if name in _ID_LIMITS and len(value) > _ID_LIMITS[name]:
+            raise HeaderError(f"{name} {_tag(name)} is longer than {_ID_LIMITS[name]} characters")
+        return value[: _TEXT_LIMITS[name]] if name in _TEXT_LIMITS else value
 
-    sop_instance = text("SOPInstanceUID") or request_sop_instance.strip()
+    sop_instance = text("SOPInstanceUID")
     sop_class = text("SOPClassUID") or request_sop_class.strip()
-    if request_sop_instance and sop_instance != request_sop_instance.strip():
+    if sop_instance and request_sop_instance and sop_instance != request_sop_instance.strip():
         raise HeaderError(
             "SOP Instance UID in the dataset differs from the Affected SOP Instance UID of the request"
         )
-    missing = [
-        name
-        for name, value in (
-            ("SOP Instance UID", sop_instance),
-            ("SOP Class UID", sop_class),
-            ("Study Instance UID", text("StudyInstanceUID")),
-            ("Series Instance UID", text("SeriesInstanceUID")),
-        )
-        if not value
-    ]
+    uids = (
+        ("SOP Instance UID", sop_instance),
+        ("SOP Class UID", sop_class),
+        ("Study Instance UID", text("StudyInstanceUID")),
+        ("Series Instance UID", text("SeriesInstanceUID")),
+    )
+    missing = [name for name, value in uids if not value]
     if missing:
         raise HeaderError("required attribute missing: " + ", ".join(missing))
-    frames = _int(v.get("NumberOfFrames"))
+    for name, value in (*uids, ("Frame of Reference UID", text("FrameOfReferenceUID"))):
+        problem = uid_problem(value) if value else None
+        if problem:
+            raise HeaderError(f"{name} is not a valid UID: {problem}")
+    frames = _int("NumberOfFrames", v.get("NumberOfFrames"))
     return InstanceHeader(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,
@@ -262,12 +318,13 @@ def _build(v: dict[str, str | int], request_sop_class: str, request_sop_instance
         image_type=text("ImageType").upper(),
         frame_of_reference_uid=text("FrameOfReferenceUID"),
         study_datetime=parse_study_datetime(text("StudyDate"), text("StudyTime")),
-        instance_number=_int(v.get("InstanceNumber")),
-        image_position=text("ImagePositionPatient") or None,
-        image_orientation=text("ImageOrientationPatient") or None,
-        pixel_spacing=text("PixelSpacing") or None,
-        slice_thickness=_float(v.get("SliceThickness")),
-        rows=_int(v.get("Rows")),
-        columns=_int(v.get("Columns")),
+        series_number=_int("SeriesNumber", v.get("SeriesNumber")),
+        instance_number=_int("InstanceNumber", v.get("InstanceNumber")),
+        image_position=_decimals("ImagePositionPatient", v.get("ImagePositionPatient")),
+        image_orientation=_decimals("ImageOrientationPatient", v.get("ImageOrientationPatient")),
+        pixel_spacing=_decimals("PixelSpacing", v.get("PixelSpacing")),
+        slice_thickness=_float("SliceThickness", v.get("SliceThickness")),
+        rows=_int("Rows", v.get("Rows")),
+        columns=_int("Columns", v.get("Columns")),
         number_of_frames=frames if frames and frames > 0 else 1,
     )

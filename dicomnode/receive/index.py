@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import Association, Event, Instance, Series, record, utcnow
+from dicomnode.db import Association, Event, Instance, QuarantinedInstance, Series, record, utcnow
 from dicomnode.receive.header import InstanceHeader
 
 STAGE = "receive"
@@ -172,14 +172,67 @@ class InstanceIndex:
             conn.execute(_COUNT_SERIES, {"sid": row.id, "now": now})
         return True
 
+    def quarantined_paths(self, sop_instance_uid: str) -> list[str]:
+        """Spool paths of the data sets already quarantined under this SOP Instance UID."""
+        with self._write_lock, self._sessionmaker() as s:
+            return list(
+                s.scalars(
+                    select(QuarantinedInstance.path)
+                    .where(QuarantinedInstance.sop_instance_uid == sop_instance_uid)
+                    .order_by(QuarantinedInstance.id)
+                )
+            )
+
+    def add_quarantined(
+        self,
+        header: InstanceHeader,
+        *,
+        relpath: str,
+        size: int,
+        transfer_syntax_uid: str,
+        calling_aet: str,
+        peer_host: str,
+        association_id: int | None,
+        reason: str,
+    ) -> None:
+        """Record a quarantined data set and its audit event in one transaction."""
+        with self._write_lock, self._sessionmaker() as s:
+            s.add(
+                QuarantinedInstance(
+                    sop_instance_uid=header.sop_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                    path=relpath,
+                    size_bytes=size,
+                    calling_aet=calling_aet,
+                    peer_host=peer_host,
+                    association_id=association_id,
+                    reason=reason,
+                )
+            )
+            record(s, STAGE, "instance", header.sop_instance_uid, "stored", "quarantined", reason)
+            s.commit()
+
     def event(self, entity: str, entity_id: object, old: str | None, new: str | None, reason: str) -> None:
         """Write one audit event in its own transaction."""
         with self._write_lock, self._sessionmaker() as s:
             record(s, STAGE, entity, entity_id, old, new, reason)
             s.commit()
 
-    def open_association(self, calling: str, called: str, host: str, port: int) -> int:
-        """Insert an accepted association (state open) with its event; returns its id."""
+    def open_association(
+        self,
+        calling: str,
+        called: str,
+        host: str,
+        port: int,
+        lease_owner: str | None = None,
+        lease_expires_at: datetime | None = None,
+        note: str | None = None,
+    ) -> int:
+        """Insert an accepted association (state open, leased to this process) with its event;
+        returns its id."""
         with self._write_lock, self._sessionmaker() as s:
             row = Association(
                 direction="in",
@@ -189,10 +242,13 @@ class InstanceIndex:
                 peer_port=port,
                 state="open",
                 receiver=self.receiver,
+                lease_owner=lease_owner,
+                lease_expires_at=lease_expires_at,
             )
             s.add(row)
             s.flush()
-            record(s, STAGE, "association", row.id, None, "open", f"accepted from {calling}@{host}:{port}")
+            reason = note or f"accepted from {calling}@{host}:{port}"
+            record(s, STAGE, "association", row.id, None, "open", reason)
             s.commit()
             return row.id
 
@@ -217,20 +273,23 @@ class InstanceIndex:
             return row.id
 
     def close_association(self, assoc_id: int, state: str, n_stored: int, n_failed: int, reason: str) -> None:
-        """Move an open association to released/aborted with its final counts."""
+        """Move an open association to released/aborted with its final counts (unless another
+        process already closed it because this one's lease had expired)."""
         with self._write_lock, self._sessionmaker() as s:
-            s.execute(
+            res = s.execute(
                 update(Association)
-                .where(Association.id == assoc_id)
+                .where(Association.id == assoc_id, Association.state == "open")
                 .values(
                     state=state,
                     n_stored=n_stored,
                     n_failed=n_failed,
                     ended_at=utcnow(),
                     reason=None if state == "released" else reason,
+                    lease_expires_at=None,
                 )
             )
-            record(s, STAGE, "association", assoc_id, "open", state, reason)
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                record(s, STAGE, "association", assoc_id, "open", state, reason)
             s.commit()
 
 
@@ -319,6 +378,7 @@ def _new_series(h: InstanceHeader, now: datetime) -> dict[str, object]:
         "image_type": h.image_type,
         "frame_of_reference_uid": h.frame_of_reference_uid,
         "study_datetime": h.study_datetime,
+        "series_number": h.series_number,
         "n_instances": 1,
         "generation": 1,
         "state": "receiving",

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from enum import Enum
 from typing import Any
 
@@ -73,6 +74,8 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, Enum):
         return _plain(value.value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
     return str(value)  # Path, URL, IP network ...
 
 

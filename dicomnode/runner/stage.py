@@ -1,10 +1,12 @@
 """The fuse stage worker.
 
-Claims a pending job (conditional UPDATE, so several workers can share one DB), loads both series
-from the spool, aligns them (same frame of reference: patient coordinates; otherwise rigid
-registration), fuses with the configured fuser, writes Secondary Capture files to the spool and
-commits Output rows plus one Delivery row per destination. Why a job failed is in ``jobs.error``
-and in the audit event.
+Claims a job under a lease (``dicomnode.db.leases``: a pending job, or a running one whose worker's
+lease expired), loads both series from the spool, checks the pixels make sense, aligns them (same
+frame of reference: patient coordinates; otherwise rigid registration), fuses with the configured
+fuser, checks the result, writes Secondary Capture files to the spool and commits Output rows plus
+one Delivery row per destination in the transaction that marks the job done, only while this
+worker still holds the job's lease. A worker that lost its lease removes the files it wrote, so a
+job taken over never sends two series. Why a job failed is in ``jobs.error`` and the audit event.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import io
 import json
 import logging
 import os
-import socket
+import posixpath
+import shutil
 import threading
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -24,12 +29,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.db import Delivery, Instance, Job, Output, Series, record, utcnow
+from dicomnode.db import Delivery, Instance, Job, Output, Series, SeriesRemoval, record, utcnow
+from dicomnode.db.leases import JobClaim, WorkerLeases, claim_job, owned_job
+from dicomnode.dispatch.study_series import series_numbers_at
 from dicomnode.fusion.align import align
 from dicomnode.fusion.base import Fuser
 from dicomnode.fusion.pipeline import FusionError, fuse_pair, input_notes
 from dicomnode.fusion.registry import get_fuser
 from dicomnode.fusion.resample import resolve_device
+from dicomnode.fusion.sanity import PixelSanityError, check_fused, check_source
 from dicomnode.fusion.spatial_registration import (
     SPATIAL_REGISTRATION_STORAGE,
     RegistrationObjectError,
@@ -37,6 +45,14 @@ from dicomnode.fusion.spatial_registration import (
     parse_registration,
 )
 from dicomnode.fusion.volume import Volume, VolumeError, volume_from_datasets
+from dicomnode.output import (
+    OutputError,
+    OutputOptions,
+    build_fused_series,
+    choose_series_number,
+    replaces_marker,
+)
+from dicomnode.partial_writes import sweep_partials
 from dicomnode.spool import Spool, outgoing_path
 
 log = logging.getLogger("dicomnode.fuse")
@@ -47,18 +63,29 @@ class JobFailed(Exception):
     """A job cannot be completed; the message is the reason recorded for the admin."""
 
 
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+class LeaseLost(Exception):
+    """This worker no longer holds the job (its lease expired and another worker took it)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _replaces_text(replaced: Job) -> str:
+    number = replaced.output_series_number
+    return f"; replaces series {replaced.output_series_uid} (number {number}) of job {replaced.id}"
+
+
+@dataclass
+class _SeriesPlan:
+    """Identity of a job's fused series, decided before it is built."""
+
+    rule_name: str
+    number: int
+    replaces: Job | None  # the earlier job of the rule in the study whose series this one replaces
+    source: pydicom.Dataset | None  # a reference header read afresh (Patient/Study as received)
+    notes: list[str]
+
+
+def series_dir(series_uid: str) -> str:
+    """The spool folder (relative) that holds an output series' files."""
+    return posixpath.dirname(outgoing_path(series_uid, "1"))
 
 
 class FuseStage:
@@ -70,13 +97,22 @@ class FuseStage:
         sessionmaker: sessionmaker[Session],
         spool: Spool,
         worker_id: str | None = None,
-        stale_after: timedelta = timedelta(hours=2),
+        *,
+        leases: WorkerLeases | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.sessionmaker = sessionmaker
         self.spool = spool
-        self.worker_id = worker_id or _worker_id()
-        self.stale_after = stale_after
+        self._own_leases = leases is None
+        self.leases = leases or WorkerLeases(
+            sessionmaker,
+            settings.workers.lease_seconds,
+            worker_id or settings.workers.worker_id,
+            stages=("fuse",),
+            clock=clock,
+        )
+        self.worker_id = self.leases.owner
         self.device = str(resolve_device(settings.fusion.device))
         self._fuser: Fuser | None = None
 
@@ -87,65 +123,99 @@ class FuseStage:
             log.info("fuser %s %s on %s", self._fuser.name, self._fuser.version, self.device)
         return self._fuser
 
-    # -- job claiming and recovery -------------------------------------------------------------
-    def recover(self) -> int:
-        """Put back to pending the running jobs whose worker died (same host) or went stale."""
-        host = socket.gethostname()
-        now = utcnow()
-        n = 0
+    # -- claiming and crash leftovers ----------------------------------------------------------
+    def claim(self) -> JobClaim | None:
+        """Take the oldest pending job, or a running one whose lease expired (audited)."""
+        now = self.leases.clock()
         with self.sessionmaker() as s:
-            for job in s.scalars(select(Job).where(Job.state == "running")).all():
-                w_host, _, w_pid = (job.worker or "").rpartition(":")
-                dead = w_host == host and w_pid.isdigit() and not _pid_alive(int(w_pid))
-                stale = job.started_at is not None and now - job.started_at > self.stale_after
-                if dead or stale or job.worker == self.worker_id:
-                    s.execute(
-                        update(Job).where(Job.id == job.id, Job.state == "running").values(state="pending")
-                    )
-                    why = (
-                        "worker stopped before finishing"
-                        if dead or job.worker == self.worker_id
-                        else (f"running longer than {self.stale_after}")
-                    )
-                    record(s, STAGE, "job", job.id, "running", "pending", f"recovered: {why}")
-                    n += 1
-            s.commit()
+            result = claim_job(
+                s,
+                self.worker_id,
+                now,
+                self.leases.expiry(now),
+                max_attempts=self.settings.workers.max_job_attempts,
+                stage=STAGE,
+            )
+        for _job_id, series_uid in result.abandoned:
+            self._discard_series(series_uid)
+        claim = result.claim
+        if claim is not None:
+            self.leases.hold("job", [claim.job_id])
+            if claim.taken_from is not None:
+                log.warning("job %d taken over: lease of %s expired", claim.job_id, claim.taken_from)
+            self._discard_series(claim.previous_output_series)
+        return claim
+
+    def _discard_series(self, series_uid: str | None) -> int:
+        """Remove the files of an output series that was never committed; returns how many."""
+        if not series_uid:
+            return 0
+        folder = self.spool.abspath(series_dir(series_uid))
+        n = sum(1 for p in folder.glob("*") if p.is_file()) if folder.is_dir() else 0
+        shutil.rmtree(folder, ignore_errors=True)
         return n
 
-    def claim(self) -> int | None:
-        """Atomically move the oldest pending job to running; returns its id."""
+    def remove_leftovers(self) -> int:
+        """Remove output files no Output row references, except those of jobs under a live lease,
+        and partial writes of stopped workers; returns the number of output files removed."""
+        outgoing = self.spool.root / "outgoing"
+        listed: list[str] = []
+        if outgoing.is_dir():
+            for dirpath, _dirs, files in os.walk(outgoing):
+                rel_dir = os.path.relpath(dirpath, self.spool.root).replace(os.sep, "/")
+                listed += [f"{rel_dir}/{f}" for f in files]
+        # Read the DB after listing: a file written after the listing is not touched, and a job
+        # that commits meanwhile has its rows visible here.
+        now = self.leases.clock()
         with self.sessionmaker() as s:
-            for job_id in s.scalars(
-                select(Job.id).where(Job.state == "pending").order_by(Job.id).limit(5)
-            ).all():
-                res = s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == "pending")
-                    .values(
-                        state="running",
-                        worker=self.worker_id,
-                        started_at=utcnow(),
-                        attempts=Job.attempts + 1,
+            referenced = set(s.scalars(select(Output.path)).all()) if listed else set()
+            live_dirs = {
+                series_dir(uid)
+                for uid in s.scalars(
+                    select(Job.output_series_uid).where(
+                        Job.state == "running",
+                        Job.output_series_uid.is_not(None),
+                        Job.lease_expires_at >= now,
                     )
-                )
-                if res.rowcount == 1:  # type: ignore[attr-defined]
-                    record(s, STAGE, "job", job_id, "pending", "running", f"worker {self.worker_id}")
-                    s.commit()
-                    return job_id
-        return None
+                ).all()
+            }
+        removed = 0
+        for rel in listed:
+            if rel in referenced or posixpath.dirname(rel) in live_dirs:
+                continue
+            try:
+                self.spool.abspath(rel).unlink()
+                removed += 1
+            except OSError:
+                pass
+        for dirpath, dirs, files in os.walk(outgoing, topdown=False) if outgoing.is_dir() else ():
+            if not dirs and not files and dirpath != str(outgoing):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+        if removed:
+            log.warning("removed %d output files of interrupted jobs", removed)
+        sweep_partials(self.sessionmaker, self.spool.root, self.leases)
+        return removed
 
     def run_once(self) -> int:
-        job_id = self.claim()
-        if job_id is None:
+        self.leases.start()
+        claim = self.claim()
+        if claim is None:
             return 0
-        self.run_job(job_id)
+        try:
+            self.run_job(claim)
+        finally:
+            self.leases.drop("job", [claim.job_id])
         return 1
 
     def run_forever(self, stop: threading.Event) -> None:
+        self.leases.start()
         try:
-            self.recover()
+            self.remove_leftovers()
         except Exception:
-            log.exception("job recovery failed")
+            log.exception("removing leftovers of interrupted jobs failed")
         while not stop.is_set():
             try:
                 worked = self.run_once()
@@ -154,14 +224,49 @@ class FuseStage:
                 worked = 0
             if not worked:
                 stop.wait(self.settings.fusion.poll_seconds)
+        if self._own_leases:
+            self.leases.stop()
 
     # -- one job -------------------------------------------------------------------------------
-    def _finish(self, job_id: int, new_state: str, reason: str, **values: object) -> None:
+    def _check_lease(self, claim: JobClaim) -> None:
+        if self.leases.lost("job", claim.job_id):
+            raise LeaseLost(f"worker {self.worker_id} lost the lease of job {claim.job_id}")
+
+    def _finish(self, claim: JobClaim, new_state: str, reason: str, **values: object) -> bool:
+        """Move the job out of running while this worker still holds it; False when it does not."""
         with self.sessionmaker() as s:
-            s.execute(
-                update(Job).where(Job.id == job_id).values(state=new_state, finished_at=utcnow(), **values)
+            res = s.execute(
+                update(Job)
+                .where(owned_job(claim.job_id, self.worker_id, claim.attempt))
+                .values(
+                    state=new_state,
+                    finished_at=utcnow(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    **values,
+                )
             )
-            record(s, STAGE, "job", job_id, "running", new_state, reason)
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                s.rollback()
+                return False
+            record(s, STAGE, "job", claim.job_id, "running", new_state, reason)
+            s.commit()
+        return True
+
+    def _fail(self, claim: JobClaim, reason: str) -> None:
+        if not self._finish(claim, "failed", reason, error=reason, output_series_uid=None):
+            self._lease_lost(claim, [])
+
+    def _lease_lost(self, claim: JobClaim, written_series: list[str]) -> None:
+        """Drop this worker's result: remove its files and say so in the audit."""
+        n = sum(self._discard_series(uid) for uid in written_series)
+        reason = (
+            f"worker {self.worker_id} lost the job's lease before finishing; its result was discarded"
+            + (f" ({n} output files removed)" if n else "")
+        )
+        log.warning("job %d: %s", claim.job_id, reason)
+        with self.sessionmaker() as s:
+            record(s, STAGE, "job", claim.job_id, None, None, reason)
             s.commit()
 
     def _load_series(self, s: Session, series_uid: str) -> Volume:
@@ -183,8 +288,11 @@ class FuseStage:
         except VolumeError as exc:
             raise JobFailed(f"series {series_uid}: {exc}") from exc
 
-    def run_job(self, job_id: int) -> None:
+    def run_job(self, claim: JobClaim) -> None:
+        """Run one claimed job to done, failed or superseded (or drop it when the lease is lost)."""
+        job_id = claim.job_id
         t0 = time.perf_counter()
+        written: list[str] = []  # output series this attempt wrote files for
         try:
             with self.sessionmaker() as s:
                 job = s.get(Job, job_id)
@@ -202,25 +310,29 @@ class FuseStage:
                     job.moving_generation,
                 )
                 if not current:
-                    self._finish(
-                        job_id,
-                        "superseded",
-                        "a source series received new instances; a newer job fuses the new generation",
-                    )
+                    reason = "a source series received new instances; a newer job fuses the new generation"
+                    if not self._finish(claim, "superseded", reason):
+                        self._lease_lost(claim, [])
                     return
                 if ref_series.state != "complete" or mov_series.state != "complete":
                     raise JobFailed("a source series is receiving again; it will be fused when complete")
                 reference = self._load_series(s, job.reference_series_uid)
                 moving = self._load_series(s, job.moving_series_uid)
                 registrations = self._registrations(s, job.patient_key)
-            self._execute(job_id, reference, moving, t0, registrations)
+            self._check_lease(claim)
+            self._execute(claim, reference, moving, t0, registrations, written)
+        except LeaseLost:
+            self._lease_lost(claim, written)
         except JobFailed as exc:
             log.warning("job %d failed: %s", job_id, exc)
-            self._finish(job_id, "failed", str(exc), error=str(exc))
+            for uid in written:
+                self._discard_series(uid)
+            self._fail(claim, str(exc))
         except Exception as exc:  # unexpected: keep the node alive, tell the admin
             log.exception("job %d failed unexpectedly", job_id)
-            reason = f"internal error: {type(exc).__name__}: {exc}"
-            self._finish(job_id, "failed", reason, error=reason)
+            for uid in written:
+                self._discard_series(uid)
+            self._fail(claim, f"internal error: {type(exc).__name__}: {exc}")
 
     def _registrations(self, s: Session, patient_key: str) -> list[SpatialRegistration]:
         """Spatial Registration objects received for the patient (unusable ones are skipped)."""
@@ -238,20 +350,91 @@ class FuseStage:
                 log.warning("spatial registration object %s not used: %s", p, exc)
         return found
 
+    def _series_plan(self, job_id: int, reference: Volume) -> _SeriesPlan:
+        """Series Number, the earlier fused series this one replaces, and the Patient/Study source."""
+        with self.sessionmaker() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            study_uid = str(reference.datasets[0].StudyInstanceUID)
+            in_study = select(Series.series_instance_uid).where(Series.study_instance_uid == study_uid)
+            taken: set[int | None] = set(
+                s.scalars(select(Series.series_number).where(Series.study_instance_uid == study_uid)).all()
+            )
+            taken |= set(
+                s.scalars(
+                    select(Job.output_series_number).where(
+                        Job.reference_series_uid.in_(in_study), Job.id != job_id
+                    )
+                ).all()
+            )
+            earlier = s.scalars(
+                select(Job)
+                .where(
+                    Job.rule_name == job.rule_name,
+                    Job.reference_series_uid.in_(in_study),
+                    Job.state == "done",
+                    Job.output_series_uid.is_not(None),
+                    Job.id != job_id,
+                )
+                .order_by(Job.id.desc())
+                .limit(1)
+            ).first()
+            source_path = s.scalar(
+                select(Instance.path).where(
+                    Instance.sop_instance_uid == str(reference.datasets[0].SOPInstanceUID)
+                )
+            )
+        notes = []
+        timeout = min(self.settings.dispatch.timeout_seconds, 10.0)
+        for dest in self.settings.destinations:
+            numbers, note = series_numbers_at(dest, study_uid, timeout)
+            taken |= numbers
+            if note:
+                notes.append(note)
+        number = job.output_series_number or choose_series_number(
+            self.settings.series_number_base(job.rule_name), taken
+        )
+        source = None
+        if source_path:
+            try:  # read afresh: the Patient/Study text is copied as received
+                source = pydicom.dcmread(self.spool.abspath(source_path), stop_before_pixels=True)
+            except Exception as exc:
+                notes.append(f"patient/study copied from the loaded header ({type(exc).__name__})")
+        return _SeriesPlan(
+            rule_name=job.rule_name,
+            number=number,
+            replaces=earlier,
+            source=source,
+            notes=notes,
+        )
+
+    def _output_options(self, plan: _SeriesPlan) -> OutputOptions:
+        out = self.settings.output
+        replaced = plan.replaces
+        return OutputOptions(
+            notice=out.notice,
+            notice_in_description=out.notice_in_description,
+            burn_in_notice=out.burn_in_notice,
+            iod=out.iod,
+            replaces=replaces_marker(out.replaces_text, replaced.output_series_number) if replaced else "",
+            replaces_series_uid=replaced.output_series_uid if replaced else None,
+        )
+
     def _execute(
         self,
-        job_id: int,
+        claim: JobClaim,
         reference: Volume,
         moving: Volume,
         t0: float,
-        registrations: list[SpatialRegistration] | None = None,
+        registrations: list[SpatialRegistration],
+        written: list[str],
     ) -> None:
-        from dicomnode.output import build_fused_series  # noqa: PLC0415
-
+        job_id = claim.job_id
         try:
-            transform, align_info = align(
-                reference, moving, device=self.device, registrations=registrations or []
-            )
+            check_source(reference, "reference")
+            check_source(moving, "moving")
+            transform, align_info = align(reference, moving, device=self.device, registrations=registrations)
+            self._check_lease(claim)
             fused = fuse_pair(
                 reference,
                 moving,
@@ -259,45 +442,77 @@ class FuseStage:
                 batch_size=self.settings.fusion.batch_size,
                 device=self.device,
                 transform=transform,
+                progress=lambda _done, _total: self._check_lease(claim),
             )
-        except FusionError as exc:
+            check_fused(fused.pixels)
+        except (FusionError, PixelSanityError) as exc:
             raise JobFailed(str(exc)) from exc
         notes = input_notes(reference, moving)
-        with self.sessionmaker() as s:
-            rule_name = s.get(Job, job_id).rule_name  # type: ignore[union-attr]
+        plan = self._series_plan(job_id, reference)
         series_uid = generate_uid(entropy_srcs=[self.worker_id, str(job_id), str(time.time_ns())])
-        ref_number = int(getattr(reference.datasets[0], "SeriesNumber", 0) or 0)
         t1 = time.perf_counter()
-        datasets = build_fused_series(
-            fused.pixels,
-            reference.datasets,
-            moving.datasets,
-            rule_name=rule_name,
-            method_name=fused.method_name,
-            method_version=fused.method_version,
-            series_instance_uid=series_uid,
-            series_number=ref_number + 1000,
-            registered=fused.registered,
-            derivation_note="; ".join([str(align_info["alignment"]), *notes])[:400],
-        )
-        written: list[tuple[str, str, int]] = []
+        try:
+            datasets = build_fused_series(
+                fused.pixels,
+                reference.datasets,
+                moving.datasets,
+                rule_name=plan.rule_name,
+                method_name=fused.method_name,
+                method_version=fused.method_version,
+                series_instance_uid=series_uid,
+                series_number=plan.number,
+                registered=fused.registered,
+                derivation_note="; ".join([str(align_info["alignment"]), *notes])[:400],
+                options=self._output_options(plan),
+                patient_study_source=plan.source,
+            )
+        except OutputError as exc:
+            raise JobFailed(f"cannot build the fused series: {exc}") from exc
+        self._announce_output(claim, series_uid)
+        written.append(series_uid)
+        files: list[tuple[str, str, int]] = []
         for n, ds in enumerate(datasets, start=1):
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             rel = outgoing_path(series_uid, str(ds.SOPInstanceUID))
             self.spool.write(rel, buf.getvalue())
-            written.append((str(ds.SOPInstanceUID), rel, int(getattr(ds, "InstanceNumber", n))))
+            files.append((str(ds.SOPInstanceUID), rel, int(getattr(ds, "InstanceNumber", n))))
         t_out = time.perf_counter() - t1
         details = {
             **fused.details,
             **align_info,
             "input_notes": notes,
+            "series_number": plan.number,
+            "series_description": str(datasets[0].SeriesDescription),
+            "series_notes": plan.notes,
             "seconds_output": round(t_out, 3),
             "seconds_total": round(time.perf_counter() - t0, 3),
         }
         destinations = [d.name for d in self.settings.destinations]
+        replaced = plan.replaces
         with self.sessionmaker() as s:
-            for sop_uid, rel, number in written:
+            # The job row first: it takes the write lock and proves the lease is still ours.
+            res = s.execute(
+                update(Job)
+                .where(owned_job(job_id, self.worker_id, claim.attempt))
+                .values(
+                    state="done",
+                    finished_at=utcnow(),
+                    method=fused.method_name,
+                    method_version=fused.method_version,
+                    output_series_uid=series_uid,
+                    output_series_number=plan.number,
+                    replaces_series_uid=replaced.output_series_uid if replaced else None,
+                    details=json.dumps(details),
+                    error=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                s.rollback()
+                raise LeaseLost(f"job {job_id} is no longer held by {self.worker_id}")
+            for sop_uid, rel, number in files:
                 out = Output(
                     job_id=job_id,
                     sop_instance_uid=sop_uid,
@@ -313,19 +528,8 @@ class FuseStage:
                     s.add(d)
                     s.flush()
                     record(s, STAGE, "delivery", d.id, None, "pending", f"to {dest}")
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(
-                    state="done",
-                    finished_at=utcnow(),
-                    method=fused.method_name,
-                    method_version=fused.method_version,
-                    output_series_uid=series_uid,
-                    details=json.dumps(details),
-                    error=None,
-                )
-            )
+            if replaced is not None:
+                self._record_replacement(s, job_id, replaced)
             record(
                 s,
                 STAGE,
@@ -333,8 +537,57 @@ class FuseStage:
                 job_id,
                 "running",
                 "done",
-                f"{len(written)} instances fused with {fused.method_name} {fused.method_version} "
-                f"on {fused.details['device']}; {align_info['alignment']}" + "".join(f"; {n}" for n in notes),
+                f"{len(files)} instances fused with {fused.method_name} {fused.method_version} "
+                f"on {fused.details['device']}; {align_info['alignment']}"
+                + "".join(f"; {n}" for n in notes)
+                + f"; series number {plan.number}"
+                + (_replaces_text(replaced) if replaced else ""),
             )
             s.commit()
-        log.info("job %d done: %d instances in %.1f s", job_id, len(written), details["seconds_total"])
+        log.info("job %d done: %d instances in %.1f s", job_id, len(files), details["seconds_total"])
+
+    def _announce_output(self, claim: JobClaim, series_uid: str) -> None:
+        """Name the output series on the job before writing its files, so that whoever takes the job
+        over after a crash knows which files to remove; LeaseLost when the job is no longer ours."""
+        with self.sessionmaker() as s:
+            res = s.execute(
+                update(Job)
+                .where(owned_job(claim.job_id, self.worker_id, claim.attempt))
+                .values(output_series_uid=series_uid)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                s.rollback()
+                raise LeaseLost(f"job {claim.job_id} is no longer held by {self.worker_id}")
+            s.commit()
+
+    def _record_replacement(self, s: Session, job_id: int, replaced: Job) -> None:
+        """With ``output.replace_previous``: one removal row per destination for the replaced series."""
+        if not self.settings.output.replace_previous or not replaced.output_series_uid:
+            return
+        for dest in self.settings.destinations:
+            exists = s.scalar(
+                select(SeriesRemoval.id).where(
+                    SeriesRemoval.series_instance_uid == replaced.output_series_uid,
+                    SeriesRemoval.destination == dest.name,
+                )
+            )
+            if exists is not None:
+                continue
+            if dest.orthanc is None:
+                state, why = (
+                    "left",
+                    f"{dest.name} offers no way to delete a series; the replaced series stays",
+                )
+            else:
+                state, why = "pending", f"delete at {dest.name} once job {job_id}'s series is delivered there"
+            row = SeriesRemoval(
+                series_instance_uid=replaced.output_series_uid,
+                destination=dest.name,
+                replaced_by_job_id=job_id,
+                state=state,
+                reason=why,
+                finished_at=utcnow() if state == "left" else None,
+            )
+            s.add(row)
+            s.flush()
+            record(s, STAGE, "removal", row.id, None, state, f"series {replaced.output_series_uid}: {why}")

@@ -8,7 +8,7 @@ Output is deterministic for a given seed: UIDs come from hashed inputs, times ar
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +62,8 @@ def _study_info(
     study_instance_uid: str | None,
     study_datetime: datetime | None,
     frame_of_reference_uid: str | None,
+    specific_character_set: str | list[str] = "ISO_IR 100",
+    extra_attributes: Mapping[str, object] | None = None,
 ) -> StudyInfo:
     study_uid = study_instance_uid or _uid("study", patient_id, issuer_of_patient_id, seed)
     when = study_datetime or DEFAULT_STUDY_DATETIME
@@ -74,6 +76,8 @@ def _study_info(
         study_datetime=when,
         frame_of_reference_uid=frame_of_reference_uid or _uid("for", study_uid),
         accession_number=accession,
+        specific_character_set=specific_character_set,
+        extra_attributes=dict(extra_attributes or {}),
     )
 
 
@@ -141,8 +145,14 @@ def generate_study(
     study_datetime: datetime | None = None,
     frame_of_reference_uid: str | None = None,
     noise: bool = True,
+    specific_character_set: str | list[str] = "ISO_IR 100",
+    extra_attributes: Mapping[str, object] | None = None,
 ) -> GeneratedStudy:
-    """Write ``out_dir/<modality>/<nnnn>.dcm`` for each modality; ``grids`` overrides the defaults."""
+    """Write ``out_dir/<modality>/<nnnn>.dcm`` for each modality; ``grids`` overrides the defaults.
+
+    ``patient_name`` is written in ``specific_character_set``; ``extra_attributes`` (keyword: value)
+    are set on every instance after everything else, e.g. ``{"PatientBirthTime": "0930"}``.
+    """
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"unknown modality {unknown[0]!r}; choose from {', '.join(MODALITIES)}")
@@ -156,6 +166,8 @@ def generate_study(
         study_instance_uid,
         study_datetime,
         frame_of_reference_uid,
+        specific_character_set,
+        extra_attributes,
     )
     all_grids = {**default_grids(scale), **(grids or {})}
     written: dict[str, GeneratedSeries] = {}
@@ -191,6 +203,8 @@ def generate_ct_series(
         "study_instance_uid",
         "study_datetime",
         "frame_of_reference_uid",
+        "specific_character_set",
+        "extra_attributes",
     }
     extra = set(kw) - allowed
     if extra:

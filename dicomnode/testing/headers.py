@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -53,6 +53,8 @@ class StudyInfo:
     patient_age: str = "066Y"
     patient_weight_kg: float = 78.0
     patient_size_m: float = 1.78
+    specific_character_set: str | list[str] = "ISO_IR 100"
+    extra_attributes: dict[str, object] = field(default_factory=dict)  # set on every instance, last
 
 
 def _da(t: datetime) -> str:
@@ -89,7 +91,7 @@ def series_template(modality: str, study: StudyInfo, series_uid: str, grid: Grid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta.ImplementationVersionName = "DICOMNODE_GEN1"
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SpecificCharacterSet = study.specific_character_set
     image_type = {
         "MR": ["ORIGINAL", "PRIMARY", "OTHER"],
         "CT": ["ORIGINAL", "PRIMARY", "AXIAL"],
@@ -157,6 +159,8 @@ def series_template(modality: str, study: StudyInfo, series_uid: str, grid: Grid
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     {"MR": _mr, "CT": _ct, "PT": _pet, "NM": _nm}[modality](ds, study, grid, series_time)
+    for keyword, value in study.extra_attributes.items():
+        setattr(ds, keyword, value)
     return ds
 
 

@@ -12,6 +12,7 @@ bind-address option: it listens on all interfaces, with HTTP remote access switc
 from __future__ import annotations
 
 import atexit
+import base64
 import functools
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,17 @@ ORTHANC_BIN = os.environ.get("DICOMNODE_TEST_ORTHANC") or (
     _DEBIAN_ORTHANC if Path(_DEBIAN_ORTHANC).exists() else shutil.which("Orthanc") or _DEBIAN_ORTHANC
 )
 STORESCP_BIN = shutil.which("storescp") or "/usr/bin/storescp"
+# Where Debian (orthanc-dicomweb, orthanc-webviewer, ...) puts Orthanc's plugins.
+ORTHANC_PLUGIN_DIRS = tuple(
+    Path(d)
+    for d in (
+        os.environ.get("DICOMNODE_TEST_ORTHANC_PLUGINS"),
+        "/usr/share/orthanc/plugins",
+        "/usr/lib/orthanc",
+    )
+    if d
+)
+ORTHANC_PLUGINS = {"dicomweb": "libOrthancDicomWeb.so", "webviewer": "libOrthancWebViewer.so"}
 _LIVE: set[Any] = set()  # started peers not stopped yet (stopped at interpreter exit)
 
 __all__ = [
@@ -44,6 +56,8 @@ __all__ = [
     "free_port",
     "have_dcmtk",
     "have_orthanc",
+    "have_orthanc_plugin",
+    "orthanc_plugin",
     "peer_env",
     "port_open",
     "start_orthanc",
@@ -85,6 +99,23 @@ def peer_env() -> dict[str, str]:
 def have_orthanc() -> bool:
     """True when the Orthanc binary is installed."""
     return Path(ORTHANC_BIN).exists() or shutil.which("Orthanc") is not None
+
+
+def orthanc_plugin(name: str) -> Path | None:
+    """The shared library of an Orthanc plugin (``dicomweb``, ``webviewer``), or None when not installed."""
+    lib = ORTHANC_PLUGINS.get(name)
+    if lib is None:
+        raise ValueError(f"unknown Orthanc plugin {name!r}; known: {', '.join(sorted(ORTHANC_PLUGINS))}")
+    for folder in ORTHANC_PLUGIN_DIRS:
+        for path in sorted(folder.glob(lib + "*")):
+            if path.is_file():
+                return path
+    return None
+
+
+def have_orthanc_plugin(*names: str) -> bool:
+    """True when Orthanc and every named plugin are installed."""
+    return have_orthanc() and all(orthanc_plugin(n) is not None for n in names)
 
 
 def have_dcmtk() -> bool:
@@ -151,6 +182,10 @@ class Orthanc:
     ``start()`` after ``stop()`` reuses the same ports and storage (a PACS coming back).
     ``stop_graceful`` is the default of ``stop()``: SIGTERM and wait (about 3.5 s for Orthanc 1.10)
     or, when False, SIGKILL (a PACS crash; Orthanc's index is transactional).
+    ``plugins`` loads Debian's plugins by name: ``dicomweb`` (DICOMweb under ``/dicom-web/``) and
+    ``webviewer`` (``/web-viewer/app/viewer.html?series=<id>``). ``users`` switches HTTP basic
+    authentication on with these user: password pairs (``rest()`` then logs in as the first one);
+    ``lua`` is a Lua script Orthanc loads (e.g. an ``IncomingHttpRequestFilter``).
     """
 
     workdir: Path
@@ -161,6 +196,9 @@ class Orthanc:
     check_called_aet: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
     stop_graceful: bool = True
+    plugins: tuple[str, ...] = ()
+    users: dict[str, str] = field(default_factory=dict)
+    lua: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -199,7 +237,36 @@ class Orthanc:
             "OverwriteInstances": False,
             "StableAge": 1,
         }
+        cfg.update(self._plugin_config())
         cfg.update(self.extra_config)
+        return cfg
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Root of the DICOMweb API (with the ``dicomweb`` plugin)."""
+        return f"{self.url}/dicom-web"
+
+    def _plugin_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {}
+        paths = []
+        for name in self.plugins:
+            path = orthanc_plugin(name)
+            if path is None:
+                raise PeerError(f"Orthanc plugin {name!r} ({ORTHANC_PLUGINS[name]}) is not installed")
+            paths.append(str(path))
+        if paths:
+            cfg["Plugins"] = paths
+        if "dicomweb" in self.plugins:
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
+        if "webviewer" in self.plugins:
+            cfg["WebViewer"] = {"CachePath": str(self.workdir / "webviewer-cache"), "Threads": 2}
+        if self.users:
+            cfg["AuthenticationEnabled"] = True
+            cfg["RegisteredUsers"] = dict(self.users)
+        if self.lua:
+            script = self.workdir / "filter.lua"
+            script.write_text(self.lua)
+            cfg["LuaScripts"] = [str(script)]
         return cfg
 
     def running(self) -> bool:
@@ -260,6 +327,10 @@ class Orthanc:
         """REST call: bytes when ``raw`` or not JSON, else parsed JSON (dict/list ``data`` sent as JSON)."""
         body = json.dumps(data).encode() if isinstance(data, dict | list) else data
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=timeout) as rsp:  # noqa: S310 - loopback only
             content = rsp.read()
             ctype = rsp.headers.get("Content-Type", "")
@@ -282,6 +353,14 @@ class Orthanc:
         found = self.rest("/tools/find", "POST", {"Level": "Instance", "Query": {}, "Expand": True})
         return {i["MainDicomTags"]["SOPInstanceUID"] for i in found}
 
+    def upload(self, paths: Iterable[Path | str]) -> int:
+        """Store DICOM files through the REST API (a PACS that already holds a study); returns how many."""
+        n = 0
+        for path in paths:
+            self.rest("/instances", "POST", Path(path).read_bytes())
+            n += 1
+        return n
+
     def file(self, orthanc_id: str) -> bytes:
         """The stored DICOM file of one instance."""
         return bytes(self.rest(f"/instances/{orthanc_id}/file", raw=True))
@@ -299,15 +378,26 @@ def start_orthanc(
     aet: str = "ORTHANC",
     check_called_aet: bool = False,
     extra_config: dict[str, Any] | None = None,
+    modalities: dict[str, list[Any]] | None = None,
     timeout: float = 30.0,
+    plugins: Sequence[str] = (),
+    users: dict[str, str] | None = None,
 ) -> Orthanc:
-    """Start Orthanc on free loopback ports with storage under ``tmp_path/orthanc-<aet>``; stop() kills it."""
+    """Start Orthanc on free loopback ports with storage under ``tmp_path/orthanc-<aet>``; stop() kills it.
+
+    ``plugins`` and ``users`` as in :class:`Orthanc`.
+    ``modalities`` are the DICOM peers it knows (``{"node": ["DICOMNODE", "127.0.0.1", 11112]}``): a
+    C-MOVE destination must be one of them, and they may C-FIND, C-MOVE and C-GET.
+    """
     handle = Orthanc(
         workdir=Path(tmp_path) / f"orthanc-{aet}",
         aet=aet,
+        modalities=dict(modalities or {}),
         check_called_aet=check_called_aet,
         extra_config=dict(extra_config or {}),
         stop_graceful=False,
+        plugins=tuple(plugins),
+        users=dict(users or {}),
     )
     return handle.start(timeout=timeout)
 
@@ -374,8 +464,17 @@ class StatusScp:
         _LIVE.discard(self)
 
 
-def start_status_scp(*, status: int = 0x0000, aet: str = "STATUSSCP") -> StatusScp:
-    """Start an in-process SCP on a free loopback port answering C-STORE with ``status``."""
+def start_status_scp(
+    *,
+    status: int = 0x0000,
+    aet: str = "STATUSSCP",
+    port: int = 0,
+    sop_classes: Sequence[str] | None = None,
+) -> StatusScp:
+    """Start an in-process SCP on loopback answering C-STORE with ``status``.
+
+    ``port`` 0 picks a free one; ``sop_classes`` limits the storage SOP classes it accepts (default all).
+    """
     from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: PLC0415
 
     handle = StatusScp(port=0, aet=aet, status=status)
@@ -385,9 +484,13 @@ def start_status_scp(*, status: int = 0x0000, aet: str = "STATUSSCP") -> StatusS
         return handle.status
 
     ae = AE(ae_title=aet)
-    ae.supported_contexts = AllStoragePresentationContexts
+    if sop_classes is None:
+        ae.supported_contexts = AllStoragePresentationContexts
+    else:
+        for uid in sop_classes:
+            ae.add_supported_context(uid)
     for attempt in range(3):
-        handle.port = free_port()
+        handle.port = port or free_port()
         try:
             handle.server = ae.start_server(
                 ("127.0.0.1", handle.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
