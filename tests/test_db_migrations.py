@@ -13,11 +13,32 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Column, Integer, MetaData, create_engine, insert, inspect, select, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    create_engine,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 
 from dicomnode.cli import main as cli_main
-from dicomnode.db import Delivery, Event, Instance, Job, SchemaError, make_engine, make_sessionmaker
+from dicomnode.db import (
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    QuarantinedInstance,
+    SchemaError,
+    Worker,
+    make_engine,
+    make_sessionmaker,
+)
 from dicomnode.db.models import LEGACY_GUARD_VERSION, Base
 from dicomnode.db.schema import (
     BASELINE,
@@ -31,6 +52,7 @@ from dicomnode.db.schema import (
 pytestmark = pytest.mark.both_backends
 
 T = datetime(2025, 3, 4, 5, 6, 7)
+LEGACY = {"first": legacy.metadata, "last": legacy.last_metadata}
 GIB = 1 << 30
 
 
@@ -42,11 +64,15 @@ def migrate(url: str, target: str = "head") -> None:
     engine.dispose()
 
 
-def make_legacy_database(url: str) -> dict[str, list[tuple]]:
-    """A database as the release before migrations made it, with a row in every table."""
+def make_legacy_database(url: str, release: str = "first") -> dict[str, list[tuple]]:
+    """A database as a release before migrations made it, with a row in every table.
+
+    ``release``: ``first`` (the baseline's schema) or ``last`` (the last one before migrations,
+    whose tables the upgrade finds already made)."""
+    metadata = LEGACY[release]
     engine = create_engine(url)
     with engine.begin() as conn:
-        legacy.metadata.create_all(conn)
+        metadata.create_all(conn)
         conn.execute(insert(legacy.schema_info).values(id=1, version=1))
         conn.execute(
             insert(legacy.associations).values(
@@ -176,22 +202,131 @@ def make_legacy_database(url: str) -> dict[str, list[tuple]]:
                 reason="stored at pacs",
             )
         )
+        if release == "last":
+            _rows_of_the_last_release(conn)
         if engine.dialect.name == "postgresql":  # as if the rows came one by one from the sequences
-            for name in legacy.metadata.tables:
-                if name != "schema_info":
+            for name, table in metadata.tables.items():
+                if "id" in table.c:
                     conn.execute(
                         text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), max(id)) FROM {name}")
                     )
-    rows = dump(engine, legacy.metadata)
+    rows = dump(engine, metadata)
     engine.dispose()
     return rows
 
 
+def _rows_of_the_last_release(conn: Connection) -> None:
+    """A row in each table and column the last release before migrations added."""
+    t = legacy.last_metadata.tables
+    conn.execute(
+        update(t["jobs"]).values(
+            output_series_number=9101,
+            replaces_series_uid="1.2.3.150",
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+    conn.execute(
+        update(t["deliveries"]).values(failing_since=T, lease_owner="gone-1-abc", lease_expires_at=T)
+    )
+    conn.execute(update(t["series"]).values(series_number=3))
+    conn.execute(update(t["associations"]).values(lease_owner="gone-1-abc", lease_expires_at=T))
+    conn.execute(
+        insert(t["workers"]).values(
+            worker_id="gone-1-abc", stages="receive", host="h", started_at=T, lease_expires_at=T, tmp_dir="0a"
+        )
+    )
+    conn.execute(
+        insert(t["series_decisions"]).values(
+            id=1,
+            series_instance_uid="1.2.3.100",
+            rule_name="mr-ct",
+            decision="chosen",
+            reason="",
+            job_id=1,
+            updated_at=T,
+        )
+    )
+    conn.execute(
+        insert(t["quarantined_instances"]).values(
+            id=1,
+            sop_instance_uid="1.2.3.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid="1.2.3.1000",
+            series_instance_uid="1.2.3.100",
+            transfer_syntax_uid="",
+            path="quarantine/1.2.3.1000/1.2.3.100/1.2.3.1.dcm",
+            size_bytes=1000,
+            calling_aet="SCANNER",
+            peer_host="10.0.0.7",
+            association_id=1,
+            reason="other content",
+            received_at=T,
+        )
+    )
+    conn.execute(
+        insert(t["series_removals"]).values(
+            id=1,
+            series_instance_uid="1.2.3.150",
+            destination="pacs",
+            replaced_by_job_id=1,
+            state="deleted",
+            attempts=1,
+            reason=None,
+            next_attempt_at=T,
+            created_at=T,
+            finished_at=T,
+        )
+    )
+    conn.execute(
+        insert(t["prior_fetches"]).values(
+            id=1,
+            rule_name="mr-ct",
+            patient_key="P1",
+            anchor_series_uid="1.2.3.99",
+            anchor_modality="MR",
+            wanted_modality="CT",
+            state="retrieved",
+            reason=None,
+            due_at=T,
+            attempts=1,
+            next_attempt_at=T,
+            source="pacs",
+            chosen_study_uid="1.2.3.1000",
+            chosen_series_uid="1.2.3.100",
+            created_at=T,
+            updated_at=T,
+            finished_at=T,
+        )
+    )
+    conn.execute(
+        insert(t["prior_queries"]).values(
+            id=1, fetch_id=1, source="pacs", level="STUDY", state="done", n_matches=1, started_at=T
+        )
+    )
+    conn.execute(
+        insert(t["prior_retrieves"]).values(
+            id=1,
+            fetch_id=1,
+            source="pacs",
+            method="c-move",
+            patient_key="P1",
+            study_instance_uid="1.2.3.1000",
+            series_instance_uid="1.2.3.100",
+            state="done",
+            attempts=1,
+            next_attempt_at=T,
+            n_completed=2,
+            created_at=T,
+        )
+    )
+
+
 def dump(engine, metadata: MetaData) -> dict[str, list[tuple]]:  # type: ignore[no-untyped-def]
-    """Every row of every table of ``metadata``, ordered by id (``schema_info`` left out)."""
+    """Every row of every table of ``metadata``, ordered by key (``schema_info`` left out)."""
     with engine.connect() as conn:
         return {
-            name: [tuple(r) for r in conn.execute(select(*table.c).order_by(table.c.id))]
+            name: [tuple(r) for r in conn.execute(select(*table.c).order_by(*table.primary_key.columns))]
             for name, table in metadata.tables.items()
             if name != "schema_info"
         }
@@ -236,8 +371,9 @@ def _is_version_table(diff: object) -> bool:
     return isinstance(diff, tuple) and diff[0] == "remove_table" and diff[1].name == "alembic_version"
 
 
-def test_database_from_before_migrations_is_upgraded_with_its_rows(db_url: str):
-    before = make_legacy_database(db_url)
+@pytest.mark.parametrize("release", ["first", "last"])
+def test_database_from_before_migrations_is_upgraded_with_its_rows(db_url: str, release: str):
+    before = make_legacy_database(db_url, release)
     engine = make_engine(db_url)
     assert current(engine).kind == "legacy"
     if engine.dialect.name == "postgresql":  # what the upgrade is for: 32-bit sizes on PostgreSQL
@@ -248,7 +384,7 @@ def test_database_from_before_migrations_is_upgraded_with_its_rows(db_url: str):
     sm = make_sessionmaker(db_url, auto_migrate=True)
     engine = sm.kw["bind"]
     assert current(engine).kind == "current"
-    assert dump(engine, legacy.metadata) == before  # every row kept, column for column
+    assert dump(engine, LEGACY[release]) == before  # every row kept, column for column
     with engine.connect() as conn:
         assert schema_differences(conn) == []
         assert conn.scalar(text("SELECT version FROM schema_info")) == LEGACY_GUARD_VERSION
@@ -257,9 +393,24 @@ def test_database_from_before_migrations_is_upgraded_with_its_rows(db_url: str):
         big.size_bytes = 3 * GIB
         s.get(Job, 1).worker = "h" * 64 + ":4194304"
         s.add(Event(stage="admin", entity="delivery", entity_id="1", reason="checked after upgrade"))
+        s.add(
+            QuarantinedInstance(
+                sop_instance_uid="1.2.3.2",
+                sop_class_uid="1.2",
+                study_instance_uid="1.2.3",
+                series_instance_uid="1.2.4",
+                path="quarantine/x.dcm",
+                size_bytes=3 * GIB,
+            )
+        )
+        s.add(Worker(worker_id="w-after-upgrade", lease_expires_at=T))
         s.commit()
     with sm() as s:
         assert s.get(Instance, 1).size_bytes == 3 * GIB
+        assert (
+            s.scalar(select(QuarantinedInstance.size_bytes).order_by(QuarantinedInstance.id.desc()))
+            == 3 * GIB
+        )
         assert s.scalar(select(Delivery.state)) == "sent"
         assert [e.id for e in s.scalars(select(Event).order_by(Event.id))] == [1, 2]
     engine.dispose()
@@ -361,9 +512,13 @@ def test_revision_tool_writes_what_the_models_add(tmp_path: Path):
     for table in Base.metadata.tables.values():
         table.to_metadata(models)
     models.tables["jobs"].append_column(Column("priority", Integer, nullable=True))
-    path = make_revision("job priority", directory=tmp_path, metadata=models)
+    path = make_revision(
+        "job priority, for the urgent studies of the night", directory=tmp_path, metadata=models
+    )
     source = path.read_text()
-    assert path.parent == tmp_path and path.name.endswith("_job_priority.py")
+    # the revision id fits Alembic's version table (32 characters; PostgreSQL refuses more)
+    assert path.parent == tmp_path and path.name.endswith("_job_priority_for_the_urgent.py")
+    assert len(path.stem) <= 32
     assert (
         f"down_revision = '{head_revision()}'" in source or f'down_revision = "{head_revision()}"' in source
     )

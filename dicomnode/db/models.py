@@ -116,7 +116,7 @@ class QuarantinedInstance(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
     path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # 64 bit, as instances.size_bytes
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     peer_host: Mapped[str] = mapped_column(String(64), default="")
     association_id: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -269,7 +269,8 @@ def make_revision(message: str, directory: Path | None = None, metadata: MetaDat
     """
     import tempfile  # noqa: PLC0415
 
-    slug = re.sub(r"[^a-z0-9]+", "_", message.lower()).strip("_")[:40] or "revision"
+    # Alembic's version table holds 32 characters: "NNNN_" and at most 27 of the message.
+    slug = re.sub(r"[^a-z0-9]+", "_", message.lower()).strip("_")[:27].rstrip("_") or "revision"
     number = 1 + max(int(r.split("_", 1)[0]) for r in known_revisions() if r[:4].isdigit())
     rev_id = f"{number:04d}_{slug}"
     with tempfile.TemporaryDirectory() as tmp:
