@@ -14,12 +14,13 @@ from test_assemble_stage import add_series
 from dicomnode.assemble import AssembleStage
 from dicomnode.assemble import stage as assemble_stage
 from dicomnode.config import load_settings
-from dicomnode.db import Delivery, Event, Job, Output, make_sessionmaker
+from dicomnode.db import Delivery, Event, Job, Output, SeriesRemoval, make_sessionmaker
 from dicomnode.db.leases import (
     _delivery_candidates,
     _job_candidates,
     claim_deliveries,
     claim_job,
+    claim_removal,
     lock_patients,
 )
 
@@ -170,3 +171,20 @@ def test_two_assemblers_never_create_the_same_job(db_url: str, monkeypatch: pyte
         made = s.scalars(select(Event).where(Event.entity == "job", Event.new_state == "pending")).all()
     assert len(keys) == PATIENTS and len(set(keys)) == PATIENTS
     assert len(made) == PATIENTS  # one "created" record per job: nobody fell back on the unique key
+
+
+def test_a_series_removal_is_held_by_one_dispatcher(db_url: str):
+    sm = make_sessionmaker(db_url)
+    (job_id,) = _add_jobs(sm, 1)
+    with sm() as s:
+        row = SeriesRemoval(
+            series_instance_uid="1.4", destination="pacs", replaced_by_job_id=job_id, next_attempt_at=T0
+        )
+        s.add(row)
+        s.commit()
+        removal_id = row.id
+    until = T0 + timedelta(seconds=60)
+    with sm() as a, sm() as b:
+        assert claim_removal(a, removal_id, T0, until)
+        assert not claim_removal(b, removal_id, T0 + timedelta(seconds=59), until)
+        assert claim_removal(b, removal_id, until, until + timedelta(seconds=60))  # the holder died

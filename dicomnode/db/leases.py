@@ -34,7 +34,7 @@ from sqlalchemy import ColumnElement, and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.audit import record
-from dicomnode.db.models import Association, Delivery, Job, Worker, utcnow
+from dicomnode.db.models import Association, Delivery, Job, SeriesRemoval, Worker, utcnow
 
 log = logging.getLogger("dicomnode.leases")
 
@@ -270,6 +270,25 @@ def claim_deliveries(
             )
     s.commit()
     return [DeliveryClaim(int(i), str(d), int(o)) for i, d, o in rows]
+
+
+# --- series removals -------------------------------------------------------------------------------
+
+
+def claim_removal(s: Session, removal_id: int, now: datetime, until: datetime) -> bool:
+    """Hold a due series removal until ``until`` (its next attempt moves there), so that another
+    dispatcher leaves it alone meanwhile; after a crash it is due again then. Commits."""
+    res = s.execute(
+        update(SeriesRemoval)
+        .where(
+            SeriesRemoval.id == removal_id,
+            SeriesRemoval.state == "pending",
+            SeriesRemoval.next_attempt_at <= now,
+        )
+        .values(next_attempt_at=until)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 # --- patients (assemble) ---------------------------------------------------------------------------
