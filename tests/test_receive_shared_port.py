@@ -133,7 +133,7 @@ def test_receive_processes_get_every_setting_of_the_node(monkeypatch: pytest.Mon
         node={"port": 11999, "receive_processes": 2, "allowed_peers": [{"address": "10.1.0.0/16"}]},
         storage={"spool_dir": str(tmp_path / "spool"), "database_url": "postgresql://u:secret@db/x"},
         dispatch={"give_up_after": "3d"},
-        workers={"lease_seconds": 12},
+        workers={"lease_seconds": 12, "worker_id": "receive"},
         destinations=[
             {
                 "name": "web",
@@ -144,7 +144,7 @@ def test_receive_processes_get_every_setting_of_the_node(monkeypatch: pytest.Mon
             }
         ],
     )
-    env = ReceiveProcesses(settings)._child_environment()
+    env = ReceiveProcesses(settings)._child_environment(slot=1)
     for name in [k for k in os.environ if k.startswith("DICOMNODE_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
@@ -153,4 +153,5 @@ def test_receive_processes_get_every_setting_of_the_node(monkeypatch: pytest.Mon
     child = load_settings(None)
     expected = settings.model_dump()
     expected["node"].update(receive_processes=1, reuse_port=True)
+    expected["workers"]["worker_id"] = "receive-r2"  # each process its own leases
     assert child.model_dump() == expected

@@ -99,7 +99,7 @@ class ReceiveProcesses:
         self._restarts = [0] * self.count
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._env = self._child_environment()
+        self._envs = [self._child_environment(slot) for slot in range(self.count)]
         self._watcher: threading.Thread | None = None
 
     @property
@@ -108,24 +108,28 @@ class ReceiveProcesses:
         with self._lock:
             return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
-    def _child_environment(self) -> dict[str, str]:
+    def _child_environment(self, slot: int = 0) -> dict[str, str]:
         """This process's environment with the settings as DICOMNODE_<SECTION> JSON values.
 
         The settings travel in the environment, not in a file that a node killed with -9 would
         leave behind (it may hold the database password); the DICOMNODE_* variables they came
-        from are replaced, so that none of them can undo ``receive_processes: 1``.
+        from are replaced, so that none of them can undo ``receive_processes: 1``. A configured
+        ``workers.worker_id`` gets the slot's number: every process holds its own leases.
         """
         data: dict[str, Any] = _plain(self.settings.model_dump(mode="python"))
         data["node"]["receive_processes"] = 1
         data["node"]["reuse_port"] = True
+        if data["workers"].get("worker_id"):
+            data["workers"]["worker_id"] = f"{data['workers']['worker_id'][:60]}-r{slot + 1}"
         env = {k: v for k, v in os.environ.items() if not _config_variable(k, data)}
         env.update({f"DICOMNODE_{section.upper()}": json.dumps(value) for section, value in data.items()})
         env[PARENT_ENV] = str(os.getpid())
         return env
 
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "dicomnode.receive", "--log-level", "INFO"]  # the settings: from _env
-        proc = subprocess.Popen(cmd, env=self._env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "dicomnode.receive", "--log-level", "INFO"]  # settings: environment
+        env = self._envs[slot]
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         log.info("receive process %d started (pid %d)", slot + 1, proc.pid)
         return proc
 
