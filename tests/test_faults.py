@@ -414,7 +414,9 @@ def test_disk_full_spool_answers_a700_and_recovers(tmp_path: Path, db_url: str) 
             reasons = [e.reason for e in s.scalars(select(Event).where(Event.new_state == "failed")).all()]
         assert sorted(rows) == sorted(stored)  # nothing refused is indexed
         assert all((spool_dir / p).stat().st_size > 0 for p in rows.values())
-        assert len(reasons) == len(refused) and all("No space left on device" in r for r in reasons)
+        # Refusals from one peer are audited one by one up to a rate, then summarised (CONFORMANCE.md);
+        # the association row counts every refused instance.
+        assert 1 <= len(reasons) <= len(refused) and all("No space left on device" in r for r in reasons)
         assert not any((spool_dir / "tmp").rglob("*.part"))  # no partial file left behind
         filler.unlink()  # space returns
         again = send_all()
@@ -422,6 +424,9 @@ def test_disk_full_spool_answers_a700_and_recovers(tmp_path: Path, db_url: str) 
         with sm() as s:
             assert s.scalar(select(func.count()).select_from(Instance)) == len(datasets)
         stage.stop()
+        with sm() as s:
+            assoc = s.scalars(select(Association).order_by(Association.id)).first()
+            assert assoc is not None and assoc.n_failed == len(refused) and assoc.state == "released"
     finally:
         subprocess.run(["umount", "-l", str(spool_dir)], check=False)
 
