@@ -114,6 +114,11 @@ class Node:
             return list(s.scalars(select(Association).order_by(Association.id)))
 
 
+def sqlite_url(folder: Path) -> str:
+    """A SQLite database for one test node (these tests check dispatch, not the database)."""
+    return f"sqlite:///{folder}/node.db"
+
+
 def dest(name: str, aet: str, port: int) -> dict:
     return {"name": name, "ae_title": aet, "host": "127.0.0.1", "port": port}
 

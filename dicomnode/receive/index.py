@@ -68,15 +68,19 @@ class InstanceIndex:
         # The per-instance path uses long-lived Core connections (no ORM unit of work, no pool
         # checkout): it is most of the Python cost of an instance otherwise.
         self._hot = _HotConnections(self._engine, 1 if serial else _server_connections(self._engine))
+        # The duplicate check only reads: on SQLite (WAL) it runs beside the writer on connections of
+        # its own instead of queueing for the write lock behind other associations' commits.
+        self._reads = _HotConnections(self._engine, 2) if serial else self._hot
 
     def close(self) -> None:
         """Return the hot-path connections to the pool."""
         with self._write_lock:
             self._hot.close()
+        self._reads.close()
 
     def known_path(self, sop_instance_uid: str) -> str | None:
         """Spool path of an already indexed instance, or None when it is new."""
-        with self._write_lock, self._hot.checkout() as conn:
+        with self._reads.checkout() as conn:
             path = conn.scalar(_SELECT_PATH, {"uid": sop_instance_uid})
             conn.rollback()
             return path
