@@ -9,6 +9,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 import types
 import typing
 from datetime import timedelta
@@ -117,6 +118,10 @@ class NodeConfig(_Section):
     acse_timeout_seconds: float = Field(10.0, gt=0, le=3600)  # connect -> A-ASSOCIATE-RQ, and release
     dimse_timeout_seconds: float = Field(600.0, gt=0, le=86400)  # one command or data set, first to last byte
     network_timeout_seconds: float = Field(60.0, gt=0, le=86400)  # idle association, or a PDU stalled
+    # Receive processes sharing the port (SO_REUSEPORT; the kernel spreads connections over them).
+    receive_processes: int = Field(1, ge=1, le=64)
+    # Let other receive processes of this user bind the same port (implied by receive_processes > 1).
+    reuse_port: bool = False
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -124,6 +129,21 @@ class NodeConfig(_Section):
     @classmethod
     def _check_allowed(cls, v: list[str]) -> list[str]:
         return [_ae_title(a) for a in v]
+
+    @model_validator(mode="after")
+    def _shared_port(self) -> NodeConfig:
+        if self.receive_processes > 1 and self.port == 0:
+            raise ValueError("receive_processes > 1 needs a fixed node.port (0 picks a port per process)")
+        return self
+
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _default_node_id() -> str:
+    """The host name, as a file-name component (at most 64 characters)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:64]
+    return name or "node"
 
 
 def check_database_url(url: str) -> str:
@@ -163,6 +183,36 @@ class StorageConfig(_Section):
     clean_interval_seconds: float = Field(300, gt=0)
 
     _check_url = field_validator("database_url")(classmethod(lambda cls, v: check_database_url(v)))
+    # Upgrade an older schema at start. None: yes on SQLite, no on a server database (there,
+    # run `dicomnode db upgrade` once). A newer schema is always refused.
+    auto_migrate: bool | None = None
+    # This node's name in spool file names where nodes sharing one spool could collide.
+    node_id: str = Field(default_factory=_default_node_id)
+    # Database connections kept per process (as many again at peak); server databases only.
+    pool_size: int = Field(5, ge=1, le=100)
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url  # noqa: PLC0415
+        from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+        try:
+            make_url(v)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (e.g. sqlite:///var/dicomnode.db, postgresql+psycopg://...)"
+            ) from None
+        return v
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        if not _NODE_ID.match(v):
+            raise ValueError(
+                "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
 
 
 class AssemblyConfig(_Section):
@@ -199,7 +249,7 @@ class FetchMissingConfig(_Section):
 class RuleConfig(_Section):
     """A modality set: fuse a ``reference`` series (MR) with a ``moving`` series of one patient."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
     reference: str = "MR"
     moving: str
     reference_prefer: list[str] | None = None  # None = DEFAULT_PREFER[reference]
@@ -300,7 +350,7 @@ class DestinationConfig(HttpAuthConfig):
     names the destination's Orthanc REST API, the capability to list and delete series there.
     """
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
     type: Literal["dimse", "dicomweb"] = "dimse"
     ae_title: str | None = None
     host: str | None = None

@@ -11,7 +11,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import ConfigError, Settings
-from dicomnode.db import make_sessionmaker
+from dicomnode.db import storage_sessionmaker
 from dicomnode.db.leases import WorkerLeases
 from dicomnode.logs import log_context
 from dicomnode.spool import Spool
@@ -23,7 +23,7 @@ STAGES = ("receive", "assemble", "retrieve", "fuse", "dispatch", "admin")
 def open_database(settings: Settings) -> sessionmaker[Session]:
     """The DB named by ``storage.database_url``; a ConfigError naming the key when it cannot be used."""
     try:
-        return make_sessionmaker(settings.storage.database_url)
+        return storage_sessionmaker(settings.storage)
     except (OSError, ArgumentError, SQLAlchemyError) as exc:
         why = getattr(exc, "orig", None) or exc
         raise ConfigError(
@@ -63,19 +63,32 @@ class Node:
             settings.workers.lease_seconds,
             settings.workers.worker_id,
             stages=self.stages,
+            node_id=settings.storage.node_id,
         )
         self.leases.register()  # before the spool's tmp folder exists, so no sweep takes it for a dead one
         self.spool = open_spool(settings, tmp_dir=self.leases.tmp_dir)
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self.receiver = None
+        self.receive_processes = None
         self.http = None
 
     def start(self) -> None:
         s = self.settings
         self.leases.start()
         log.info("worker id %s (lease %g s)", self.leases.owner, self.leases.seconds)
-        if "receive" in self.stages:
+        if "receive" in self.stages and s.node.receive_processes > 1:
+            from dicomnode.receive.shared_port import ReceiveProcesses  # noqa: PLC0415
+
+            self.receive_processes = ReceiveProcesses(s).start()
+            log.info(
+                "receiving as %s on %s:%d in %d processes",
+                s.node.ae_title,
+                s.node.host,
+                s.node.port,
+                s.node.receive_processes,
+            )
+        elif "receive" in self.stages:
             from dicomnode.receive import ReceiveStage  # noqa: PLC0415
 
             self.receiver = ReceiveStage(s, self.sessionmaker, self.spool, leases=self.leases)
@@ -126,6 +139,8 @@ class Node:
         self.stop_event.set()
         if self.receiver is not None:
             self.receiver.stop()
+        if self.receive_processes is not None:
+            self.receive_processes.stop()
         if self.http is not None:
             self.http.stop()
         for t in self._threads:

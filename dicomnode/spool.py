@@ -187,6 +187,18 @@ class Spool:
     def _write(self, relpath: str, chunks: list[bytes] | bytes, versions: int) -> tuple[str, int]:
         if isinstance(chunks, bytes | bytearray | memoryview):
             chunks = [bytes(chunks)]
+        try:
+            return self._write_once(relpath, chunks, versions)
+        except FileNotFoundError:
+            # A folder this process made went away: another worker's sweep took this worker for a
+            # dead one (its heartbeat lapsed on a stalled machine) and removed its tmp folder, or
+            # removed an output folder while it was still empty. Make them again; write once more.
+            self._known_dirs.discard(self.tmp)
+            self._known_dirs.discard(self.abspath(relpath).parent)
+            self._ensure_dir(self.tmp)
+            return self._write_once(relpath, chunks, versions)
+
+    def _write_once(self, relpath: str, chunks: list[bytes], versions: int) -> tuple[str, int]:
         final = self.abspath(relpath)
         self._ensure_dir(final.parent)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"

@@ -11,6 +11,7 @@ from dicomnode.config import load_settings
 from dicomnode.db import Event, Instance, Job, Series, SeriesDecision, make_sessionmaker
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
+pytestmark = pytest.mark.both_backends
 
 
 class Clock:
@@ -22,8 +23,8 @@ class Clock:
 
 
 @pytest.fixture()
-def env(tmp_path):
-    sm = make_sessionmaker(f"sqlite:///{tmp_path}/t.db")
+def env(db_url):
+    sm = make_sessionmaker(db_url)
     settings = load_settings(None, assembly={"series_stable_seconds": 30, "pair_window_hours": 24})
     clock = Clock()
     return sm, AssembleStage(settings, sm, clock=clock), clock
@@ -167,8 +168,8 @@ def test_series_selection_prefers_t1_3d_and_attenuation_corrected_pet(env):
     assert "'PET FDG AC'" in ev.reason.split("Moving:")[1].split("chosen")[0]
 
 
-def test_custom_rule_patterns_and_body_part(tmp_path):
-    sm = make_sessionmaker(f"sqlite:///{tmp_path}/t.db")
+def test_custom_rule_patterns_and_body_part(db_url):
+    sm = make_sessionmaker(db_url)
     settings = load_settings(
         None,
         rules=[

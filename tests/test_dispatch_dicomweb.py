@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_dispatch_outbox import N_SLICES, Node
+from test_dispatch_outbox import N_SLICES, Node, sqlite_url
 
 from dicomnode.config import OrthancRestConfig, load_settings
 from dicomnode.dispatch.dicomweb import qido_series_numbers, stow_result
@@ -58,7 +58,9 @@ def web(url: str, **auth: str) -> dict:
 
 
 def test_stow_rs_delivers_with_rows_and_audit_like_c_store(basic_pacs: Orthanc, tmp_path: Path) -> None:
-    node = Node(tmp_path, [web(basic_pacs.dicomweb_url, username=USER, password=PASSWORD)])
+    node = Node(
+        tmp_path, sqlite_url(tmp_path), [web(basic_pacs.dicomweb_url, username=USER, password=PASSWORD)]
+    )
     uids = node.add_outputs(destinations=("web",))
     assert node.outbox.run_once() == N_SLICES
     assert set(uids) <= basic_pacs.sop_instance_uids()
@@ -76,7 +78,12 @@ def test_stow_rs_delivers_with_rows_and_audit_like_c_store(basic_pacs: Orthanc, 
 
 
 def test_wrong_credentials_are_a_failed_attempt_with_the_reason(basic_pacs: Orthanc, tmp_path: Path) -> None:
-    node = Node(tmp_path, [web(basic_pacs.dicomweb_url, username=USER, password="wrong")], max_attempts=2)
+    node = Node(
+        tmp_path,
+        sqlite_url(tmp_path),
+        [web(basic_pacs.dicomweb_url, username=USER, password="wrong")],
+        max_attempts=2,
+    )
     node.add_outputs(n=1, destinations=("web",))
     assert node.outbox.run_once() == 0
     (row,) = node.deliveries()
@@ -91,11 +98,15 @@ def test_wrong_credentials_are_a_failed_attempt_with_the_reason(basic_pacs: Orth
 
 
 def test_bearer_token(bearer_pacs: Orthanc, tmp_path: Path) -> None:
-    good = Node(tmp_path / "good", [web(bearer_pacs.dicomweb_url, bearer_token=TOKEN)])
+    good = Node(
+        tmp_path / "good", sqlite_url(tmp_path / "good"), [web(bearer_pacs.dicomweb_url, bearer_token=TOKEN)]
+    )
     uids = good.add_outputs(n=2, destinations=("web",))
     assert good.outbox.run_once() == 2
     assert set(uids) <= bearer_pacs.sop_instance_uids()
-    bad = Node(tmp_path / "bad", [web(bearer_pacs.dicomweb_url, bearer_token="stolen")])
+    bad = Node(
+        tmp_path / "bad", sqlite_url(tmp_path / "bad"), [web(bearer_pacs.dicomweb_url, bearer_token="stolen")]
+    )
     bad.add_outputs(n=1, destinations=("web",))
     assert bad.outbox.run_once() == 0
     assert "refused the credentials (HTTP 403" in bad.deliveries()[0].last_error
@@ -103,7 +114,7 @@ def test_bearer_token(bearer_pacs: Orthanc, tmp_path: Path) -> None:
 
 def test_server_down_then_up(tmp_path: Path) -> None:
     pacs = Orthanc(tmp_path / "late", http_port=free_port(), plugins=("dicomweb",), stop_graceful=False)
-    node = Node(tmp_path, [web(pacs.dicomweb_url)])
+    node = Node(tmp_path, sqlite_url(tmp_path), [web(pacs.dicomweb_url)])
     uids = node.add_outputs(n=2, destinations=("web",))
     assert node.outbox.run_once() == 0
     rows = node.deliveries()
@@ -143,7 +154,9 @@ def test_stow_answers_are_read_per_instance() -> None:
 
 
 def test_series_numbers_from_qido_and_orthanc_rest_and_deletion(basic_pacs: Orthanc, tmp_path: Path) -> None:
-    node = Node(tmp_path, [web(basic_pacs.dicomweb_url, username=USER, password=PASSWORD)])
+    node = Node(
+        tmp_path, sqlite_url(tmp_path), [web(basic_pacs.dicomweb_url, username=USER, password=PASSWORD)]
+    )
     uids = node.add_outputs(n=2, destinations=("web",))
     assert node.outbox.run_once() == 2
     tags = basic_pacs.instance_tags(basic_pacs.rest("/tools/lookup", "POST", uids[0].encode())[0]["ID"])

@@ -43,7 +43,7 @@ class Clock:
 class Node:
     """Settings, DB, spool and outbox of one test node; helpers to add outputs and read rows."""
 
-    def __init__(self, tmp_path: Path, destinations: list[dict], **dispatch: float) -> None:
+    def __init__(self, tmp_path: Path, db_url: str, destinations: list[dict], **dispatch: float) -> None:
         dispatch_cfg = {
             "max_attempts": 5,
             "backoff_initial_seconds": 2,
@@ -54,7 +54,7 @@ class Node:
         self.settings: Settings = load_settings(
             None,
             node={"ae_title": "DICOMNODE"},
-            storage={"spool_dir": str(tmp_path / "spool"), "database_url": f"sqlite:///{tmp_path}/n.db"},
+            storage={"spool_dir": str(tmp_path / "spool"), "database_url": db_url},
             destinations=destinations,
             dispatch=dispatch_cfg,
         )
@@ -114,6 +114,11 @@ class Node:
             return list(s.scalars(select(Association).order_by(Association.id)))
 
 
+def sqlite_url(folder: Path) -> str:
+    """A SQLite database for one test node (these tests check dispatch, not the database)."""
+    return f"sqlite:///{folder}/node.db"
+
+
 def dest(name: str, aet: str, port: int) -> dict:
     return {"name": name, "ae_title": aet, "host": "127.0.0.1", "port": port}
 
@@ -125,8 +130,9 @@ def orthanc(tmp_path: Path):
     handle.stop()
 
 
-def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, orthanc) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+@pytest.mark.both_backends
+def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, db_url: str, orthanc) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     uids = node.add_outputs()
     assert node.outbox.run_once() == N_SLICES
     assert orthanc.sop_instance_uids() == set(uids)
@@ -149,11 +155,11 @@ def test_deliveries_reach_orthanc_and_rows_are_sent(tmp_path: Path, orthanc) -> 
     assert tags["SeriesDescription"] == "FUSED MR + CT [test] RESEARCH USE ONLY"
 
 
-def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path) -> None:
+def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path, db_url: str) -> None:
     orthanc = start_orthanc(tmp_path)
     orthanc.stop()  # ports known, nobody listening
     try:
-        node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
         uids = node.add_outputs()
         before = node.clock.now
         assert node.outbox.run_once() == 0
@@ -179,10 +185,12 @@ def test_orthanc_down_then_up_delivers_after_backoff(tmp_path: Path) -> None:
         orthanc.stop()
 
 
-def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path) -> None:
+@pytest.mark.both_backends
+def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path, db_url: str) -> None:
     port = free_port()  # nothing listens here
     node = Node(
         tmp_path,
+        db_url,
         [dest("pacs", "NOBODY", port)],
         max_attempts=4,
         backoff_initial_seconds=2,
@@ -212,12 +220,12 @@ def test_backoff_doubles_caps_and_gives_up_after_max_attempts(tmp_path: Path) ->
     assert node.deliveries()[0].attempts == 4
 
 
-def test_permanent_rejection_fails_at_once_with_the_reason(tmp_path: Path) -> None:
+def test_permanent_rejection_fails_at_once_with_the_reason(tmp_path: Path, db_url: str) -> None:
     """Orthanc answers a wrong called AE title with A-ASSOCIATE-RJ "rejected permanent": retrying
     cannot help, so the deliveries fail at the first attempt with the reason (no week of retries)."""
     orthanc = start_orthanc(tmp_path, check_called_aet=True)
     try:
-        node = Node(tmp_path, [dest("pacs", "NOT-ORTHANC", orthanc.dicom_port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "NOT-ORTHANC", orthanc.dicom_port)])
         node.add_outputs(n=2)
         assert node.outbox.run_once() == 0
         rows = node.deliveries()
@@ -238,10 +246,10 @@ def test_permanent_rejection_fails_at_once_with_the_reason(tmp_path: Path) -> No
         orthanc.stop()
 
 
-def test_storescp_refusing_association(tmp_path: Path) -> None:
+def test_storescp_refusing_association(tmp_path: Path, db_url: str) -> None:
     scp = start_storescp(tmp_path, args=("--refuse",))
     try:
-        node = Node(tmp_path, [dest("pacs", "STORESCP", scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "STORESCP", scp.port)])
         node.add_outputs(n=1)
         assert node.outbox.run_once() == 0
         (d,) = node.deliveries()
@@ -251,19 +259,21 @@ def test_storescp_refusing_association(tmp_path: Path) -> None:
         scp.stop()
 
 
-def _defaults_node(tmp_path: Path, port: int) -> Node:
+def _defaults_node(tmp_path: Path, db_url: str, port: int) -> Node:
     """A node with the shipped dispatch defaults (backoff 2 s .. 300 s, give up after 7 days)."""
-    node = Node(tmp_path, [dest("pacs", "STATUSSCP", port)])
+    node = Node(tmp_path, db_url, [dest("pacs", "STATUSSCP", port)])
     defaults = load_settings(None).dispatch
     node.settings.dispatch = defaults.model_copy(update={"timeout_seconds": 5})
     return node
 
 
-def test_outage_longer_than_fourteen_minutes_is_still_delivered_with_defaults(tmp_path: Path) -> None:
+def test_outage_longer_than_fourteen_minutes_is_still_delivered_with_defaults(
+    tmp_path: Path, db_url: str
+) -> None:
     """With the shipped settings a PACS that is down for 20 minutes gets the series when it is back
     (the attempts keep coming, at most backoff_max apart), with no manual step."""
     port = free_port()  # the PACS: nobody listens during the outage
-    node = _defaults_node(tmp_path, port)
+    node = _defaults_node(tmp_path, db_url, port)
     node.add_outputs(n=2)
     t0 = node.clock.now
     rounds = 0
@@ -286,9 +296,9 @@ def test_outage_longer_than_fourteen_minutes_is_still_delivered_with_defaults(tm
         scp.stop()
 
 
-def test_give_up_after_ends_an_endless_outage(tmp_path: Path) -> None:
+def test_give_up_after_ends_an_endless_outage(tmp_path: Path, db_url: str) -> None:
     port = free_port()
-    node = _defaults_node(tmp_path, port)
+    node = _defaults_node(tmp_path, db_url, port)
     node.add_outputs(n=1)
     t0 = node.clock.now
     assert node.outbox.run_once() == 0
@@ -309,10 +319,10 @@ def test_give_up_after_ends_an_endless_outage(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("status", [0x0122, 0xA900, 0xC000])
-def test_status_a_retry_cannot_change_fails_at_once(tmp_path: Path, status: int) -> None:
+def test_status_a_retry_cannot_change_fails_at_once(tmp_path: Path, db_url: str, status: int) -> None:
     scp = start_status_scp(status=status)
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=1)
         assert node.outbox.run_once() == 0
         (d,) = node.deliveries()
@@ -322,13 +332,13 @@ def test_status_a_retry_cannot_change_fails_at_once(tmp_path: Path, status: int)
         scp.stop()
 
 
-def test_destination_without_the_sop_class_fails_at_once(tmp_path: Path) -> None:
+def test_destination_without_the_sop_class_fails_at_once(tmp_path: Path, db_url: str) -> None:
     """A PACS that accepts no presentation context for Secondary Capture will not start to."""
     from pydicom.uid import CTImageStorage  # noqa: PLC0415
 
     scp = start_status_scp(sop_classes=[CTImageStorage])
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=2)
         assert node.outbox.run_once() == 0
         rows = node.deliveries()
@@ -339,10 +349,10 @@ def test_destination_without_the_sop_class_fails_at_once(tmp_path: Path) -> None
         scp.stop()
 
 
-def test_failed_delivery_requeued_by_an_admin_is_sent(tmp_path: Path) -> None:
+def test_failed_delivery_requeued_by_an_admin_is_sent(tmp_path: Path, db_url: str) -> None:
     scp = start_status_scp(status=0x0122)
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=2)
         assert node.outbox.run_once() == 0
         assert [d.state for d in node.deliveries()] == ["failed", "failed"]
@@ -362,12 +372,12 @@ def test_failed_delivery_requeued_by_an_admin_is_sent(tmp_path: Path) -> None:
         scp.stop()
 
 
-def test_leased_deliveries_are_not_sent_by_a_second_dispatcher(tmp_path: Path) -> None:
+def test_leased_deliveries_are_not_sent_by_a_second_dispatcher(tmp_path: Path, db_url: str) -> None:
     """Two dispatchers on one database: rows leased by one are skipped by the other until the lease
     expires; then the other takes them over (audited) and sends each once."""
     scp = start_status_scp(status=0x0000)
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=3)
         other = DispatchOutbox(
             node.settings,
@@ -394,10 +404,10 @@ def test_leased_deliveries_are_not_sent_by_a_second_dispatcher(tmp_path: Path) -
         scp.stop()
 
 
-def test_failure_status_is_a_failed_attempt(tmp_path: Path) -> None:
+def test_failure_status_is_a_failed_attempt(tmp_path: Path, db_url: str) -> None:
     scp = start_status_scp(status=0xA700)
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=2)
         assert node.outbox.run_once() == 0
         assert len(scp.received) == 2  # the PACS did get the requests
@@ -410,10 +420,10 @@ def test_failure_status_is_a_failed_attempt(tmp_path: Path) -> None:
         scp.stop()
 
 
-def test_warning_status_counts_as_stored(tmp_path: Path) -> None:
+def test_warning_status_counts_as_stored(tmp_path: Path, db_url: str) -> None:
     scp = start_status_scp(status=0xB000)
     try:
-        node = Node(tmp_path, [dest("pacs", scp.aet, scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", scp.aet, scp.port)])
         node.add_outputs(n=1)
         assert node.outbox.run_once() == 1
         (d,) = node.deliveries()
@@ -423,8 +433,8 @@ def test_warning_status_counts_as_stored(tmp_path: Path) -> None:
         scp.stop()
 
 
-def test_unconfigured_destination_fails_with_reason(tmp_path: Path) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", free_port())])
+def test_unconfigured_destination_fails_with_reason(tmp_path: Path, db_url: str) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", free_port())])
     node.add_outputs(n=1, destinations=("old-pacs",))
     assert node.outbox.run_once() == 0
     (d,) = node.deliveries()
@@ -433,8 +443,8 @@ def test_unconfigured_destination_fails_with_reason(tmp_path: Path) -> None:
     assert node.associations() == []
 
 
-def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, orthanc) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, db_url: str, orthanc) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     node.add_outputs(n=2)
     with node.sm() as s:
         first = s.scalars(select(Output).order_by(Output.id)).first()
@@ -445,8 +455,11 @@ def test_missing_output_file_is_a_failed_attempt(tmp_path: Path, orthanc) -> Non
     assert rows[1].state == "sent"
 
 
-def test_crash_before_recording_leaves_rows_pending_and_resends(tmp_path: Path, orthanc, monkeypatch) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+@pytest.mark.both_backends
+def test_crash_before_recording_leaves_rows_pending_and_resends(
+    tmp_path: Path, db_url: str, orthanc, monkeypatch
+) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     uids = node.add_outputs()
 
     def die(self, results):  # the process dies after the PACS stored, before the DB write
@@ -463,11 +476,11 @@ def test_crash_before_recording_leaves_rows_pending_and_resends(tmp_path: Path, 
     assert len(orthanc.instances()) == N_SLICES
 
 
-def test_one_association_per_destination(tmp_path: Path, orthanc) -> None:
+def test_one_association_per_destination(tmp_path: Path, db_url: str, orthanc) -> None:
     scp = start_storescp(tmp_path)
     try:
         dests = [dest("pacs", "ORTHANC", orthanc.dicom_port), dest("archive", "STORESCP", scp.port)]
-        node = Node(tmp_path, dests)
+        node = Node(tmp_path, db_url, dests)
         node.add_outputs(destinations=("pacs", "archive"))
         assert node.outbox.run_once() == 2 * N_SLICES
         assocs = node.associations()
@@ -479,8 +492,8 @@ def test_one_association_per_destination(tmp_path: Path, orthanc) -> None:
         scp.stop()
 
 
-def test_run_forever_sends_and_stops(tmp_path: Path, orthanc) -> None:
-    node = Node(tmp_path, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
+def test_run_forever_sends_and_stops(tmp_path: Path, db_url: str, orthanc) -> None:
+    node = Node(tmp_path, db_url, [dest("pacs", "ORTHANC", orthanc.dicom_port)])
     node.outbox.clock = utcnow
     node.add_outputs(n=2)
     stop = threading.Event()
@@ -526,10 +539,10 @@ def test_classify_status(status: int, stored: bool) -> None:
         assert f"0x{status:04X}" in (result.error or "")
 
 
-def test_peer_aborting_mid_association_fails_the_rest_with_reason(tmp_path: Path) -> None:
+def test_peer_aborting_mid_association_fails_the_rest_with_reason(tmp_path: Path, db_url: str) -> None:
     scp = start_storescp(tmp_path, args=("--abort-after",))
     try:
-        node = Node(tmp_path, [dest("pacs", "STORESCP", scp.port)])
+        node = Node(tmp_path, db_url, [dest("pacs", "STORESCP", scp.port)])
         node.add_outputs(n=3)
         assert node.outbox.run_once() == 0
         rows = node.deliveries()

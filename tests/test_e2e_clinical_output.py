@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ class Run:
     foreign_series_uid: str
     first_ct_series: str  # the Japanese MR+CT series the re-fusion replaced
     refused_ct_series: str
+    db_factory: Callable[[], str]  # fresh databases on the backend under test
 
 
 def _fused(orthanc: Orthanc) -> list[dict]:
@@ -115,10 +116,11 @@ def _study(
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(tmp_path_factory: pytest.TempPathFactory, db_factory: Callable[[], str]) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("clinical")
     r = Run()
     r.tmp = tmp
+    r.db_factory = db_factory
     jp, kr, cn = case("japanese-ir87"), case("korean-utf8"), case("chinese-gb18030")
     r.studies = {
         "jp": _study(tmp, "jp", jp, ("MR", "CT", "PT"), 11, EXTRA),
@@ -159,6 +161,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             node_settings(
                 tmp,
                 r.pacs.dicom_port,
+                db_factory(),
                 destinations=destinations,
                 output={"replace_previous": True},
                 # a series is complete after 3 quiet seconds: storescu pauses longer on a loaded machine
@@ -529,7 +532,11 @@ def multiframe(run: Run) -> Iterator[GeneratedStudy]:
     study = generate_study(tmp / "study", ("MR", "CT", "PT"), scale=0.25, seed=14, patient_id="MF-0001")
     assert storescu([tmp / "study"], run.pacs.dicom_port, called_aet="ORTHANC").returncode == 0
     dest = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": run.pacs.dicom_port}
-    node = Node(node_settings(tmp, run.pacs.dicom_port, destinations=[dest], output={"iod": "multiframe-sc"}))
+    node = Node(
+        node_settings(
+            tmp, run.pacs.dicom_port, run.db_factory(), destinations=[dest], output={"iod": "multiframe-sc"}
+        )
+    )
     node.start()
     try:
         n_mr = len(study.series["MR"].paths)

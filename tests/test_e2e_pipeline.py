@@ -30,14 +30,15 @@ from dicomnode.testing.peers import Orthanc, echoscu, free_port, have_dcmtk, hav
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.both_backends,
     pytest.mark.skipif(not (have_orthanc() and have_dcmtk()), reason="needs Debian orthanc and dcmtk"),
 ]
 
 
-def node_settings(tmp: Path, pacs_port: int, **over: object) -> Settings:
+def node_settings(tmp: Path, pacs_port: int, db_url: str, **over: object) -> Settings:
     cfg: dict[str, object] = dict(
         node={"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
-        storage={"spool_dir": str(tmp / "spool"), "database_url": f"sqlite:///{tmp}/node.db"},
+        storage={"spool_dir": str(tmp / "spool"), "database_url": db_url},
         assembly={"series_stable_seconds": 1, "poll_seconds": 0.2},
         destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
         fusion={"device": "cpu", "batch_size": 8, "poll_seconds": 0.2},
@@ -80,7 +81,7 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory):
+def run(tmp_path_factory: pytest.TempPathFactory, db_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     r = Run()
     r.tmp = tmp
@@ -93,7 +94,7 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         patient_name="Endto^End",
     )
     r.orthanc = Orthanc(tmp / "orthanc").start()
-    r.node = Node(node_settings(tmp, r.orthanc.dicom_port))
+    r.node = Node(node_settings(tmp, r.orthanc.dicom_port, db_factory()))
     r.node.start()
     try:
         res = storescu([tmp / "study"], r.node.settings.node.port, calling_aet="SCANNER")
@@ -286,11 +287,11 @@ def test_http_status(run: Run):
         assert 'dicomnode_jobs{state="done"} 2' in resp.read().decode()
 
 
-def test_orthanc_down_while_dispatching_then_delivered(tmp_path: Path):
+def test_orthanc_down_while_dispatching_then_delivered(tmp_path: Path, db_url: str):
     """The PACS is down when the fused series is ready; it is delivered once the PACS is back."""
     study = generate_study(tmp_path / "study", modalities=("MR", "CT"), scale=0.2, seed=5)
     pacs_port = free_port()
-    node = Node(node_settings(tmp_path, pacs_port))
+    node = Node(node_settings(tmp_path, pacs_port, db_url))
     node.start()
     orthanc = Orthanc(tmp_path / "orthanc", dicom_port=pacs_port)
     try:

@@ -51,7 +51,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def node_settings(
-    tmp: Path, port: int, destination: int, sources: list[dict[str, Any]], **over: Any
+    tmp: Path, port: int, destination: int, sources: list[dict[str, Any]], db_url: str, **over: Any
 ) -> Settings:
     cfg: dict[str, Any] = dict(
         node={
@@ -60,7 +60,7 @@ def node_settings(
             "port": port,
             "allowed_calling_aets": ["SCANNER"],
         },
-        storage={"spool_dir": str(tmp / "spool"), "database_url": f"sqlite:///{tmp}/node.db"},
+        storage={"spool_dir": str(tmp / "spool"), "database_url": db_url},
         assembly={"series_stable_seconds": 1, "poll_seconds": 0.2},
         rules=[
             {
@@ -154,7 +154,7 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(tmp_path_factory: pytest.TempPathFactory, db_factory: Callable[[], str]) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("prior")
     port = free_port()
     known = {"dicomnode": ["DICOMNODE", "127.0.0.1", port]}
@@ -170,7 +170,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             "retrieve": "c-get",
         },
     ]
-    node = Node(node_settings(tmp, port, pacs_move.dicom_port, sources))
+    node = Node(node_settings(tmp, port, pacs_move.dicom_port, sources, db_factory()))
     node.start()
     try:
         yield Site(tmp, pacs_move, pacs_get, node)
@@ -350,7 +350,7 @@ def test_of_two_candidates_the_head_ct_is_chosen_and_the_audit_says_why(site: Si
         assert s.scalar(select(Series).where(Series.series_instance_uid == scout.series_instance_uid)) is None
 
 
-def test_pacs_down_during_the_query_then_a_failing_move_are_retried(tmp_path: Path) -> None:
+def test_pacs_down_during_the_query_then_a_failing_move_are_retried(tmp_path: Path, db_url: str) -> None:
     """The PACS is down at the first query rounds (retried with backoff); once back it answers the
     queries, but its C-MOVE fails (it knows the node at a wrong port) until its admin fixes that."""
     patient = "PRIOR-DOWN"
@@ -366,7 +366,8 @@ def test_pacs_down_during_the_query_then_a_failing_move_are_retried(tmp_path: Pa
         source = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
         # Fusing a fetched prior is shown above; here the retries matter, up to the job they lead to.
         node = Node(
-            node_settings(tmp_path, port, pacs.dicom_port, [source]), ("receive", "assemble", "retrieve")
+            node_settings(tmp_path, port, pacs.dicom_port, [source], db_url),
+            ("receive", "assemble", "retrieve"),
         )
         node.start()
         mr = mr_today(tmp_path, patient, seed=15)

@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 
-def test_stages_in_separate_processes(tmp_path: Path):
+def test_stages_in_separate_processes(tmp_path: Path, db_url: str):
     study = generate_study(tmp_path / "study", modalities=("MR", "CT"), scale=0.2, seed=7)
     n_mr = len(study.series["MR"].paths)
     with Orthanc(tmp_path / "orthanc") as orthanc:
@@ -36,7 +36,7 @@ def test_stages_in_separate_processes(tmp_path: Path):
             "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
             "storage": {
                 "spool_dir": str(tmp_path / "spool"),
-                "database_url": f"sqlite:///{tmp_path}/node.db",
+                "database_url": db_url,
             },
             "assembly": {"series_stable_seconds": 1, "poll_seconds": 0.2},
             "destinations": [

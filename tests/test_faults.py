@@ -106,10 +106,10 @@ class Proc:
                 self.proc.wait(timeout=30)
 
 
-def config(tmp: Path, port: int, pacs_port: int, stable: float = 2.0) -> Path:
+def config(tmp: Path, port: int, pacs_port: int, db_url: str, stable: float = 2.0) -> Path:
     cfg = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
-        "storage": {"spool_dir": str(tmp / "spool"), "database_url": f"sqlite:///{tmp}/node.db"},
+        "storage": {"spool_dir": str(tmp / "spool"), "database_url": db_url},
         "assembly": {"series_stable_seconds": stable, "poll_seconds": 0.2},
         "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
         "fusion": {"device": "cpu", "poll_seconds": 0.2, "method": "laplacian-pyramid", "batch_size": 4},
@@ -250,15 +250,15 @@ def study(tmp_path: Path):  # type: ignore[no-untyped-def]
     return generate_study(tmp_path / "study", modalities=("MR", "CT"), scale=0.2, seed=11)
 
 
-def test_node_killed_while_receiving_fusing_and_dispatching(tmp_path: Path, study) -> None:  # type: ignore[no-untyped-def]
+def test_node_killed_while_receiving_fusing_and_dispatching(tmp_path: Path, study, db_url: str) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of the whole node three times (seeded points); a restarted node has a new worker id."""
     rng = random.Random(1901)
     paths = study.series["MR"].paths + study.series["CT"].paths
     with Orthanc(tmp_path / "orthanc") as orthanc:
         port = free_port()
-        cfg = config(tmp_path, port, orthanc.dicom_port)
+        cfg = config(tmp_path, port, orthanc.dicom_port, db_url)
         node = Proc(tmp_path, cfg, "node").start()
-        sm = make_sessionmaker(f"sqlite:///{tmp_path}/node.db")
+        sm = make_sessionmaker(db_url)
         try:
             assert wait_until(lambda: echoscu(port).returncode == 0, node.proc, timeout=120), (
                 node.log.read_text()
@@ -294,7 +294,7 @@ def test_node_killed_while_receiving_fusing_and_dispatching(tmp_path: Path, stud
             node.stop()
 
 
-def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study) -> None:  # type: ignore[no-untyped-def]
+def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study, db_url: str) -> None:  # type: ignore[no-untyped-def]
     """Each stage in its own process, two fuse workers. kill -9 of the receiver while a study streams
     in, of the fuse worker holding the job (the other live worker takes it when the lease expires),
     of the dispatcher mid-association (a recreated one with a new worker id takes over)."""
@@ -302,7 +302,7 @@ def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study) -
     paths = study.series["MR"].paths + study.series["CT"].paths
     with Orthanc(tmp_path / "orthanc") as orthanc:
         port = free_port()
-        cfg = config(tmp_path, port, orthanc.dicom_port, stable=4.0)
+        cfg = config(tmp_path, port, orthanc.dicom_port, db_url, stable=4.0)
         procs = {
             "receive": Proc(tmp_path, cfg, "receive", ("receive",), "receive-1"),
             "assemble": Proc(tmp_path, cfg, "assemble", ("assemble",), "assemble-1"),
@@ -311,7 +311,7 @@ def test_stage_processes_killed_and_survivors_take_over(tmp_path: Path, study) -
             "dispatch": Proc(tmp_path, cfg, "dispatch", ("dispatch",), "dispatch-1"),
         }
         logs = [p.log for p in procs.values()]
-        sm = make_sessionmaker(f"sqlite:///{tmp_path}/node.db")
+        sm = make_sessionmaker(db_url)
         try:
             for p in procs.values():
                 p.start()
@@ -377,7 +377,7 @@ def _mount_tmpfs(path: Path, size_kb: int) -> bool:
     return res.returncode == 0
 
 
-def test_disk_full_spool_answers_a700_and_recovers(tmp_path: Path) -> None:
+def test_disk_full_spool_answers_a700_and_recovers(tmp_path: Path, db_url: str) -> None:
     """The spool on a small tmpfs fills up: 0xA700 with a reason, nothing half-indexed or half-written,
     and the same instances are stored when space returns."""
     spool_dir = tmp_path / "spool"
@@ -387,7 +387,7 @@ def test_disk_full_spool_answers_a700_and_recovers(tmp_path: Path) -> None:
         settings = load_settings(
             None,
             node={"host": "127.0.0.1", "port": 0},
-            storage={"spool_dir": str(spool_dir), "database_url": f"sqlite:///{tmp_path}/db.sqlite"},
+            storage={"spool_dir": str(spool_dir), "database_url": db_url},
         )
         sm = make_sessionmaker(settings.storage.database_url)
         stage = ReceiveStage(settings, sm, Spool(spool_dir))
@@ -431,8 +431,8 @@ def test_disk_full_spool_answers_a700_and_recovers(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(spool_dir)], check=False)
 
 
-def test_four_scanners_at_once_on_two_receivers(tmp_path: Path) -> None:
-    """Four scanners send at once to two receiver processes sharing one SQLite DB (one study is sent
+def test_four_scanners_at_once_on_two_receivers(tmp_path: Path, db_url: str) -> None:
+    """Four scanners send at once to two receiver processes sharing one database (one study is sent
     by two scanners): every acknowledged instance is stored once and nobody sees a locked database."""
     studies = [
         generate_study(
@@ -440,7 +440,7 @@ def test_four_scanners_at_once_on_two_receivers(tmp_path: Path) -> None:
         )
         for n in range(3)
     ]
-    cfg = config(tmp_path, 0, free_port())
+    cfg = config(tmp_path, 0, free_port(), db_url)
     ports = [free_port(), free_port()]
     receivers = []
     for n, port in enumerate(ports):
@@ -472,7 +472,7 @@ def test_four_scanners_at_once_on_two_receivers(tmp_path: Path) -> None:
         assert all(r is not None and r.returncode == 0 for r in results), [
             r.stderr[-500:] for r in results if r
         ]
-        sm = make_sessionmaker(f"sqlite:///{tmp_path}/node.db")
+        sm = make_sessionmaker(db_url)
         expected = {
             str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
             for st in studies

@@ -99,12 +99,12 @@ class Node:
     """A started stage with its DB and spool, for assertions."""
 
     def __init__(
-        self, tmp: Path, allowed: list[str] | None = None, sources: list[dict] | None = None
+        self, tmp: Path, db_url: str, allowed: list[str] | None = None, sources: list[dict] | None = None
     ) -> None:
         self.settings = load_settings(
             None,
             node={"ae_title": "DICOMNODE", "host": "127.0.0.1", "allowed_calling_aets": allowed or []},
-            storage={"spool_dir": str(tmp / "spool"), "database_url": f"sqlite:///{tmp / 'db.sqlite'}"},
+            storage={"spool_dir": str(tmp / "spool"), "database_url": db_url},
             sources=sources or [],
         )
         self.settings.node.port = 0  # any free port
@@ -126,8 +126,8 @@ class Node:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
+def node(tmp_path: Path, db_url: str) -> Iterator[Node]:
+    n = Node(tmp_path, db_url)
     n.stage.start()
     try:
         yield n
@@ -157,6 +157,7 @@ def test_echo_is_answered_and_association_recorded(node: Node) -> None:
     ]
 
 
+@pytest.mark.both_backends
 def test_store_writes_identical_files_and_index_rows(node: Node, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -228,6 +229,7 @@ def test_other_transfer_syntaxes_are_stored_as_received(node: Node, tmp_path: Pa
     assert dcmread(stored).pixel_array.shape == (16, 16)
 
 
+@pytest.mark.both_backends
 def test_same_instance_twice_is_stored_once(node: Node, tmp_path: Path) -> None:
     f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
     assert storescu([f], node.port).returncode == 0
@@ -241,6 +243,7 @@ def test_same_instance_twice_is_stored_once(node: Node, tmp_path: Path) -> None:
     assert len(list(node.spool.root.glob("incoming/*/*/*.dcm"))) == 1
 
 
+@pytest.mark.both_backends
 def test_concurrent_associations_store_each_uid_once(node: Node, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -264,6 +267,7 @@ def test_concurrent_associations_store_each_uid_once(node: Node, tmp_path: Path)
     assert len(list(node.spool.root.glob("incoming/*/*/*.dcm"))) == 8
 
 
+@pytest.mark.both_backends
 def test_new_instance_after_completion_reopens_series(node: Node, tmp_path: Path) -> None:
     study, series = generate_uid(), generate_uid()
     f1 = make_ct(tmp_path / "a.dcm", study=study, series=series, index=0)
@@ -280,8 +284,8 @@ def test_new_instance_after_completion_reopens_series(node: Node, tmp_path: Path
     assert len(reopen) == 1 and "new instance after completion" in (reopen[0].reason or "")
 
 
-def test_disallowed_calling_ae_is_rejected(tmp_path: Path) -> None:
-    n = Node(tmp_path, allowed=["MODALITY1"])
+def test_disallowed_calling_ae_is_rejected(tmp_path: Path, db_url: str) -> None:
+    n = Node(tmp_path, db_url, allowed=["MODALITY1"])
     n.stage.start()
     try:
         f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
@@ -299,11 +303,11 @@ def test_disallowed_calling_ae_is_rejected(tmp_path: Path) -> None:
     assert len(n.rows(Instance)) == 1
 
 
-def test_pacs_sources_are_admitted_with_an_allow_list(tmp_path: Path) -> None:
+def test_pacs_sources_are_admitted_with_an_allow_list(tmp_path: Path, db_url: str) -> None:
     """A C-MOVE to the node arrives as C-STORE from the PACS's own AE title: a configured source
     is admitted without being listed in node.allowed_calling_aets."""
     source = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
-    n = Node(tmp_path, allowed=["MODALITY1"], sources=[source])
+    n = Node(tmp_path, db_url, allowed=["MODALITY1"], sources=[source])
     n.stage.start()
     try:
         f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
@@ -372,6 +376,7 @@ def test_disk_full_answers_a700_and_indexes_nothing(
     assert "No space left on device" in (ev.reason or "") and "0xA700" in (ev.reason or "")
 
 
+@pytest.mark.both_backends
 def test_db_failure_answers_a700_and_leaves_no_file(
     node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,8 +82,8 @@ def add_study_job(sm, st) -> int:
 
 
 @pytest.fixture()
-def env(tmp_path: Path):
-    sm = make_sessionmaker(f"sqlite:///{tmp_path}/n.db")
+def env(tmp_path: Path, db_url: str):
+    sm = make_sessionmaker(db_url)
     spool = Spool(tmp_path / "spool")
     settings = load_settings(
         None,
@@ -197,6 +197,7 @@ def test_spatial_registration_object_aligns_other_frame(env, tmp_path: Path):
     assert np.mean(skull_vals) > np.mean(brain_vals) + 40
 
 
+@pytest.mark.both_backends
 def test_unreadable_series_fails_job_with_reason(env, tmp_path: Path):
     sm, spool, stage = env
     st = generate_study(tmp_path / "st", modalities=("MR", "CT"), scale=0.2, seed=1)
@@ -214,6 +215,7 @@ def test_unreadable_series_fails_job_with_reason(env, tmp_path: Path):
         assert ev.reason == job.error
 
 
+@pytest.mark.both_backends
 def test_superseded_generation_and_recovery(env, tmp_path: Path):
     sm, spool, stage = env
     st = generate_study(tmp_path / "st", modalities=("MR", "CT"), scale=0.2, seed=1)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from dicomnode.db import make_sessionmaker
+from dicomnode.partial_writes import remove_orphaned_partials
 from dicomnode.spool import (
     Spool,
     SpoolPathError,
@@ -159,3 +160,19 @@ def test_an_existing_world_readable_database_is_made_private(tmp_path: Path) -> 
     os.chmod(db, 0o644)
     make_sessionmaker(f"sqlite:///{db}")
     assert _mode(db) == 0o600
+
+
+def test_a_worker_whose_folders_were_swept_away_still_writes(tmp_path: Path) -> None:
+    """On a stalled machine a live worker's heartbeat can lapse; another worker's sweep then removes
+    its tmp folder (and empty output folders). Its next writes make them again instead of failing."""
+    spool = Spool(tmp_path / "spool", fsync=False, tmp_dir="node-a-0123")
+    spool.write("outgoing/1.2/1.2.1.dcm", b"first")
+    assert remove_orphaned_partials(spool.root, live_tmp_dirs=set(), grace_seconds=0) == 0
+    assert not spool.tmp.exists()
+    spool.write("outgoing/1.2/1.2.2.dcm", b"second")
+    spool.write("outgoing/1.3/1.3.1.dcm", b"third")
+    (spool.root / "outgoing" / "1.3" / "1.3.1.dcm").unlink()
+    (spool.root / "outgoing" / "1.3").rmdir()  # a sweep removing an output folder found empty
+    spool.write("outgoing/1.3/1.3.2.dcm", b"fourth")
+    assert (spool.root / "outgoing/1.3/1.3.2.dcm").read_bytes() == b"fourth"
+    assert (spool.root / "outgoing/1.2/1.2.2.dcm").read_bytes() == b"second"

@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from test_dispatch_outbox import Node as OutboxNode
+from test_dispatch_outbox import sqlite_url
 from test_receive_scp import make_ct
 
 from dicomnode.config import ConfigError, load_settings
@@ -129,7 +130,7 @@ def test_dispatch_delivers_over_tls_and_refuses_an_untrusted_pacs(tmp_path: Path
     try:
         tls = {"ca": str(pki.ca), "cert": str(pki.client_cert), "key": str(pki.client_key)}
         pacs = {"name": "pacs", "ae_title": "TLSPACS", "host": "127.0.0.1", "port": scp.port, "tls": tls}
-        node = OutboxNode(tmp_path / "trusted", [pacs])
+        node = OutboxNode(tmp_path / "trusted", sqlite_url(tmp_path / "trusted"), [pacs])
         uids = node.add_outputs(2)
         assert node.outbox.run_once() == 2
         assert [d.state for d in node.deliveries()] == ["sent", "sent"]
@@ -137,7 +138,7 @@ def test_dispatch_delivers_over_tls_and_refuses_an_untrusted_pacs(tmp_path: Path
 
         # A PACS whose certificate our CA did not sign (here: we trust only the stranger's CA).
         untrusted = {**pacs, "tls": {**tls, "ca": str(pki.stranger_cert)}}
-        other = OutboxNode(tmp_path / "untrusted", [untrusted])
+        other = OutboxNode(tmp_path / "untrusted", sqlite_url(tmp_path / "untrusted"), [untrusted])
         other.add_outputs(1)
         other.outbox.run_once()
         (delivery,) = other.deliveries()

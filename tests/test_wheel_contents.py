@@ -87,3 +87,25 @@ def test_model_card_is_a_card_not_a_lab_log(wheel: zipfile.ZipFile) -> None:
     assert LAB_LOG.findall(text) == []
     (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
     assert LAB_LOG.findall(wheel.read(metadata).decode()) == []  # the README travels in METADATA
+
+
+def test_wheel_carries_the_schema_migrations(wheel: zipfile.ZipFile, tmp_path: Path) -> None:
+    """`pip install` users get the migrations: the wheel holds every revision and they load from it."""
+    names = set(wheel.namelist())
+    versions = ROOT / "dicomnode/db/migrations/versions"
+    shipped = {f"dicomnode/db/migrations/versions/{p.name}" for p in versions.glob("*.py")}
+    assert shipped and shipped <= names and "dicomnode/db/migrations/env.py" in names
+    wheel.extractall(tmp_path / "site")
+    code = "import dicomnode.db.schema as s; print(s.MIGRATIONS); print(s.head_revision())"
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,  # not the checkout: python -c puts the working directory first on sys.path
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    from dicomnode.db.schema import head_revision  # noqa: PLC0415
+
+    assert res.stdout.split() == [str(tmp_path / "site/dicomnode/db/migrations"), head_revision()]

@@ -29,6 +29,7 @@ class _Decision:
     decision: str
     reason: str
     job_id: int | None = None
+    patient_key: str = ""
 
 
 def _apply(row: SeriesDecision, new: _Decision, now: datetime) -> None:
@@ -47,7 +48,7 @@ class SeriesDecisions:
         uid = series.series_instance_uid
         current = self._new.get(uid)
         if current is None or _PRIORITY[decision] > _PRIORITY[current.decision]:
-            self._new[uid] = _Decision(decision, reason, job_id)
+            self._new[uid] = _Decision(decision, reason, job_id, series.patient_key)
 
     def chosen(self, series: Series, why: str, job_id: int) -> None:
         self._put(series, "chosen", why, job_id)
@@ -69,6 +70,10 @@ class SeriesDecisions:
             self._put(series, "skipped", rejection)
         else:
             self._put(series, "waiting", why)
+
+    def keep_patients(self, patient_keys: set[str]) -> None:
+        """Forget the decisions about other patients' series (another assembler decides those)."""
+        self._new = {uid: d for uid, d in self._new.items() if d.patient_key in patient_keys}
 
     def save(self, s: Session, now: datetime) -> int:
         """Write new and changed decisions; an audit event per changed decision. Returns the count."""

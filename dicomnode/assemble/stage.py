@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, select, update
@@ -29,6 +30,7 @@ from dicomnode.assemble.decisions import SeriesDecisions
 from dicomnode.assemble.selection import Choice, SeriesSelector, pairable, series_geometry
 from dicomnode.config import RuleConfig, Settings
 from dicomnode.db import Job, PriorRetrieve, Series, record, utcnow
+from dicomnode.db.leases import lock_patients
 
 log = logging.getLogger("dicomnode.assemble")
 STAGE = "assemble"
@@ -112,7 +114,8 @@ class AssembleStage:
             log.info("%d series complete", done)
         return done
 
-    def _create_for_rule(self, s: Session, rule: RuleConfig) -> int:
+    def _plan_rule(self, s: Session, rule: RuleConfig) -> _RulePlan:
+        """Read what the rule would decide for every settled patient (writes nothing)."""
         complete = s.scalars(
             select(Series).where(
                 Series.state == "complete", Series.modality.in_({rule.reference, rule.moving})
@@ -120,7 +123,7 @@ class AssembleStage:
         ).all()
         refs = [x for x in complete if x.modality == rule.reference]
         if not refs:
-            return 0
+            return _RulePlan(rule, None)
         patients = {r.patient_key for r in refs}
         # Wait until nothing of the patient is still arriving: the choice of series needs them all.
         busy = set(
@@ -147,9 +150,10 @@ class AssembleStage:
         movs = [x for x in settled if x.modality == rule.moving]
         geometry = series_geometry(s, [x.series_instance_uid for x in settled])
         selector = SeriesSelector(rule, geometry)
-        decisions = SeriesDecisions(rule, selector)
+        plan = _RulePlan(rule, SeriesDecisions(rule, selector), patients - busy)
+        decisions = plan.decisions
+        assert decisions is not None
         window = self.settings.assembly.pair_window_hours
-        created = 0
         for patient in sorted(patients - busy):
             p_refs = [r for r in refs if r.patient_key == patient]
             p_movs = [m for m in movs if m.patient_key == patient]
@@ -166,17 +170,29 @@ class AssembleStage:
                 if mov_choice.series is None:
                     decisions.waiting(ref, f"no eligible {rule.moving} series to pair with: {mov_choice.why}")
                     continue
-                job, is_new = self._create_job(s, rule, ref, mov_choice.series, ref_choice, mov_choice)
-                created += is_new
-                decisions.chosen(ref, ref_choice.why, job.id)
-                decisions.chosen(mov_choice.series, mov_choice.why, job.id)
+                plan.pairs.append((ref, mov_choice.series, ref_choice, mov_choice))
             for m in p_movs:
                 decisions.waiting(
                     m,
                     f"no eligible {rule.reference} series of the patient in its study or within "
                     f"{self.settings.assembly.pair_window_hours:g} h",
                 )
-        decisions.save(s, self.clock())
+        return plan
+
+    def _write_plan(self, s: Session, plan: _RulePlan, decided: set[str]) -> int:
+        """Create the plan's jobs and write its decisions, for the patients this process holds."""
+        if plan.decisions is None:
+            return 0
+        created = 0
+        for ref, mov, ref_choice, mov_choice in plan.pairs:
+            if ref.patient_key not in decided:
+                continue
+            job, is_new = self._create_job(s, plan.rule, ref, mov, ref_choice, mov_choice)
+            created += is_new
+            plan.decisions.chosen(ref, ref_choice.why, job.id)
+            plan.decisions.chosen(mov, mov_choice.why, job.id)
+        plan.decisions.keep_patients(decided)
+        plan.decisions.save(s, self.clock())
         return created
 
     def _create_job(
@@ -228,9 +244,32 @@ class AssembleStage:
         return job, True
 
     def create_jobs(self) -> int:
-        created = 0
+        """Plan every rule, then create jobs and write decisions for the patients this process holds.
+
+        Only one assembler decides a patient at a time (``lock_patients``): the plan is read without
+        locks; the writes happen under the patients' locks, where the lookup of an existing job sees
+        every job another assembler committed. Patients another assembler holds are left to it this
+        pass. The unique key of a job stays the last guard.
+        """
         with self.sessionmaker() as s:
-            for rule in self.settings.rules:
-                created += self._create_for_rule(s, rule)
+            plans = [self._plan_rule(s, rule) for rule in self.settings.rules]
+            s.commit()  # ends the reads (nothing written, nothing expired); the writes begin with the locks
+            patients = set().union(*(p.patients for p in plans))
+            if not patients:
+                return 0
+            decided = lock_patients(s, patients)
+            if decided != patients:
+                log.debug("%d patient(s) being decided by another assembler", len(patients - decided))
+            created = sum(self._write_plan(s, plan, decided) for plan in plans)
             s.commit()
         return created
+
+
+@dataclass
+class _RulePlan:
+    """What one rule would do this pass: the pairs that need a job, and its series decisions."""
+
+    rule: RuleConfig
+    decisions: SeriesDecisions | None
+    patients: set[str] = field(default_factory=set)  # settled patients the plan covers
+    pairs: list[tuple[Series, Series, Choice, Choice]] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """Database: models, engine/session setup, audit writer."""
 
 from dicomnode.db.audit import record
-from dicomnode.db.engine import init_db, make_engine, make_sessionmaker
+from dicomnode.db.engine import init_db, make_engine, make_sessionmaker, storage_sessionmaker
 from dicomnode.db.models import (
     Association,
     Base,
@@ -21,6 +21,7 @@ from dicomnode.db.models import (
     Worker,
     utcnow,
 )
+from dicomnode.db.schema import SchemaError
 
 __all__ = [
     "Association",
@@ -35,6 +36,7 @@ __all__ = [
     "PriorQuery",
     "PriorRetrieve",
     "QuarantinedInstance",
+    "SchemaError",
     "Series",
     "SeriesDecision",
     "Worker",
@@ -43,5 +45,6 @@ __all__ = [
     "make_engine",
     "make_sessionmaker",
     "record",
+    "storage_sessionmaker",
     "utcnow",
 ]

@@ -7,9 +7,12 @@ the work takes (a slow fusion on a CPU keeps its job). A row whose lease expired
 any live worker, on any host, takes it, and the audit says whose lease expired. Liveness is judged
 only by lease expiry, never by process ids or host names.
 
-Every claim's SQL lives in this module. On SQLite the conditional UPDATE is atomic under the one
-writer lock; for PostgreSQL the candidate queries (``_job_candidates``, ``_delivery_candidates``)
-become ``SELECT ... FOR UPDATE SKIP LOCKED`` and the UPDATEs stay as they are.
+Every claim's SQL lives in this module. The conditional UPDATE decides every claim, on every
+backend. On PostgreSQL the candidate queries (``_job_candidates``, ``_delivery_candidates``) are
+``SELECT ... FOR UPDATE SKIP LOCKED``: a worker locks the rows it is about to take and the others
+skip them for the next ones instead of queueing behind its UPDATE (workers on several hosts take
+disjoint work at once). On SQLite, which has one writer, those queries are plain and the
+conditional UPDATE is atomic under the writer lock.
 
 A job's ``attempts`` (incremented by every claim) is its fencing token: the owner's renewals and its
 final commit name (owner, attempt), so a worker that lost its lease, even one that comes back from
@@ -27,20 +30,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.audit import record
-from dicomnode.db.models import Association, Delivery, Job, Worker, utcnow
+from dicomnode.db.models import Association, Delivery, Job, SeriesRemoval, Worker, utcnow
 
 log = logging.getLogger("dicomnode.leases")
 
 Clock = Callable[[], datetime]
 
 
-def default_worker_id() -> str:
-    """``<host>-<pid>-<random>``: unique per process start (the parts are for people to read)."""
-    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+def default_worker_id(node_id: str | None = None) -> str:
+    """``<node>-<pid>-<random>`` (node: ``storage.node_id`` or the host name): unique per process
+    start (the parts are for people to read)."""
+    return f"{(node_id or socket.gethostname())[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _expired(column_owner: object, column_expiry: object, now: datetime) -> ColumnElement[bool]:
@@ -69,8 +73,16 @@ class JobClaimResult:
     abandoned: list[tuple[int, str | None]] = field(default_factory=list)  # (job id, output series)
 
 
-def _job_candidates(s: Session, now: datetime, limit: int = 5) -> list[Job]:
-    """Pending jobs and running jobs whose lease expired, oldest first."""
+_MAX_LOOKS = 20  # candidates one claim looks at where rows lock (each one it skips was failed)
+
+
+def row_locks(s: Session) -> bool:
+    """True when the database locks rows for claims (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)."""
+    return s.get_bind().dialect.name == "postgresql"
+
+
+def _job_candidates(s: Session, now: datetime, limit: int) -> list[Job]:
+    """Pending jobs and running jobs whose lease expired, oldest first (locked where rows lock)."""
     return list(
         s.scalars(
             select(Job)
@@ -82,6 +94,7 @@ def _job_candidates(s: Session, now: datetime, limit: int = 5) -> list[Job]:
             )
             .order_by(Job.id)
             .limit(limit)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite renders no FOR UPDATE
         ).all()
     )
 
@@ -103,9 +116,31 @@ def claim_job(
     """Take the oldest pending job, or a running one whose lease expired; commits.
 
     A job taken over after ``max_attempts`` claims (its workers keep dying on it) is failed instead.
+    Where rows lock, one candidate at a time is locked (the others stay free for other workers) and
+    the next is looked at only when that one was given up on; on SQLite the oldest few are tried.
     """
     result = JobClaimResult()
-    for job in _job_candidates(s, now):
+    locking = row_locks(s)
+    for _ in range(_MAX_LOOKS if locking else 1):
+        candidates = _job_candidates(s, now, limit=1 if locking else 5)
+        if not candidates or _claim_first(s, candidates, owner, now, expires, max_attempts, stage, result):
+            break
+    s.commit()
+    return result
+
+
+def _claim_first(
+    s: Session,
+    candidates: list[Job],
+    owner: str,
+    now: datetime,
+    expires: datetime,
+    max_attempts: int,
+    stage: str,
+    result: JobClaimResult,
+) -> bool:
+    """Claim the first candidate that can be claimed (into ``result``); True when one was."""
+    for job in candidates:
         was_running = job.state == "running"
         old_owner, old_attempts = job.lease_owner, job.attempts
         same_claim = and_(Job.id == job.id, Job.state == job.state, Job.attempts == old_attempts)
@@ -154,9 +189,8 @@ def claim_job(
             taken_from=(old_owner or "an unknown worker") if was_running else None,
             previous_output_series=job.output_series_uid if was_running else None,
         )
-        break
-    s.commit()
-    return result
+        return True
+    return False
 
 
 # --- deliveries ------------------------------------------------------------------------------------
@@ -174,7 +208,8 @@ class DeliveryClaim:
 def _delivery_candidates(
     s: Session, now: datetime, limit: int, skip_destinations: Iterable[str]
 ) -> list[tuple[int, str | None]]:
-    """(id, current owner) of due pending deliveries nobody holds, by destination then age."""
+    """(id, current owner) of due pending deliveries nobody holds, by destination then age; where
+    rows lock, those another dispatcher is taking right now are skipped (``FOR UPDATE SKIP LOCKED``)."""
     q = select(Delivery.id, Delivery.lease_owner).where(
         Delivery.state == "pending",
         Delivery.next_attempt_at <= now,
@@ -183,7 +218,12 @@ def _delivery_candidates(
     skip = list(skip_destinations)
     if skip:
         q = q.where(Delivery.destination.not_in(skip))
-    return [(int(i), o) for i, o in s.execute(q.order_by(Delivery.destination, Delivery.id).limit(limit))]
+    q = (
+        q.order_by(Delivery.destination, Delivery.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=Delivery)
+    )
+    return [(int(i), o) for i, o in s.execute(q)]
 
 
 def claim_deliveries(
@@ -230,6 +270,58 @@ def claim_deliveries(
             )
     s.commit()
     return [DeliveryClaim(int(i), str(d), int(o)) for i, d, o in rows]
+
+
+# --- series removals -------------------------------------------------------------------------------
+
+
+def claim_removal(s: Session, removal_id: int, now: datetime, until: datetime) -> bool:
+    """Hold a due series removal until ``until`` (its next attempt moves there), so that another
+    dispatcher leaves it alone meanwhile; after a crash it is due again then. Commits."""
+    res = s.execute(
+        update(SeriesRemoval)
+        .where(
+            SeriesRemoval.id == removal_id,
+            SeriesRemoval.state == "pending",
+            SeriesRemoval.next_attempt_at <= now,
+        )
+        .values(next_attempt_at=until)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+# --- patients (assemble) ---------------------------------------------------------------------------
+
+_PATIENT_LOCKS = 0x646E6173  # the advisory lock namespace of assemble's patient locks (PostgreSQL)
+
+
+def lock_patients(s: Session, patient_keys: Iterable[str]) -> set[str]:
+    """Take, for the rest of the session's transaction, the right to decide these patients; returns
+    the patients this process may decide now (the others another assembler is deciding: skip them).
+
+    PostgreSQL: a transaction-scoped advisory lock per patient, tried without waiting (so two
+    assemblers never wait for each other, let alone deadlock), released at commit or rollback.
+    SQLite: the database's one write lock, taken at once (``BEGIN IMMEDIATE``), stands for every
+    patient's; it must be the first statement of the transaction. Either way, what the holder reads
+    after the lock includes everything an earlier holder committed.
+    """
+    keys = sorted(set(patient_keys))
+    if not keys:
+        return set()
+    conn = s.connection()
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            text(
+                "SELECT k FROM unnest(CAST(:keys AS text[])) AS t(k) "
+                "WHERE pg_try_advisory_xact_lock(:ns, hashtext(k))"
+            ),
+            {"keys": keys, "ns": _PATIENT_LOCKS},
+        )
+        return {str(r[0]) for r in rows}
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    return set(keys)
 
 
 # --- associations ----------------------------------------------------------------------------------
@@ -300,13 +392,17 @@ class WorkerLeases:
         *,
         stages: Iterable[str] = (),
         clock: Clock = utcnow,
+        node_id: str | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.seconds = float(lease_seconds)
-        self.owner = worker_id or default_worker_id()
+        self.owner = worker_id or default_worker_id(node_id)
         self.stages = ",".join(stages)
         self.clock = clock
-        self.tmp_dir = secrets.token_hex(8)  # this process's spool tmp folder: tmp/<tmp_dir>/
+        # This process's spool tmp folder, tmp/<tmp_dir>/: on a spool shared by several hosts the
+        # node id says whose partial writes a folder holds, the random part keeps processes apart.
+        token = secrets.token_hex(8)
+        self.tmp_dir = f"{node_id[:40]}-{token}" if node_id else token
         self._held: dict[str, set[int]] = {k: set() for k in _TABLES}
         self._lost: set[tuple[str, int]] = set()
         self._lock = threading.Lock()

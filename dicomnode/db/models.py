@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -21,10 +22,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+LEGACY_GUARD_VERSION = 2  # see SchemaInfo
 
 
 def utcnow() -> datetime:
+    """Now in UTC as a naive datetime: every DateTime column holds naive UTC, on every backend."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
@@ -33,6 +35,13 @@ class Base(DeclarativeBase):
 
 
 class SchemaInfo(Base):
+    """A guard for dicomnode releases from before schema migrations.
+
+    They wrote ``version`` 1 and refused any other value; a database managed by migrations holds
+    ``LEGACY_GUARD_VERSION`` here, so such a release refuses it instead of writing into a schema it
+    does not know. The schema's revision itself is Alembic's (table ``alembic_version``).
+    """
+
     __tablename__ = "schema_info"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
@@ -51,7 +60,7 @@ class Association(Base):
     direction: Mapped[str] = mapped_column(String(8), default="in")  # in | out
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     called_aet: Mapped[str] = mapped_column(String(16), default="")
-    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    peer_host: Mapped[str] = mapped_column(String(255), default="")  # an address, or a destination's DNS name
     peer_port: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="open")  # open|rejected|released|aborted
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -59,6 +68,8 @@ class Association(Base):
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # inbound: the receive process that took it, "<storage.node_id>:<pid>" (several share a port)
+    receiver: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
@@ -86,7 +97,7 @@ class Instance(Base):
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
     path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # 64 bit: a data set may pass 2 GiB
     association_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     file_deleted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # retention
@@ -107,7 +118,7 @@ class QuarantinedInstance(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
     path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # 64 bit, as instances.size_bytes
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     peer_host: Mapped[str] = mapped_column(String(64), default="")
     association_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -181,7 +192,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: geometry, timings
     quality: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: sampled fusion metrics
-    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)  # host name (<= 64) : pid
+
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -200,7 +212,7 @@ class Output(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     instance_number: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)  # relative to the spool dir
-    size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # 64 bit, as instances
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     file_deleted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # retention
 

@@ -5,6 +5,7 @@ earlier one. A row waits until every instance of the replacement is stored at th
 (a PACS never loses the fused view), then the earlier series is looked up through the
 destination's Orthanc REST API and deleted, when this node made it. A replacement that failed to
 reach the destination leaves the earlier series in place. Each outcome is one audit event.
+Several dispatchers may work the rows: one holds a row while it deletes (``claim_removal``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import DestinationConfig, Settings
 from dicomnode.db import Delivery, Output, SeriesRemoval, record, utcnow
+from dicomnode.db.leases import claim_removal
 from dicomnode.dispatch.orthanc_rest import OrthancRest
 from dicomnode.dispatch.web_client import HttpError
 
@@ -75,6 +77,11 @@ class SeriesRemover:
                 )
                 settled += 1
                 continue
+            now = self.clock()
+            hold = timedelta(seconds=3 * self.settings.dispatch.timeout_seconds + 30)
+            with self.sessionmaker() as s:
+                if not claim_removal(s, row.id, now, now + hold):
+                    continue  # another dispatcher is deleting it
             settled += self._delete(row, dest)
         return settled
 

@@ -13,9 +13,10 @@ import sys
 import threading
 
 from dicomnode.config import ConfigError, load_settings
-from dicomnode.db import make_sessionmaker
+from dicomnode.db import storage_sessionmaker
 from dicomnode.db.leases import WorkerLeases
 from dicomnode.receive.scp import ReceiveStage
+from dicomnode.receive.shared_port import die_with_parent
 from dicomnode.spool import Spool
 
 
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="override node.port (0 = any free port)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
+    die_with_parent()  # when started by ReceiveProcesses: end with the node
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))  # as the CLI
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -34,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.port is not None:
         settings.node.port = args.port
-    sessions = make_sessionmaker(settings.storage.database_url)
+    sessions = storage_sessionmaker(settings.storage)
     leases = WorkerLeases(
-        sessions, settings.workers.lease_seconds, settings.workers.worker_id, stages=("receive",)
+        sessions,
+        settings.workers.lease_seconds,
+        settings.workers.worker_id,
+        stages=("receive",),
+        node_id=settings.storage.node_id,
     )
     leases.register()
     spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync, tmp_dir=leases.tmp_dir)

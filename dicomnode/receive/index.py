@@ -7,6 +7,8 @@ so an acknowledged instance is always indexed and always counted in its series.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
@@ -48,51 +50,40 @@ _REOPEN_SERIES = (
 
 
 class InstanceIndex:
-    """Database access for the receive stage (thread safe; one writer at a time in-process)."""
+    """Database access for the receive stage (thread safe).
 
-    def __init__(self, sessionmaker_: sessionmaker[Session]) -> None:
+    SQLite has one writer anyway: every write of this process goes through one lock and one
+    connection, which also makes the series upsert race-free between its associations. A server
+    database (PostgreSQL) takes the associations' transactions side by side, on a few connections
+    (its row lock on the series and the unique SOP Instance UID keep them right, as between
+    processes), so one association's commit does not wait for another's.
+    """
+
+    def __init__(self, sessionmaker_: sessionmaker[Session], receiver: str | None = None) -> None:
         self._sessionmaker = sessionmaker_
-        # SQLite has one writer anyway; serialising here also makes the series upsert race-free
-        # between associations of this process. Other processes are covered by IntegrityError.
-        self._write_lock = threading.Lock()
-        # The per-instance path uses one long-lived Core connection (no ORM unit of work, no pool
-        # checkout): it is most of the Python cost of an instance otherwise.
+        self.receiver = receiver  # "<node_id>:<pid>" recorded on the associations this process takes
         self._engine: Engine = sessionmaker_.kw["bind"]
-        self._conn: Connection | None = None
-
-    def _connection(self) -> Connection:
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = self._engine.connect()
-        return self._conn
+        serial = self._engine.dialect.name == "sqlite"
+        self._write_lock: AbstractContextManager[object] = threading.Lock() if serial else nullcontext()
+        # The per-instance path uses long-lived Core connections (no ORM unit of work, no pool
+        # checkout): it is most of the Python cost of an instance otherwise.
+        self._hot = _HotConnections(self._engine, 1 if serial else _server_connections(self._engine))
+        # The duplicate check only reads: on SQLite (WAL) it runs beside the writer on connections of
+        # its own instead of queueing for the write lock behind other associations' commits.
+        self._reads = _HotConnections(self._engine, 2) if serial else self._hot
 
     def close(self) -> None:
-        """Return the hot-path connection to the pool."""
+        """Return the hot-path connections to the pool."""
         with self._write_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._hot.close()
+        self._reads.close()
 
     def known_path(self, sop_instance_uid: str) -> str | None:
         """Spool path of an already indexed instance, or None when it is new."""
-        with self._write_lock:
-            conn = self._connection()
-            try:
-                path = conn.scalar(_SELECT_PATH, {"uid": sop_instance_uid})
-            except BaseException as exc:
-                self._abandon(conn, exc)
-                raise
+        with self._reads.checkout() as conn:
+            path = conn.scalar(_SELECT_PATH, {"uid": sop_instance_uid})
             conn.rollback()
             return path
-
-    def _abandon(self, conn: Connection, exc: BaseException) -> None:
-        """Roll back after an error; forget the connection when it is broken."""
-        try:
-            conn.rollback()
-        except Exception:
-            self._conn = None
-            return
-        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-            self._conn = None
 
     def add_instance(
         self,
@@ -121,17 +112,12 @@ class InstanceIndex:
         association_id: int | None,
     ) -> bool:
         now = utcnow()
-        with self._write_lock:
-            conn = self._connection()
-            try:
-                added = self._index_in(conn, h, relpath, size, transfer_syntax_uid, association_id, now)
-                if added:
-                    conn.commit()
-                else:
-                    conn.rollback()
-            except BaseException as exc:
-                self._abandon(conn, exc)
-                raise
+        with self._write_lock, self._hot.checkout() as conn:
+            added = self._index_in(conn, h, relpath, size, transfer_syntax_uid, association_id, now)
+            if added:
+                conn.commit()
+            else:
+                conn.rollback()
             return added
 
     @staticmethod
@@ -259,6 +245,7 @@ class InstanceIndex:
                 peer_host=host,
                 peer_port=port,
                 state="open",
+                receiver=self.receiver,
                 lease_owner=lease_owner,
                 lease_expires_at=lease_expires_at,
             )
@@ -281,6 +268,7 @@ class InstanceIndex:
                 state="rejected",
                 reason=reason,
                 ended_at=utcnow(),
+                receiver=self.receiver,
             )
             s.add(row)
             s.flush()
@@ -307,6 +295,55 @@ class InstanceIndex:
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 record(s, STAGE, "association", assoc_id, "open", state, reason)
             s.commit()
+
+
+def _server_connections(engine: Engine) -> int:
+    """Hot-path connections on a server database: most of the engine's pool, at most 4."""
+    size = getattr(engine.pool, "size", None)
+    return max(1, min(4, (size() if callable(size) else 5) - 1))
+
+
+class _HotConnections:
+    """Up to ``size`` long-lived connections, one per concurrent caller; broken ones are dropped."""
+
+    def __init__(self, engine: Engine, size: int) -> None:
+        self._engine = engine
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def checkout(self) -> Iterator[Connection]:
+        """A connection for one transaction; rolled back (and dropped if broken) on an error."""
+        with self._slots:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed or conn.invalidated:
+                conn = self._engine.connect()
+            try:
+                yield conn
+            except BaseException as exc:
+                if self._rolled_back(conn, exc):
+                    with self._lock:
+                        self._idle.append(conn)
+                raise
+            with self._lock:
+                self._idle.append(conn)
+
+    @staticmethod
+    def _rolled_back(conn: Connection, exc: BaseException) -> bool:
+        """Roll back after an error; False when the connection is broken and must not be reused."""
+        try:
+            conn.rollback()
+        except Exception:
+            return False
+        return not (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 class _SeriesRace(Exception):

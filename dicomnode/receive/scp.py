@@ -4,16 +4,16 @@ An instance is acknowledged with 0x0000 only after its file is durable in the sp
 Instance row (with the Series upsert) is committed. The dataset is stored byte for byte as it
 arrived; only its header is parsed. The same store path takes the C-STORE sub-operations of a
 C-GET the node itself requested (``adopt_retrieve_association``), so retrieved instances get the
-same durability, index rows and audit as sent ones.
-arrived; only its header is parsed. A SOP Instance UID that arrives again with the same data set
-is a duplicate; with a different one the new data set is kept in quarantine (file, row, event),
-never dropped and never written over the first. Refusals (of instances, associations and broken
+same durability, index rows and audit as sent ones. A SOP Instance UID that arrives again with the
+same data set is a duplicate; with a different one the new data set is kept in quarantine (file,
+row, event), never dropped and never written over the first. Refusals (of instances, associations and broken
 connections) are each one audit record and one log line, limited per peer (:mod:`.refusals`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,7 +112,7 @@ class ReceiveStage:
         self.leases = leases or WorkerLeases(
             sessionmaker, settings.workers.lease_seconds, settings.workers.worker_id, stages=("receive",)
         )
-        self.index = InstanceIndex(sessionmaker)
+        self.index = InstanceIndex(sessionmaker, receiver=f"{settings.storage.node_id}:{os.getpid()}")
         self.port: int | None = None
         self._server: BoundedAssociationServer | None = None
         self._claims = _UidClaims()
@@ -157,8 +157,9 @@ class ReceiveStage:
         quiet_library_logs()
         tls = server_context(node.tls) if node.tls is not None else None
         limits = TransportLimits.from_config(node)
+        shared = node.reuse_port or node.receive_processes > 1
         self._server = BoundedAssociationServer(
-            self._make_ae(), (node.host, node.port), handlers, limits, self, tls
+            self._make_ae(), (node.host, node.port), handlers, limits, self, tls, reuse_port=shared
         ).serve_in_background()
         self.port = int(self._server.server_address[1])
         log.info(

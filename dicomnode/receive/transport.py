@@ -62,6 +62,11 @@ _WAIT_CAP = 5.0  # seconds: the longest any loop here sleeps without a reason to
 # fsync that ends a C-STORE) then costs more than the look. 50 ms after the last PDU it blocks.
 ACTIVE_LINGER = 0.05
 ACTIVE_POLL = 0.0002
+# Looking instead of blocking only pays while a core would otherwise idle: with more associations
+# busy than spare cores, the looks of each steal the CPU the others need. So at most this many
+# associations of a process look at once; the others block in poll() (their cores are not idle).
+LOOKING_SLOTS = max(1, (os.cpu_count() or 1) - 1)
+_LOOKING = threading.BoundedSemaphore(LOOKING_SLOTS)
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,7 @@ class BoundedDUL(DULServiceProvider):
         self.violation: str | None = None
         self.mid_pdu = False  # a PDU has started to arrive and is not complete yet
         self._active_until = 0.0  # monotonic time until which the loop looks instead of blocking
+        self._looking = False  # holds one of the LOOKING_SLOTS
         self._command_bytes = 0
         self._dataset_bytes = 0
         self._command_started = 0.0
@@ -255,8 +261,14 @@ class BoundedDUL(DULServiceProvider):
                     self.opened = True
                 self.assoc.ring()  # the association thread may wait for this state change
         finally:
+            self._stop_looking()
             self._close_wake()
             self.assoc.ring()
+
+    def _stop_looking(self) -> None:
+        if self._looking:
+            self._looking = False
+            _LOOKING.release()
 
     def _watch(self, poller: select.poll, watched: int) -> int:
         sock = self.socket.socket if self.socket is not None else None
@@ -273,8 +285,12 @@ class BoundedDUL(DULServiceProvider):
 
     def _sleep(self, poller: select.poll, watched: int) -> None:
         if time.monotonic() < self._active_until:
-            time.sleep(ACTIVE_POLL)
-            return
+            if self._looking or _LOOKING.acquire(blocking=False):
+                self._looking = True
+                time.sleep(ACTIVE_POLL)
+                return
+        else:
+            self._stop_looking()
         timer = self.artim_timer
         running = timer.timeout is not None and timer._start_time is not None and timer._end_time is None
         timeout = min(max(timer.remaining, 0.0), _WAIT_CAP) if running else _WAIT_CAP
@@ -594,7 +610,10 @@ class BoundedAssociationServer(ThreadedAssociationServer):
         limits: TransportLimits,
         policy: AcceptorPolicy,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        self.reuse_port = reuse_port  # read by server_bind, which the base class calls
         self.limits = limits
         self.policy = policy
         self.slots = ConnectionSlots(limits.max_associations, limits.max_per_address)
@@ -609,6 +628,14 @@ class BoundedAssociationServer(ThreadedAssociationServer):
             evt_handlers=evt_handlers,
         )
         self.daemon_threads = True
+
+    def server_bind(self) -> None:
+        """Bind; with ``reuse_port`` other receive processes of this user may bind the port too
+        (SO_REUSEPORT: the kernel spreads incoming connections over their listening sockets)."""
+        assert self.socket is not None
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def serve_in_background(self) -> BoundedAssociationServer:
         """Serve in a daemon thread (like ``AE.start_server(block=False)``); returns self."""
