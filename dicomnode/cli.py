@@ -482,8 +482,6 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--modalities", default="MR,CT,PT", help="comma-separated, e.g. MR,CT,PT,NM")
     sp.set_defaults(func=cmd_demo)
 
-    if not with_train:
-        return p
     try:
         if not with_train:
             raise ImportError

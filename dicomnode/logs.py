@@ -109,3 +109,5 @@ def configure_logging(fmt: str = "text", level: str = "INFO", verbose: bool = Fa
     logging.getLogger("pynetdicom").setLevel(net)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Alembic narrates every migration step; dicomnode.db.schema says what an upgrade did.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -22,6 +22,7 @@ reads happen without one, so a current database costs one query.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -44,6 +45,9 @@ BASELINE = "0001_baseline"
 VERSION_TABLE = "alembic_version"
 _PG_LOCK_KEY = 0x64636D6E6F646531  # any constant shared by every dicomnode process
 _SQLITE_LOCK_WAIT_MS = 600_000  # a process waits this long for another one's migration
+
+
+log = logging.getLogger(__name__)
 
 
 class SchemaError(RuntimeError):
@@ -148,6 +152,8 @@ def ensure_schema(engine: Engine, auto_migrate: bool | None = None) -> SchemaSta
         state = inspect_schema(conn)  # another process may have done it meanwhile
         _refuse_unusable(state, allowed)
         _bring_to_head(conn, state)
+    if state.kind != "empty":
+        log.info("database upgraded: %s -> revision %s", state.describe(), state.head)
     return SchemaState("current", state.head, state.head)
 
 
