@@ -56,6 +56,12 @@ class Node:
             problem = settings.admin.exposure_problem()
             if problem:
                 raise ConfigError(problem)
+        if "fuse" in self.stages:
+            from dicomnode.fusion.resample import device_problem  # noqa: PLC0415 (torch: fuse only)
+
+            problem = device_problem(settings.fusion.device)
+            if problem:
+                raise ConfigError(f"fusion.device: {problem}")
         self.sessionmaker: sessionmaker[Session] = open_database(settings)
         # One worker identity per process: its heartbeat and every lease its stages hold.
         self.leases = WorkerLeases(

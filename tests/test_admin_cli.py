@@ -304,5 +304,6 @@ def test_status_watch_redraws_until_interrupted(db):
         assert seen == 2
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        # communicate() keeps reading both pipes: a writer blocked on a full pipe cannot exit.
+        proc.communicate(timeout=120)
     assert proc.returncode == 0

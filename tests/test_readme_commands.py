@@ -293,6 +293,35 @@ def _stop_admin(w: World) -> None:
         wait_until(lambda: not port_open(w.ports["admin"]), None, timeout=30)
 
 
+def _assignments(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``NAME=value command ...``: the leading assignments bash puts in the command's environment."""
+    assigned: dict[str, str] = {}
+    while args and re.fullmatch(r"[A-Za-z_]\w*=.*", args[0]):
+        name, _, value = args[0].partition("=")
+        assigned[name] = value
+        args = args[1:]
+    return assigned, args
+
+
+def _refuses_missing_gpu(w: World, args: list[str], assigned: dict[str, str]) -> bool:
+    """``DICOMNODE_FUSION__DEVICE=cuda:N ... serve`` on a host without that GPU: refused at start
+    with one message naming the key (exit 2), not run quietly on the CPU. False where the GPU is
+    there (the line then runs as any other serve line)."""
+    from dicomnode.fusion.resample import device_problem  # noqa: PLC0415
+
+    device = assigned.get("DICOMNODE_FUSION__DEVICE")
+    if "serve" not in args or not device or not device_problem(device):
+        return False
+    env = dict(w.env)
+    own = w.tmp / f"serve-{len(list(w.tmp.glob('serve-*')))}"
+    env["DICOMNODE_STORAGE__SPOOL_DIR"] = str(own / "spool")
+    env["DICOMNODE_STORAGE__DATABASE_URL"] = f"sqlite:///{own}/node.db"
+    res = subprocess.run(args, cwd=w.work, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith("error: fusion.device: ") and "Traceback" not in res.stderr
+    return True
+
+
 def test_every_readme_command_line_runs(world: World):
     lines = readme_commands((ROOT / "README.md").read_text())
     assert len(lines) >= 20
@@ -312,7 +341,14 @@ def test_every_readme_command_line_runs(world: World):
             args = _substitute(world, args)
             what = shlex.join(args)
             t0 = time.monotonic()
-            if args[:2] == ["bash", "scripts/demo.sh"]:
+            assigned, args = _assignments(args)
+            if args[-1:] == ["&"]:  # started in the background: it runs until stopped, as serve does
+                args = args[:-1]
+            saved_env = dict(world.env)
+            world.env.update(assigned)  # NAME=value before a command: that command's environment
+            if _refuses_missing_gpu(world, args, assigned):
+                pass
+            elif args[:2] == ["bash", "scripts/demo.sh"]:
                 _stop_admin(world)
                 _run_until_output(world, args, ROOT, "[demo] dicomnode listening", timeout=600)
             elif "serve" in args:
@@ -337,6 +373,8 @@ def test_every_readme_command_line_runs(world: World):
                 if args[0] == "curl" and "/api/" in what:
                     answer = json.loads(res.stdout)
                     assert "detail" not in answer, f"{what}: {answer}"
+            world.env.clear()
+            world.env.update(saved_env)
             print(f"{time.monotonic() - t0:6.1f} s  {what}")
             ran += 1
     if train:

@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from dicomnode.config import load_settings
+from dicomnode.config import ConfigError, load_settings
 from dicomnode.db import Delivery, Event, Instance, Job, Output, Series, make_sessionmaker, utcnow
 from dicomnode.fusion.spatial_registration import SPATIAL_REGISTRATION_STORAGE
 from dicomnode.runner import FuseStage
@@ -295,3 +295,11 @@ def test_implausible_registration_fails_the_job_with_reason(env, tmp_path: Path)
         assert job.state == "failed"
         assert "registration result implausible" in job.error
         assert s.scalars(select(Output)).all() == []
+
+
+def test_a_cuda_device_the_host_lacks_is_refused_at_start(tmp_path: Path):
+    """``fusion.device: cuda:N`` without that GPU: one message naming the key, not a CPU run."""
+    settings = load_settings(None, fusion={"device": "cuda:99"})
+    sm = make_sessionmaker(f"sqlite:///{tmp_path}/n.db")
+    with pytest.raises(ConfigError, match=r"^fusion\.device: cuda:99 is not on this host"):
+        FuseStage(settings, sm, Spool(tmp_path / "spool"), worker_id="test:1")

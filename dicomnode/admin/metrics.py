@@ -123,15 +123,18 @@ class NodeCollector(Collector):
         ).all()
         self._observe_phases(s, [int(j) for j, n in runs if j.isdigit() for _ in range(int(n))])
         summary = Event.reason.like("% more refusals like this %(instance 0x%")
+        # One expression, grouped by its label: PostgreSQL binds each literal separately and would
+        # not see the select's substr() and the GROUP BY's as the same expression.
+        prefix = func.substr(Event.reason, 1, 6).label("prefix")
         for reason, n in s.execute(
-            select(func.substr(Event.reason, 1, 6), func.count())
+            select(prefix, func.count())
             .where(
                 Event.entity == "instance",
                 Event.new_state == "failed",
                 or_(Event.reason.is_(None), ~summary),
                 upto,
             )
-            .group_by(func.substr(Event.reason, 1, 6))
+            .group_by(prefix)
         ):
             self._refused[reason if (reason or "").startswith("0x") else "other"] += int(n)
         for (reason,) in s.execute(

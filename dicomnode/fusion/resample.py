@@ -16,6 +16,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (auto | cpu | cuda | cuda:N) cannot be used on this host; None when it can.
+
+    ``auto`` always can (cpu without a GPU); an explicit CUDA device that is not there is a
+    configuration mistake, refused rather than quietly run on the CPU.
+    """
+    if not device.startswith("cuda"):
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index < count:
+        return None
+    have = f"cuda:0..cuda:{count - 1}" if count else "none"
+    return f"{device} is not on this host (CUDA devices: {have}); use auto, cpu or a device it has"
+
+
 def index_to_index(reference: Volume, moving: Volume, transform: np.ndarray | None = None) -> np.ndarray:
     """4x4 map from reference voxel index to moving voxel index.
 

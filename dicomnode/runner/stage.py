@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Settings
+from dicomnode.config import ConfigError, Settings
 from dicomnode.db import Delivery, Instance, Job, Output, Series, SeriesRemoval, record, utcnow
 from dicomnode.db.leases import JobClaim, WorkerLeases, claim_job, owned_job
 from dicomnode.dispatch.study_series import series_numbers_at
@@ -39,7 +39,7 @@ from dicomnode.fusion.align import align
 from dicomnode.fusion.base import Fuser
 from dicomnode.fusion.pipeline import FUNCTIONAL_MODALITIES, FusionError, FusionResult, fuse_pair, input_notes
 from dicomnode.fusion.registry import get_fuser
-from dicomnode.fusion.resample import resolve_device
+from dicomnode.fusion.resample import device_problem, resolve_device
 from dicomnode.fusion.sanity import PixelSanityError, check_fused, check_source
 from dicomnode.fusion.spatial_registration import (
     SPATIAL_REGISTRATION_STORAGE,
@@ -118,6 +118,9 @@ class FuseStage:
             clock=clock,
         )
         self.worker_id = self.leases.owner
+        problem = device_problem(settings.fusion.device)
+        if problem:
+            raise ConfigError(f"fusion.device: {problem}")
         self.device = str(resolve_device(settings.fusion.device))
         self._fuser: Fuser | None = None
 
