@@ -18,7 +18,10 @@ This module keeps pynetdicom's state machine, ACSE and DIMSE code and replaces w
   (only for 50 ms after a PDU does the upper layer look every 0.2 ms, see ACTIVE_LINGER);
 - the TLS handshake runs in the connection's own thread under the ACSE timeout, never in the
   thread that accepts connections;
-- each association request goes through the node's admission policy.
+- each association request goes through the node's admission policy;
+- a P-DATA-TF is split into views of the buffer it was read into (no copies), C-STORE requests
+  and responses are read and written without pydicom (:mod:`.store_messages`), and pynetdicom's
+  debug-line handlers are unbound unless its logger is at DEBUG (they cost CPU even when silent).
 Whole PDUs are read with ``recv_into`` into one buffer and TCP_NODELAY is on, so the small
 C-STORE-RSP does not wait for the peer's delayed ACK.
 """
@@ -41,13 +44,20 @@ from typing import Any, Protocol
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
 
 from dicomnode.config import NodeConfig
 from dicomnode.receive.policy import ConnectionSlots, Refusal
+from dicomnode.receive.store_messages import StoreDIMSEProvider
 
 log = logging.getLogger("dicomnode.receive")
 
@@ -67,6 +77,12 @@ ACTIVE_POLL = 0.0002
 # associations of a process look at once; the others block in poll() (their cores are not idle).
 LOOKING_SLOTS = max(1, (os.cpu_count() or 1) - 1)
 _LOOKING = threading.BoundedSemaphore(LOOKING_SLOTS)
+_DEBUG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
 
 
 @dataclass(frozen=True)
@@ -377,6 +393,15 @@ class BoundedDUL(DULServiceProvider):
                 self.note_violation(problem)
                 self.event_queue.put("Evt19")
                 return
+        if pdu_type == 0x04 and not self._pdu_watched():
+            items = _pdata_items(pdu)
+            if items is None:
+                self.note_violation("PDU type 0x04 cannot be decoded (its items do not fit its length)")
+                self.event_queue.put("Evt19")
+                return
+            self.event_queue.put("Evt10")
+            self._recv_pdu.put(_ReceivedPData(items))
+            return
         try:
             decoded, event = self._decode_pdu(pdu)
         except Exception as exc:
@@ -385,6 +410,11 @@ class BoundedDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
+
+    def _pdu_watched(self) -> bool:
+        """Whether a handler wants pynetdicom's decoded PDUs (then they are decoded its way)."""
+        assoc = self.assoc
+        return bool(assoc.get_handlers(evt.EVT_PDU_RECV) or assoc.get_handlers(evt.EVT_DATA_RECV))
 
     def _count_message_bytes(self, pdu: bytearray) -> str | None:
         """Add a P-DATA-TF's fragments to the command / data set being received; a reason when one
@@ -425,6 +455,39 @@ class BoundedDUL(DULServiceProvider):
         return None
 
 
+class _ReceivedPData:
+    """A received P-DATA-TF as the state machine's data transfer actions use it (``to_primitive``)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[list[Any]]) -> None:
+        self.items = items
+
+    def to_primitive(self) -> P_DATA:
+        primitive = P_DATA()
+        # Views, not bytes (P_DATA's setter wants bytes): its reader, StoreDIMSEProvider, copies
+        # a fragment to bytes before any of pynetdicom's code sees it.
+        primitive._presentation_data_value_list = self.items  # type: ignore[assignment]
+        return primitive
+
+
+def _pdata_items(pdu: bytearray) -> list[list[Any]] | None:
+    """The (context ID, fragment) items of a P-DATA-TF, each fragment a view into ``pdu`` (no
+    copy); None when an item is shorter than its header or runs past the PDU."""
+    view = memoryview(pdu)
+    items: list[list[Any]] = []
+    pos, end = 6, len(pdu)
+    while pos < end:
+        if pos + 6 > end:
+            return None
+        length = int.from_bytes(pdu[pos : pos + 4], "big")
+        if length < 2 or pos + 4 + length > end:
+            return None
+        items.append([pdu[pos + 4], view[pos + 5 : pos + 4 + length]])
+        pos += 4 + length
+    return items
+
+
 class AcceptorAssociation(Association):
     """An acceptor association that sleeps until something happens and hands its slot back when it ends."""
 
@@ -438,6 +501,7 @@ class AcceptorAssociation(Association):
         self._accepted = False  # an A-ASSOCIATE-AC was sent
         limits = server.limits
         self.dul = BoundedDUL(self, limits)
+        self.dimse = StoreDIMSEProvider(self)
         self.dimse.msg_queue = _RingingQueue(self.ring)
         # The timers live on the upper layer: give the new one the node's timeouts.
         self.acse_timeout = limits.acse_timeout
@@ -745,4 +809,9 @@ class BoundedAssociationServer(ThreadedAssociationServer):
             elif isinstance(event, evt.NotificationEvent):
                 for handler, args in handlers:  # type: ignore[misc]
                     assoc.bind(event, handler, args)
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            # pynetdicom's standard handlers only write debug lines, but they build them (and
+            # decode every PDU and message for them) whether or not debug is on.
+            for event, handler in _DEBUG_HANDLERS:
+                assoc.unbind(event, handler)
         return assoc
