@@ -509,8 +509,10 @@ class AcceptorAssociation(Association):
         self.network_timeout = limits.network_timeout
 
     def ring(self) -> None:
-        """Wake the association thread."""
-        self._bell.set()
+        """Wake the association thread. A bell already rung is not rung again (set() takes a lock and
+        notifies): its waiter clears it before it looks for work, so it sees what came before."""
+        if not self._bell.is_set():
+            self._bell.set()
 
     @property
     def violation(self) -> str | None:
