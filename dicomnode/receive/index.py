@@ -86,9 +86,7 @@ class InstanceIndex:
 
         Asked once per instance: the query, compiled once, runs on the driver's own connection
         (a third of SQLAlchemy's cost per execution is in building the call, not in the query)."""
-        params: object = (
-            (sop_instance_uid,) if self._select_path_positional else {"uid": sop_instance_uid}
-        )
+        params: object = (sop_instance_uid,) if self._select_path_positional else {"uid": sop_instance_uid}
         with self._reads.checkout() as conn:
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
