@@ -6,7 +6,7 @@ table shows instances/s (median over rounds), the ratio to storescp and the rece
 per instance (from /proc; less sensitive than the rate to what else runs on the machine).
 ``--baseline DIR`` adds the receive stage of another checkout (e.g. a worktree of main) to the
 same rounds, so a change can be compared with what it changes, side by side. Nothing is asserted.
-``--parallel N [--orthanc-pg]``: N associations at once instead (see ingest_parallel.py).
+``--parallel N [--orthanc-pg] [--baseline DIR]``: N associations at once instead (see ingest_parallel.py).
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from ingest_parallel import run as run_parallel  # noqa: PLC0415
 
         with tempfile.TemporaryDirectory(prefix="dicomnode-ingest-") as tmp:
-            return run_parallel(args.n, args.parallel, args.rounds, args.cache, args.orthanc_pg, Path(tmp))
+            return run_parallel(
+                args.n, args.parallel, args.rounds, args.cache, args.orthanc_pg, Path(tmp), args.baseline
+            )
 
     folder = ensure_series(args.cache, args.n)
     size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6

@@ -6,7 +6,8 @@ dcmtk storescp (``--fork``: a process per association), Orthanc (its SQLite inde
 receive processes (``node.receive_processes``) on SQLite and on PostgreSQL (a durable local
 cluster: fsync and synchronous commit on, as SQLite's FULL sync). The table shows the aggregate
 instances/s (all instances / wall time from the first association's start to the last one's end),
-median over rounds, and the ratios to storescp and Orthanc. Nothing is asserted.
+median over rounds, and the ratios to storescp and Orthanc. ``--baseline DIR`` adds the same
+dicomnode rows for another checkout (e.g. one of main), in the same rounds. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ class DicomnodeServe:
 
     aet = "DICOMNODE"
 
-    def __init__(self, workdir: Path, processes: int, database_url: str) -> None:
+    def __init__(self, workdir: Path, processes: int, database_url: str, code: Path | None = None) -> None:
         self.workdir = workdir
         self.processes = processes
         self.database_url = database_url
+        self.code = code  # another checkout of dicomnode to run instead of the installed one
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -121,13 +123,17 @@ class DicomnodeServe:
             "storage": {"spool_dir": str(self.workdir / "spool"), "database_url": self.database_url},
         }
         (self.workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+        env = peer_env()
+        if self.code is not None:
+            env["PYTHONPATH"] = str(self.code.resolve())
         with open(self.workdir / "receive.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicomnode.cli", "--config", str(self.workdir / "config.yaml")]
                 + ["serve", "--stage", "receive"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=peer_env(),
+                env=env,
+                cwd=self.workdir,  # not a source tree: ``-m`` puts the working directory first on sys.path
             )
         if not wait_until(lambda: port_open(self.port), self.proc, timeout=120):
             self.stop()
@@ -196,8 +202,16 @@ def send_parallel(folders: list[Path], port: int, called_aet: str) -> float:
     return elapsed
 
 
-def run(n: int, senders: int, rounds: int, cache: Path, orthanc_pg: bool, tmp: Path) -> int:
-    """Run the rounds and print the table."""
+def run(
+    n: int,
+    senders: int,
+    rounds: int,
+    cache: Path,
+    orthanc_pg: bool,
+    tmp: Path,
+    baselines: list[Path] | None = None,
+) -> int:
+    """Run the rounds and print the table; ``baselines``: other dicomnode checkouts run beside this one."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks stop the peers
     folders = ensure_series(cache, n, senders)
     total = n * senders
@@ -215,17 +229,22 @@ def run(n: int, senders: int, rounds: int, cache: Path, orthanc_pg: bool, tmp: P
     ]
     if orthanc_pg and pg is not None:
         makers.append(("orthanc (postgresql)", lambda d: OrthancPostgres(d, pg)))
-    for procs in (1, 2):
-        makers.append(
-            (
-                f"dicomnode sqlite x{procs}",
-                lambda d, p=procs: DicomnodeServe(d, p, f"sqlite:///{d}/dicomnode.db"),
-            )
-        )
-        if pg is not None:
+    for code in [None, *(baselines or [])]:
+        label = "dicomnode" if code is None else f"dicomnode@{code.name}"
+        for procs in (1, 2):
             makers.append(
-                (f"dicomnode postgresql x{procs}", lambda d, p=procs: DicomnodeServe(d, p, pg_url()))
+                (
+                    f"{label} sqlite x{procs}",
+                    lambda d, p=procs, c=code: DicomnodeServe(d, p, f"sqlite:///{d}/dicomnode.db", c),
+                )
             )
+            if pg is not None:
+                makers.append(
+                    (
+                        f"{label} postgresql x{procs}",
+                        lambda d, p=procs, c=code: DicomnodeServe(d, p, pg_url(), c),
+                    )
+                )
     rates: dict[str, list[float]] = {name: [] for name, _ in makers}
     cpu: dict[str, list[float]] = {name: [] for name, _ in makers}
     try:
