@@ -10,8 +10,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Dialect, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,9 +72,12 @@ class InstanceIndex:
         # The duplicate check only reads: on SQLite (WAL) it runs beside the writer on connections of
         # its own instead of queueing for the write lock behind other associations' commits.
         self._reads = _HotConnections(self._engine, 2) if serial else self._hot
-        compiled = _SELECT_PATH.compile(dialect=self._engine.dialect)
-        self._select_path_sql = str(compiled)
-        self._select_path_positional = bool(compiled.positional)
+        dialect = self._engine.dialect
+        self._select_path = _DriverStatement(_SELECT_PATH, dialect)
+        self._insert_instance = _DriverStatement(_INSERT_INSTANCE, dialect, list(_INSTANCE_COLUMNS))
+        self._select_series = _DriverStatement(_SELECT_SERIES, dialect)
+        self._count_series = _DriverStatement(_COUNT_SERIES, dialect)
+        self._integrity_error: type[Exception] = dialect.loaded_dbapi.IntegrityError
 
     def close(self) -> None:
         """Return the hot-path connections to the pool."""
@@ -85,18 +89,12 @@ class InstanceIndex:
         """Spool path of an already indexed instance, or None when it is new.
 
         Asked once per instance: the query, compiled once, runs on the driver's own connection
-        (a third of SQLAlchemy's cost per execution is in building the call, not in the query)."""
-        params: object = (sop_instance_uid,) if self._select_path_positional else {"uid": sop_instance_uid}
+        (see :class:`_DriverStatement`)."""
         with self._reads.checkout() as conn:
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
             try:
-                cursor = dbapi.cursor()
-                try:
-                    cursor.execute(self._select_path_sql, params)
-                    row = cursor.fetchone()
-                finally:
-                    cursor.close()
+                row = self._select_path.fetchone(dbapi, {"uid": sop_instance_uid})
                 dbapi.rollback()
             except Exception:
                 conn.invalidate()  # the driver's error says nothing SQLAlchemy can judge: start afresh
@@ -130,51 +128,50 @@ class InstanceIndex:
         association_id: int | None,
     ) -> bool:
         now = utcnow()
+        row = _instance_row(h, relpath, size, transfer_syntax_uid, association_id, now)
         with self._write_lock, self._hot.checkout() as conn:
-            added = self._index_in(conn, h, relpath, size, transfer_syntax_uid, association_id, now)
+            counted = self._count_in_open_series(conn, row, now)
+            if counted is not None:
+                return counted
+            added = self._index_in(conn, h, row, now)
             if added:
                 conn.commit()
             else:
                 conn.rollback()
             return added
 
-    @staticmethod
-    def _index_in(
-        conn: Connection,
-        h: InstanceHeader,
-        relpath: str,
-        size: int,
-        transfer_syntax_uid: str,
-        association_id: int | None,
-        now: datetime,
-    ) -> bool:
+    def _count_in_open_series(self, conn: Connection, row: dict[str, object], now: datetime) -> bool | None:
+        """The common case on the driver's connection: insert the instance and count it in its series
+        when that series exists and is still receiving; commits and returns True (False: the SOP
+        Instance UID is already indexed). None, with nothing written, when the series is new or
+        complete: the caller then takes the general path (:meth:`_index_in`)."""
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
         try:
-            conn.execute(
-                _INSERT_INSTANCE,
-                {
-                    "sop_instance_uid": h.sop_instance_uid,
-                    "sop_class_uid": h.sop_class_uid,
-                    "series_instance_uid": h.series_instance_uid,
-                    "study_instance_uid": h.study_instance_uid,
-                    "patient_id": h.patient_id,
-                    "issuer_of_patient_id": h.issuer_of_patient_id,
-                    "modality": h.modality,
-                    "frame_of_reference_uid": h.frame_of_reference_uid,
-                    "instance_number": h.instance_number,
-                    "image_position": h.image_position,
-                    "image_orientation": h.image_orientation,
-                    "pixel_spacing": h.pixel_spacing,
-                    "slice_thickness": h.slice_thickness,
-                    "rows": h.rows,
-                    "columns": h.columns,
-                    "number_of_frames": h.number_of_frames,
-                    "transfer_syntax_uid": transfer_syntax_uid,
-                    "path": relpath,
-                    "size_bytes": size,
-                    "association_id": association_id,
-                    "received_at": now,
-                },
-            )
+            try:
+                self._insert_instance.execute(dbapi, row)
+            except self._integrity_error:
+                dbapi.rollback()
+                return False
+            series = self._select_series.fetchone(dbapi, {"uid": row["series_instance_uid"]})
+            if series is None or series[1] == "complete":
+                dbapi.rollback()
+                return None
+            self._count_series.execute(dbapi, {"sid": series[0], "now": now})
+            dbapi.commit()
+            return True
+        except BaseException:
+            try:
+                dbapi.rollback()
+            except Exception:
+                pass
+            conn.invalidate()  # the driver's error says nothing SQLAlchemy can judge: start afresh
+            raise
+
+    @staticmethod
+    def _index_in(conn: Connection, h: InstanceHeader, values: dict[str, object], now: datetime) -> bool:
+        try:
+            conn.execute(_INSERT_INSTANCE, values)
         except IntegrityError:
             return False
         row = conn.execute(_SELECT_SERIES, {"uid": h.series_instance_uid}).first()
@@ -313,6 +310,110 @@ class InstanceIndex:
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 record(s, STAGE, "association", assoc_id, "open", state, reason)
             s.commit()
+
+
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "patient_id",
+    "issuer_of_patient_id",
+    "modality",
+    "frame_of_reference_uid",
+    "instance_number",
+    "image_position",
+    "image_orientation",
+    "pixel_spacing",
+    "slice_thickness",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "transfer_syntax_uid",
+    "path",
+    "size_bytes",
+    "association_id",
+    "received_at",
+)
+
+
+def _instance_row(
+    h: InstanceHeader,
+    relpath: str,
+    size: int,
+    transfer_syntax_uid: str,
+    association_id: int | None,
+    now: datetime,
+) -> dict[str, object]:
+    """Column values of an instance row (the keys of ``_INSTANCE_COLUMNS``)."""
+    return {
+        "sop_instance_uid": h.sop_instance_uid,
+        "sop_class_uid": h.sop_class_uid,
+        "series_instance_uid": h.series_instance_uid,
+        "study_instance_uid": h.study_instance_uid,
+        "patient_id": h.patient_id,
+        "issuer_of_patient_id": h.issuer_of_patient_id,
+        "modality": h.modality,
+        "frame_of_reference_uid": h.frame_of_reference_uid,
+        "instance_number": h.instance_number,
+        "image_position": h.image_position,
+        "image_orientation": h.image_orientation,
+        "pixel_spacing": h.pixel_spacing,
+        "slice_thickness": h.slice_thickness,
+        "rows": h.rows,
+        "columns": h.columns,
+        "number_of_frames": h.number_of_frames,
+        "transfer_syntax_uid": transfer_syntax_uid,
+        "path": relpath,
+        "size_bytes": size,
+        "association_id": association_id,
+        "received_at": now,
+    }
+
+
+class _DriverStatement:
+    """A statement compiled once for a dialect and run on the driver's connection, with the bind
+    conversions SQLAlchemy would apply (e.g. datetimes as SQLite text): most of what SQLAlchemy
+    spends per execution is in building the call, which a per-instance statement need not repeat."""
+
+    def __init__(self, statement: Any, dialect: Dialect, column_keys: list[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = str(compiled)
+        self._order = list(compiled.positiontup or []) if compiled.positional else None
+        # Values the statement carries itself (the 1 of ``n_instances + 1``).
+        self._fixed = {name: bind.value for name, bind in compiled.binds.items() if bind.value is not None}
+        self._convert = {
+            name: proc
+            for name, bind in compiled.binds.items()
+            if (proc := bind.type._cached_bind_processor(dialect)) is not None
+        }
+
+    def _params(self, values: dict[str, object]) -> Any:
+        if self._fixed:
+            values = {**self._fixed, **values}
+        if self._convert:
+            values = dict(values)
+            for name, convert in self._convert.items():
+                if values.get(name) is not None:
+                    values[name] = convert(values[name])
+        if self._order is None:
+            return values
+        return tuple(values[name] for name in self._order)
+
+    def execute(self, dbapi: Any, values: dict[str, object]) -> None:
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute(self.sql, self._params(values))
+        finally:
+            cursor.close()
+
+    def fetchone(self, dbapi: Any, values: dict[str, object]) -> Any:
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute(self.sql, self._params(values))
+            return cursor.fetchone()
+        finally:
+            cursor.close()
 
 
 def _server_connections(engine: Engine) -> int:
