@@ -268,6 +268,7 @@ class BoundedDUL(DULServiceProvider):
                         watched = self._watch(poller, watched)
                         self._sleep(poller, watched)
                         continue
+                    before = self.state_machine.current_state
                     self.state_machine.do_action(event)
                     self._active_until = time.monotonic() + ACTIVE_LINGER
                 except Exception as exc:  # a broken peer must not leave a half-dead thread behind
@@ -275,7 +276,11 @@ class BoundedDUL(DULServiceProvider):
                     return
                 if self.state_machine.current_state != "Sta1":
                     self.opened = True
-                self.assoc.ring()  # the association thread may wait for this state change
+                if self.state_machine.current_state != before:
+                    # The association thread may wait for this state change. Nothing else it waits
+                    # for needs a ring from here: the queues it reads ring on every put, so a
+                    # P-DATA fragment (Sta6 to Sta6) does not wake it, only a complete message does.
+                    self.assoc.ring()
         finally:
             self._stop_looking()
             self._close_wake()
