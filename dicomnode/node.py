@@ -57,11 +57,9 @@ class Node:
             if problem:
                 raise ConfigError(problem)
         if "fuse" in self.stages:
-            from dicomnode.fusion.resample import device_problem  # noqa: PLC0415 (torch: fuse only)
+            from dicomnode.runner.stage import require_device  # noqa: PLC0415 (torch: fuse only)
 
-            problem = device_problem(settings.fusion.device)
-            if problem:
-                raise ConfigError(f"fusion.device: {problem}")
+            require_device(settings.fusion.device)  # before any stage starts
         self.sessionmaker: sessionmaker[Session] = open_database(settings)
         # One worker identity per process: its heartbeat and every lease its stages hold.
         self.leases = WorkerLeases(

@@ -214,12 +214,18 @@ def _healthz(port: int) -> bool:
         return False
 
 
-def _run_serve(w: World, args: list[str]) -> None:
-    """Start a `serve` line on its own empty database, wait until it answers, stop it (exit 0)."""
+def _own_storage(w: World) -> dict[str, str]:
+    """The world's environment with a spool and database of their own (a serve line starts empty)."""
     env = dict(w.env)
     own = w.tmp / f"serve-{len(list(w.tmp.glob('serve-*')))}"
     env["DICOMNODE_STORAGE__SPOOL_DIR"] = str(own / "spool")
     env["DICOMNODE_STORAGE__DATABASE_URL"] = f"sqlite:///{own}/node.db"
+    return env
+
+
+def _run_serve(w: World, args: list[str]) -> None:
+    """Start a `serve` line on its own empty database, wait until it answers, stop it (exit 0)."""
+    env = _own_storage(w)
     stages = [args[i + 1] for i, a in enumerate(args) if a == "--stage"] or ["receive", "admin"]
     proc = subprocess.Popen(args, cwd=w.work, env=env, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
@@ -312,10 +318,7 @@ def _refuses_missing_gpu(w: World, args: list[str], assigned: dict[str, str]) ->
     device = assigned.get("DICOMNODE_FUSION__DEVICE")
     if "serve" not in args or not device or not device_problem(device):
         return False
-    env = dict(w.env)
-    own = w.tmp / f"serve-{len(list(w.tmp.glob('serve-*')))}"
-    env["DICOMNODE_STORAGE__SPOOL_DIR"] = str(own / "spool")
-    env["DICOMNODE_STORAGE__DATABASE_URL"] = f"sqlite:///{own}/node.db"
+    env = _own_storage(w)
     res = subprocess.run(args, cwd=w.work, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.startswith("error: fusion.device: ") and "Traceback" not in res.stderr

@@ -93,6 +93,13 @@ def series_dir(series_uid: str) -> str:
     return posixpath.dirname(outgoing_path(series_uid, "1"))
 
 
+def require_device(device: str) -> None:
+    """ConfigError naming ``fusion.device`` when this host cannot fuse on ``device``."""
+    problem = device_problem(device)
+    if problem:
+        raise ConfigError(f"fusion.device: {problem}")
+
+
 class FuseStage:
     """Runs fusion jobs one at a time (start more processes for more workers)."""
 
@@ -118,9 +125,7 @@ class FuseStage:
             clock=clock,
         )
         self.worker_id = self.leases.owner
-        problem = device_problem(settings.fusion.device)
-        if problem:
-            raise ConfigError(f"fusion.device: {problem}")
+        require_device(settings.fusion.device)
         self.device = str(resolve_device(settings.fusion.device))
         self._fuser: Fuser | None = None
 
