@@ -116,6 +116,110 @@ def _own_dir_private(path: Path) -> None:
         pass
 
 
+def _load_sync_file_range() -> Callable[..., int] | None:
+    """Linux's sync_file_range: starts writing a file's dirty pages back without waiting for them."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_STEP = 256 * 1024  # start the disk writing once this much more is in the page cache
+
+
+class PartialFile:
+    """A file being written in the spool's tmp folder (``<uuid>.part``), not yet under its name.
+
+    With fsync on, its pages start going to disk while it is still being written (the final
+    fdatasync then waits for little more than the last pieces). A write error is kept, not raised
+    mid-stream: :meth:`place` raises it. :meth:`discard` removes the file unless it was placed."""
+
+    __slots__ = ("_error", "_fd", "_flushed", "_spool", "size", "tmp")
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self.tmp = spool.tmp / f"{uuid.uuid4().hex}.part"
+        self.size = 0
+        self._flushed = 0
+        self._error: OSError | None = None
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileNotFoundError:
+            # The tmp folder went away (another worker's sweep took this worker for a dead one).
+            spool._known_dirs.discard(spool.tmp)
+            spool._ensure_dir(spool.tmp)
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+
+    @property
+    def ok(self) -> bool:
+        """Open and every write so far succeeded."""
+        return self._fd >= 0 and self._error is None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.ok:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError as exc:
+            self._error = exc
+            return
+        if self.size - self._flushed >= _WRITEBACK_STEP:
+            self.start_writeback()
+
+    def start_writeback(self) -> None:
+        """Start writing what was written so far to disk, without waiting (with fsync on)."""
+        if self._spool.fsync and _sync_file_range is not None and self.ok and self.size > self._flushed:
+            _sync_file_range(self._fd, self._flushed, self.size - self._flushed, _SYNC_FILE_RANGE_WRITE)
+            self._flushed = self.size
+
+    def place(self, relpath: str, versions: int) -> tuple[str, int]:
+        """fdatasync, then the name ``relpath`` or its next free ``~N`` version (never replacing a
+        file), then fsync of its folder; returns (the relative path taken, the size)."""
+        if self._error is not None:
+            raise self._error
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "partial spool file already placed or discarded")
+        spool = self._spool
+        final = spool.abspath(relpath)
+        fd, self._fd = self._fd, -1
+        try:
+            if spool.fsync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            for n in range(versions + 1):
+                name = _versioned(relpath, n)
+                if spool._place(self.tmp, spool.root / name):
+                    break
+            else:
+                raise FileExistsError(errno.EEXIST, f"{relpath} and its versions exist in the spool")
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        if spool.fsync:
+            _fsync_dir(final.parent)
+        return name, self.size
+
+    def discard(self) -> None:
+        """Close and remove the file unless it was placed (safe to call more than once)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+
+
 class Spool:
     """Durable writes into the spool directory: temp file, fsync, link to a free name, fsync the folder."""
 
@@ -199,37 +303,28 @@ class Spool:
             return self._write_once(relpath, chunks, versions)
 
     def _write_once(self, relpath: str, chunks: list[bytes], versions: int) -> tuple[str, int]:
-        final = self.abspath(relpath)
-        self._ensure_dir(final.parent)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._ensure_dir(self.abspath(relpath).parent)
+        part = self.open_partial()
         try:
             for c in chunks:
-                view = memoryview(c)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    size += n
-            if self.fsync:
-                os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        try:
-            for n in range(versions + 1):
-                name = _versioned(relpath, n)
-                if self._place(tmp, self.root / name):
-                    break
-            else:
-                raise FileExistsError(errno.EEXIST, f"{relpath} and its versions exist in the spool")
+                part.write(c)
+            return part.place(relpath, versions)
         finally:
-            tmp.unlink(missing_ok=True)
-        if self.fsync:
-            _fsync_dir(final.parent)
-        return name, size
+            part.discard()
+
+    def open_partial(self) -> PartialFile:
+        """A new partial file in this worker's tmp folder, to be written piece by piece and then
+        placed (:meth:`place_partial`) or discarded."""
+        return PartialFile(self)
+
+    def place_partial(self, part: PartialFile, relpath: str) -> tuple[str, int]:
+        """Place a partial file written elsewhere (the receive stage's upper layer streams a data set
+        into one as it arrives) under ``relpath`` or its next free ``~N`` version, durably."""
+        self._ensure_dir(self.abspath(relpath).parent)
+        try:
+            return part.place(relpath, MAX_VERSIONS)
+        finally:
+            part.discard()
 
     def _place(self, tmp: Path, final: Path) -> bool:
         """Give ``tmp``'s content the name ``final`` unless that name exists (then False).

@@ -176,3 +176,65 @@ def test_a_worker_whose_folders_were_swept_away_still_writes(tmp_path: Path) -> 
     spool.write("outgoing/1.3/1.3.2.dcm", b"fourth")
     assert (spool.root / "outgoing/1.3/1.3.2.dcm").read_bytes() == b"fourth"
     assert (spool.root / "outgoing/1.2/1.2.2.dcm").read_bytes() == b"second"
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_a_partial_file_written_piece_by_piece_is_placed_whole_and_never_over_another(
+    tmp_path: Path, fsync: bool
+) -> None:
+    """The receive stage streams a data set into a partial file as it arrives; placing it takes the
+    name or its next free version, as every other write does, and leaves nothing in tmp."""
+    spool = Spool(tmp_path / "spool", fsync=fsync, tmp_dir="node-a-1")
+    pieces = [b"head", memoryview(os.urandom(300_000)), bytearray(b"x" * 70_000), b"tail"]
+    part = spool.open_partial()
+    assert part.tmp.parent == spool.tmp and part.tmp.exists()
+    for piece in pieces:
+        part.write(piece)
+    rel, size = spool.place_partial(part, "incoming/1.2/1.2.3/1.2.3.4.dcm")
+    expected = b"".join(bytes(p) for p in pieces)
+    assert (rel, size) == ("incoming/1.2/1.2.3/1.2.3.4.dcm", len(expected))
+    assert spool.abspath(rel).read_bytes() == expected
+    assert stat.S_IMODE(spool.abspath(rel).stat().st_mode) == 0o600
+
+    again = spool.open_partial()
+    again.write(b"another data set")
+    rel2, _ = spool.place_partial(again, "incoming/1.2/1.2.3/1.2.3.4.dcm")
+    assert rel2 == "incoming/1.2/1.2.3/1.2.3.4~1.dcm"
+    assert spool.abspath(rel).read_bytes() == expected  # the first is untouched
+    assert list(spool.tmp.iterdir()) == []
+
+
+def test_a_discarded_partial_file_leaves_nothing_and_cannot_be_placed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    part = spool.open_partial()
+    part.write(b"half a data set")
+    part.discard()
+    part.discard()  # twice is harmless
+    assert list(spool.tmp.iterdir()) == []
+    assert not part.ok
+    part.write(b"more")  # ignored: no file to write to
+    with pytest.raises(OSError):
+        spool.place_partial(part, "incoming/1.2/1.2.3/1.2.3.5.dcm")
+    assert not (spool.root / "incoming").exists() or not any((spool.root / "incoming").rglob("*.dcm"))
+
+
+def test_a_write_error_in_a_partial_file_is_kept_and_raised_when_placed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes happen in the connection's reading thread, which must not die of a full disk: the
+    error waits for the store, which answers with a failure status."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    part = spool.open_partial()
+    part.write(b"first piece")
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    part.write(b"second piece")  # kept, not raised
+    monkeypatch.undo()
+    assert not part.ok
+    with pytest.raises(OSError, match="No space left"):
+        spool.place_partial(part, "incoming/1.2/1.2.3/1.2.3.6.dcm")
+    assert list(spool.tmp.iterdir()) == []
+    assert not any(spool.root.rglob("*.dcm"))
