@@ -7,7 +7,7 @@ so an acknowledged instance is always indexed and always counted in its series.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
@@ -54,7 +54,9 @@ class InstanceIndex:
     """Database access for the receive stage (thread safe).
 
     SQLite has one writer anyway: every write of this process goes through one lock and one
-    connection, which also makes the series upsert race-free between its associations. A server
+    connection, which also makes the series upsert race-free between its associations. The
+    instances that several associations index at the same moment share one transaction, so one
+    commit (one fsync of the WAL) acknowledges them all (:class:`_GroupCommit`). A server
     database (PostgreSQL) takes the associations' transactions side by side, on a few connections
     (its row lock on the series and the unique SOP Instance UID keep them right, as between
     processes), so one association's commit does not wait for another's.
@@ -78,6 +80,10 @@ class InstanceIndex:
         self._select_series = _DriverStatement(_SELECT_SERIES, dialect)
         self._count_series = _DriverStatement(_COUNT_SERIES, dialect)
         self._integrity_error: type[Exception] = dialect.loaded_dbapi.IntegrityError
+        # SQLite: one writer, one fsync per commit. Instances that arrive on several associations at
+        # once share a transaction (group commit): each caller still returns only after the commit
+        # that holds its row.
+        self._group = _GroupCommit(self._commit_batch) if serial else None
 
     def close(self) -> None:
         """Return the hot-path connections to the pool."""
@@ -129,6 +135,17 @@ class InstanceIndex:
     ) -> bool:
         now = utcnow()
         row = _instance_row(h, relpath, size, transfer_syntax_uid, association_id, now)
+        if self._group is not None:
+            counted = self._group.submit(row)
+            if counted is not None:
+                return counted
+            with self._write_lock, self._hot.checkout() as conn:
+                added = self._index_in(conn, h, row, now)
+                if added:
+                    conn.commit()
+                else:
+                    conn.rollback()
+                return added
         with self._write_lock, self._hot.checkout() as conn:
             counted = self._count_in_open_series(conn, row, now)
             if counted is not None:
@@ -167,6 +184,39 @@ class InstanceIndex:
                 pass
             conn.invalidate()  # the driver's error says nothing SQLAlchemy can judge: start afresh
             raise
+
+    def _commit_batch(self, rows: list[dict[str, object]]) -> list[bool | None]:
+        """Index the instances of open series in one transaction (SQLite's group commit).
+
+        Per row: True (inserted and counted), False (its SOP Instance UID is already indexed) or
+        None (its series is new or complete: nothing written, the caller takes the general path).
+        A failed statement only ends its own row (SQLite undoes just that statement)."""
+        results: list[bool | None] = []
+        with self._write_lock, self._hot.checkout() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            try:
+                for row in rows:
+                    series = self._select_series.fetchone(dbapi, {"uid": row["series_instance_uid"]})
+                    if series is None or series[1] == "complete":
+                        results.append(None)
+                        continue
+                    try:
+                        self._insert_instance.execute(dbapi, row)
+                    except self._integrity_error:
+                        results.append(False)
+                        continue
+                    self._count_series.execute(dbapi, {"sid": series[0], "now": row["received_at"]})
+                    results.append(True)
+                dbapi.commit()
+            except BaseException:
+                try:
+                    dbapi.rollback()
+                except Exception:
+                    pass
+                conn.invalidate()  # the driver's error says nothing SQLAlchemy can judge: start afresh
+                raise
+        return results
 
     @staticmethod
     def _index_in(conn: Connection, h: InstanceHeader, values: dict[str, object], now: datetime) -> bool:
@@ -463,6 +513,58 @@ class _HotConnections:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+class _GroupCommit:
+    """Leader/follower batching: the first caller commits what every caller queued meanwhile."""
+
+    def __init__(self, commit: Callable[[list[dict[str, object]]], list[bool | None]]) -> None:
+        self._commit = commit
+        self._cond = threading.Condition()
+        self._queued: list[_Pending] = []
+        self._leading = False
+
+    def submit(self, row: dict[str, object]) -> bool | None:
+        """The row's result once the transaction holding it committed (see ``commit``'s results)."""
+        mine = _Pending(row)
+        with self._cond:
+            self._queued.append(mine)
+            while not mine.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch, self._queued = self._queued, []
+                self._cond.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    self._cond.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        return mine.result
+
+    def _run(self, batch: list[_Pending]) -> None:
+        try:
+            results = self._commit([p.row for p in batch])
+        except BaseException as exc:
+            for p in batch:
+                p.error, p.done = exc, True
+            return
+        for p, result in zip(batch, results, strict=True):
+            p.result, p.done = result, True
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result", "row")
+
+    def __init__(self, row: dict[str, object]) -> None:
+        self.row = row
+        self.done = False
+        self.result: bool | None = None
+        self.error: BaseException | None = None
 
 
 class _SeriesRace(Exception):
