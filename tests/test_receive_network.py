@@ -14,21 +14,24 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AddressInformation
-from sqlalchemy import select
-from test_receive_scp import make_ct
+from sqlalchemy import func, select
+from test_receive_scp import dataset_bytes, make_ct
 
 from dicomnode.config import load_settings
-from dicomnode.db import Association, Event, make_sessionmaker
+from dicomnode.db import Association, Event, Instance, make_sessionmaker
 from dicomnode.receive import ReceiveStage
 from dicomnode.spool import Spool
 from dicomnode.testing.peers import have_dcmtk, storescu
@@ -41,14 +44,14 @@ OTHER_CODE = os.environ.get("DICOMNODE_RECEIVER_CODE")
 # -- raw protocol helpers ----------------------------------------------------------------------
 
 
-def associate_rq(calling: str = "RAW", called: str = "DICOMNODE") -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing Verification."""
+def associate_rq(calling: str = "RAW", called: str = "DICOMNODE", abstract: str = Verification) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing one presentation context (ID 1): Verification by default."""
     p = A_ASSOCIATE()
     p.application_context_name = "1.2.840.10008.3.1.1.1"
     p.calling_ae_title, p.called_ae_title = calling, called
     p.calling_presentation_address = AddressInformation("127.0.0.1", 1)
     p.called_presentation_address = AddressInformation("127.0.0.1", 2)
-    cx = build_context(Verification)
+    cx = build_context(abstract, ExplicitVRLittleEndian)
     cx.context_id = 1
     p.presentation_context_definition_list = [cx]
     ml = MaximumLengthNotification()
@@ -85,10 +88,12 @@ def read_pdu(sock: socket.socket) -> tuple[int, bytes] | None:
     return pdu_type, body
 
 
-def associated(port: int, source: str = "127.0.0.1", calling: str = "RAW") -> socket.socket:
+def associated(
+    port: int, source: str = "127.0.0.1", calling: str = "RAW", abstract: str = Verification
+) -> socket.socket:
     """A raw connection with an accepted association."""
     sock = connect(port, source)
-    sock.sendall(associate_rq(calling))
+    sock.sendall(associate_rq(calling, abstract=abstract))
     answer = read_pdu(sock)
     assert answer is not None and answer[0] == 0x02, f"association not accepted: {answer}"
     return sock
@@ -354,7 +359,43 @@ def test_a_data_set_over_the_limit_ends_the_association(make_node, tmp_path: Pat
     assert len(rows) == 1, [(r.state, r.reason, r.calling_aet, r.peer_port) for r in rows]
     (row,) = rows
     assert row.state == "aborted" and "node.max_dataset_mb" in (row.reason or "")
+    wait_for(lambda: not any(node.stage.spool.tmp.iterdir()))  # its first megabyte was streamed to disk
     assert send_small_ok(node.port, tmp_path)
+
+
+def store_pdus(dataset: bytes, max_pdu: int = 16384) -> list[bytes]:
+    """The P-DATA-TF PDUs of a C-STORE-RQ (context 1) carrying ``dataset``: command, then data."""
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = 1, 0
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = CTImageStorage, generate_uid()
+    rq.DataSet = BytesIO(dataset)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(rq)
+    pdus = []
+    for primitive in msg.encode_msg(1, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(bytes(pdu.encode()))
+    return pdus
+
+
+def test_a_data_set_abandoned_mid_transfer_leaves_no_file(make_node, tmp_path: Path) -> None:
+    """Data sets are written to the spool while they arrive: a peer that stops half way (here it
+    closes the connection) leaves no partial file behind, and nothing is indexed."""
+    node = make_node()
+    src = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
+    pdus = store_pdus(dataset_bytes(src) + b"\x00" * 200_000)
+    assert len(pdus) > 6
+    sock = associated(node.port, abstract=CTImageStorage)
+    for pdu in pdus[: len(pdus) // 2]:
+        sock.sendall(pdu)
+    wait_for(lambda: any(node.stage.spool.tmp.iterdir()))  # its first half is on disk already
+    sock.close()
+    wait_for(lambda: node.rows() and node.rows()[0].state == "aborted")
+    wait_for(lambda: not any(node.stage.spool.tmp.iterdir()))
+    assert not any(node.stage.spool.root.rglob("*.dcm"))
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 0
 
 
 def send_small_ok(port: int, tmp_path: Path) -> bool:

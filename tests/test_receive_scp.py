@@ -28,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 from dicomnode.config import load_settings
 from dicomnode.db import Association, Event, Instance, Series, make_sessionmaker
 from dicomnode.receive import ReceiveStage
-from dicomnode.spool import Spool
+from dicomnode.spool import PartialFile, Spool
 from dicomnode.testing.peers import echoscu, have_dcmtk, storescu
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu/echoscu) not installed")
@@ -243,6 +243,45 @@ def test_same_instance_twice_is_stored_once(node: Node, tmp_path: Path) -> None:
     assert len(list(node.spool.root.glob("incoming/*/*/*.dcm"))) == 1
 
 
+def test_each_data_set_is_written_once_while_it_arrives_and_served_where_it_was_read(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored file is the one the connection's reading thread wrote while the data set arrived
+    (no second write after it), and that thread also answers the C-STORE (no hand-off to the
+    association thread and back); C-ECHO on the same association still works."""
+    from dicomnode.receive.transport import BoundedDUL
+
+    def second_write(*args: object) -> tuple[str, int]:
+        raise AssertionError("the data set was written a second time")
+
+    monkeypatch.setattr(Spool, "write_new", second_write)
+    node = Node(tmp_path, db_url)
+    served_by: list[str] = []
+    on_store = node.stage._on_store
+
+    def spy(event):  # type: ignore[no-untyped-def]
+        served_by.append(type(threading.current_thread()).__name__)
+        return on_store(event)
+
+    node.stage._on_store = spy  # type: ignore[method-assign]  # bound as the handler at start
+    node.stage.start()
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        study, series = generate_uid(), generate_uid()
+        files = [make_ct(src / f"{i}.dcm", study=study, series=series, index=i) for i in range(4)]
+        result = storescu([src], node.port)
+        assert result.returncode == 0, result.stderr
+        assert echoscu(node.port).returncode == 0
+        assert served_by == [BoundedDUL.__name__] * 4
+        stored = {i.sop_instance_uid: node.spool.abspath(i.path) for i in node.rows(Instance)}
+        for f in files:
+            assert dataset_bytes(stored[dcmread(f).SOPInstanceUID]) == dataset_bytes(f)
+        assert list(node.spool.tmp.iterdir()) == []
+    finally:
+        node.stage.stop()
+
+
 @pytest.mark.both_backends
 def test_concurrent_associations_store_each_uid_once(node: Node, tmp_path: Path) -> None:
     src = tmp_path / "src"
@@ -364,14 +403,17 @@ def test_garbage_dataset_is_refused_with_c000(
 def test_disk_full_answers_a700_and_indexes_nothing(
     node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(self: Spool, relpath: str, chunks: object) -> tuple[str, int]:
+    def full(*args: object) -> tuple[str, int]:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # Both ways a data set reaches its name: the file streamed while it arrived, and a new write.
+    monkeypatch.setattr(PartialFile, "place", full)
     monkeypatch.setattr(Spool, "write_new", full)
     f = make_ct(tmp_path / "a.dcm", study=generate_uid(), series=generate_uid())
     result = storescu([f], node.port, extra=["-d"])
     assert "0xa700" in (result.stdout + result.stderr).lower()
     assert node.rows(Instance) == [] and node.rows(Series) == []
+    assert list(node.spool.tmp.iterdir()) == []
     (ev,) = [e for e in node.events("instance") if e.new_state == "failed"]
     assert "No space left on device" in (ev.reason or "") and "0xA700" in (ev.reason or "")
 

@@ -2,12 +2,15 @@
 
 An instance is acknowledged with 0x0000 only after its file is durable in the spool and its
 Instance row (with the Series upsert) is committed. The dataset is stored byte for byte as it
-arrived; only its header is parsed. The same store path takes the C-STORE sub-operations of a
-C-GET the node itself requested (``adopt_retrieve_association``), so retrieved instances get the
-same durability, index rows and audit as sent ones. A SOP Instance UID that arrives again with the
-same data set is a duplicate; with a different one the new data set is kept in quarantine (file,
-row, event), never dropped and never written over the first. Refusals (of instances, associations and broken
-connections) are each one audit record and one log line, limited per peer (:mod:`.refusals`).
+arrived; only its header is parsed. On the node's own acceptor the data set is written to a spool
+partial file while its fragments arrive (:meth:`ReceiveStage.open_dataset_file`) and given its
+name only once the complete header is checked; a refused or abandoned one is removed. The same
+store path takes the C-STORE sub-operations of a C-GET the node itself requested
+(``adopt_retrieve_association``), so retrieved instances get the same durability, index rows and
+audit as sent ones. A SOP Instance UID that arrives again with the same data set is a duplicate;
+with a different one the new data set is kept in quarantine (file, row, event), never dropped and
+never written over the first. Refusals (of instances, associations and broken connections) are
+each one audit record and one log line, limited per peer (:mod:`.refusals`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from dicomnode.receive.index import InstanceIndex
 from dicomnode.receive.policy import Refusal, admission
 from dicomnode.receive.refusals import RefusalLimiter, quiet_library_logs
 from dicomnode.receive.transport import BoundedAssociationServer, TransportLimits
-from dicomnode.spool import Spool, incoming_path, quarantine_path
+from dicomnode.spool import PartialFile, Spool, incoming_path, quarantine_path
 from dicomnode.tls import server_context
 
 log = logging.getLogger("dicomnode.receive")
@@ -82,6 +85,27 @@ class _UidClaims:
             with self._cond:
                 self._held.discard(uid)
                 self._cond.notify_all()
+
+
+class _StreamedDataSet:
+    """A data set written to a spool partial file while it arrives, behind its File Meta header."""
+
+    __slots__ = ("part", "prefix")
+
+    def __init__(self, part: PartialFile, prefix: bytes) -> None:
+        self.part = part
+        self.prefix = prefix
+        part.write(prefix)
+
+    def write(self, fragment: memoryview | bytes) -> None:
+        self.part.write(fragment)
+
+    def finish(self) -> None:
+        """The last fragment arrived: its pages go to disk while the header is checked."""
+        self.part.start_writeback()
+
+    def discard(self) -> None:
+        self.part.discard()
 
 
 def _status(code: int, comment: str = "") -> Dataset | int:
@@ -337,6 +361,28 @@ class ReceiveStage:
     def _on_conn_close(self, event: evt.Event) -> None:
         self._finish(event.assoc, "aborted", "connection closed without release")
 
+    def open_dataset_file(
+        self, assoc: PynetAssociation, context_id: int, request: Any
+    ) -> _StreamedDataSet | None:
+        """A spool partial file for the data set of a C-STORE whose first fragment just arrived
+        (called by the transport's upper-layer thread). Its pages reach the disk while the rest
+        arrives; :meth:`_store` places it once the header is checked, or discards it. None (the
+        data set is then written after it arrived) when the spool cannot take it now."""
+        context = assoc._accepted_cx.get(context_id)
+        if context is None or not context.transfer_syntax:
+            return None
+        try:
+            prefix = encode_file_meta(
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                str(context.transfer_syntax[0]),
+                self._peer(assoc)[0],
+            )
+            return _StreamedDataSet(self.spool.open_partial(), prefix)
+        except Exception as exc:  # the store itself reports what is wrong with the spool
+            log.debug("receive: no streamed spool file: %s", exc)
+            return None
+
     # -- DIMSE services ---------------------------------------------------------------------
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -366,14 +412,21 @@ class ReceiveStage:
         return _status(code, reason)
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
+        if "association_id" not in log_context.get():  # served in the connection's upper-layer thread
+            info = self._assocs.get(event.assoc)
+            log_context.set(stage="receive", association_id=info.row_id if info else None)
+        streamed = getattr(event.request, "streamed", None)
         try:
-            return self._store(event)
+            return self._store(event, streamed)
         except Exception as exc:  # never let a bug turn into a silent 0xC211 without an event
             if self.refusals.allow("(node)", _INTERNAL):
                 log.exception("receive: unexpected error while storing an instance")
             return self._fail(event.assoc, STATUS_OUT_OF_RESOURCES, "", f"internal error: {exc}")
+        finally:
+            if streamed is not None:
+                streamed.discard()  # unless it was placed
 
-    def _store(self, event: evt.Event) -> Dataset | int:
+    def _store(self, event: evt.Event, streamed: _StreamedDataSet | None = None) -> Dataset | int:
         assoc = event.assoc
         req = event.request
         ts = str(event.context.transfer_syntax)
@@ -399,7 +452,7 @@ class ReceiveStage:
 
             wanted = incoming_path(header.study_instance_uid, header.series_instance_uid, uid)
             try:
-                relpath, size = self.spool.write_new(wanted, [prefix, raw])
+                relpath, size = self._write_incoming(wanted, prefix, raw, streamed)
             except OSError as exc:
                 return self._fail(assoc, STATUS_OUT_OF_RESOURCES, uid, f"cannot write to the spool: {exc}")
             try:
@@ -421,6 +474,23 @@ class ReceiveStage:
                 return self._fail(assoc, STATUS_OUT_OF_RESOURCES, uid, "the index refused the instance")
         self._count(assoc, ok=True)
         return STATUS_SUCCESS
+
+    def _write_incoming(
+        self, wanted: str, prefix: bytes, raw: bytes, streamed: _StreamedDataSet | None
+    ) -> tuple[str, int]:
+        """The data set durably in the spool: its streamed partial file placed when that holds
+        exactly these bytes, else (or when placing it fails short of a name clash) written anew."""
+        if streamed is not None:
+            part = streamed.part
+            if part.ok and streamed.prefix == prefix and part.size == len(prefix) + len(raw):
+                try:
+                    return self.spool.place_partial(part, wanted)
+                except FileExistsError:
+                    raise
+                except OSError as exc:
+                    log.debug("receive: streamed spool file not placed (%s); writing it again", exc)
+            streamed.discard()
+        return self.spool.write_new(wanted, [prefix, raw])
 
     def _again(
         self,

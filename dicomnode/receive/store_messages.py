@@ -4,7 +4,9 @@ pynetdicom decodes every command set with pydicom, copies each data set fragment
 BytesIO, and encodes each response through a pydicom Dataset twice (group length, then the
 message): for a C-STORE that is most of the network layer's CPU per instance. Here a C-STORE-RQ
 command set is read element by element, its data set fragments are kept as they arrived and
-joined once, and the C-STORE-RSP is written as bytes (the same bytes pydicom writes). Every
+joined once (and, when the stage asks for it, written to a spool file as they arrive), the
+complete request can be served in the thread that received it (``serve_inline``), and the
+C-STORE-RSP is written as bytes (the same bytes pydicom writes). Every
 other message, any command set with an element this code does not expect, and any association
 with handlers bound to the DIMSE events go through pynetdicom unchanged.
 """
@@ -131,6 +133,15 @@ class StoreDIMSEProvider(DIMSEServiceProvider):
         self._store: C_STORE | None = None
         self._store_context = 0
         self._fragments: list[memoryview | bytes] = []
+        # Set by an acceptor whose upper-layer thread serves a complete C-STORE itself (no hand-off
+        # to the association thread and back for the response); None: queued as pynetdicom does.
+        self.serve_inline: Any = None
+        # Set by an acceptor whose stage writes a data set to the spool as its fragments arrive:
+        # called with (context ID, request) at the first fragment, returns a sink (``write`` each
+        # fragment, ``finish`` after the last, ``discard`` when it will not be completed) or None.
+        # The sink travels on the request as ``streamed``; the joined bytes stay in ``DataSet``.
+        self.open_dataset_file: Any = None
+        self._streamed: Any = None
 
     def _direct(self) -> bool:
         """Whether messages may bypass pynetdicom's DIMSEMessage (no handler would miss them)."""
@@ -153,6 +164,7 @@ class StoreDIMSEProvider(DIMSEServiceProvider):
         if control & 0x01:  # command
             if self._store is not None:
                 self._store, self._fragments = None, []
+                self.discard_streamed()
                 self.dul.event_queue.put("Evt19")  # a command in the middle of a data set
                 return
             self._command += data[1:]
@@ -169,12 +181,28 @@ class StoreDIMSEProvider(DIMSEServiceProvider):
         if store is None:  # a data set without a command: pynetdicom's behaviour
             self._through_pynetdicom(context_id, data)
             return
-        self._fragments.append(data[1:])
+        fragment = data[1:]
+        self._fragments.append(fragment)
+        if self.open_dataset_file is not None:
+            if len(self._fragments) == 1:
+                self._streamed = self.open_dataset_file(self._store_context, store)
+            if self._streamed is not None:
+                self._streamed.write(fragment)
         if control & 0x02:
             store.DataSet = BytesIO(b"".join(self._fragments))
             store._context_id = self._store_context
+            if self._streamed is not None:
+                self._streamed.finish()
+            store.streamed, self._streamed = self._streamed, None
             self._store, self._fragments = None, []
-            self.msg_queue.put((self._store_context, store))
+            if self.serve_inline is None or not self.serve_inline(self._store_context, store):
+                self.msg_queue.put((self._store_context, store))
+
+    def discard_streamed(self) -> None:
+        """Drop the spool file of a data set that will not be completed (the association ended)."""
+        streamed, self._streamed = self._streamed, None
+        if streamed is not None:
+            streamed.discard()
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if (
