@@ -10,6 +10,7 @@ import argparse
 import getpass
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,21 +66,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dicomnode.admin import collect_status, format_status  # noqa: PLC0415
 
     settings, sm = _db(args)
-    try:
-        while True:
-            with sm() as s:
-                st = collect_status(
-                    s, n_events=args.events, settings=settings, n_jobs=args.jobs, patient=args.patient
-                )
-            text = json.dumps(st, indent=1) if args.json else format_status(st)
-            if args.watch and sys.stdout.isatty():
-                text = "\x1b[2J\x1b[H" + text  # clear the screen, then draw
-            print(text + ("\n" if args.watch and not sys.stdout.isatty() else ""), flush=True)
-            if not args.watch:
-                return 0
-            time.sleep(args.interval)
-    except KeyboardInterrupt:  # Ctrl-C ends --watch
-        return 0
+    interrupted: list[int] = []
+    if args.watch:
+        # Ctrl-C (or SIGTERM) ends --watch between two redraws: an interrupt raised in the middle of
+        # a query could leave a connection-pool lock held, and the exit would then wait on it.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda n, _frame: interrupted.append(n))
+    while True:
+        with sm() as s:
+            st = collect_status(
+                s, n_events=args.events, settings=settings, n_jobs=args.jobs, patient=args.patient
+            )
+        text = json.dumps(st, indent=1) if args.json else format_status(st)
+        if args.watch and sys.stdout.isatty():
+            text = "\x1b[2J\x1b[H" + text  # clear the screen, then draw
+        print(text + ("\n" if args.watch and not sys.stdout.isatty() else ""), flush=True)
+        if not args.watch:
+            return 0
+        deadline = time.monotonic() + args.interval
+        while not interrupted and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+        if interrupted:
+            return 0
 
 
 def _print_result(result: Any, as_json: bool) -> int:
