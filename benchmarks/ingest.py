@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--diagnose",
         action="store_true",
-        help="add dicomnode rows without flushes (shows what durability costs)",
+        help="add rows without flushes (shows what durability costs; with --parallel: Orthanc and "
+        "dicomnode with all their files on tmpfs)",
     )
     parser.add_argument(
         "--baseline",
@@ -73,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="dicomnode-ingest-") as tmp:
             return run_parallel(
-                args.n, args.parallel, args.rounds, args.cache, args.orthanc_pg, Path(tmp), args.baseline
+                args.n,
+                args.parallel,
+                args.rounds,
+                args.cache,
+                args.orthanc_pg,
+                Path(tmp),
+                args.baseline,
+                diagnose=args.diagnose,
             )
 
     folder = ensure_series(args.cache, args.n)

@@ -7,7 +7,9 @@ receive processes (``node.receive_processes``) on SQLite and on PostgreSQL (a du
 cluster: fsync and synchronous commit on, as SQLite's FULL sync). The table shows the aggregate
 instances/s (all instances / wall time from the first association's start to the last one's end),
 median over rounds, and the ratios to storescp and Orthanc. ``--baseline DIR`` adds the same
-dicomnode rows for another checkout (e.g. one of main), in the same rounds. Nothing is asserted.
+dicomnode rows for another checkout (e.g. one of main), in the same rounds. ``--diagnose`` adds
+Orthanc and dicomnode with all their files on tmpfs (no flush costs anything there): against the
+rows on disk it shows how much of each receiver's rate the disk's flushes take. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -210,8 +212,11 @@ def run(
     orthanc_pg: bool,
     tmp: Path,
     baselines: list[Path] | None = None,
+    diagnose: bool = False,
 ) -> int:
-    """Run the rounds and print the table; ``baselines``: other dicomnode checkouts run beside this one."""
+    """Run the rounds and print the table; ``baselines``: other dicomnode checkouts run beside this one;
+    ``diagnose``: Orthanc and dicomnode (SQLite, one process) again with all their files on tmpfs,
+    where a flush costs nothing: what is left is the software's own cost."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks stop the peers
     folders = ensure_series(cache, n, senders)
     total = n * senders
@@ -245,12 +250,24 @@ def run(
                         lambda d, p=procs, c=code: DicomnodeServe(d, p, pg_url(), c),
                     )
                 )
+    shm = Path("/dev/shm")
+    on_tmpfs: set[str] = set()
+    if diagnose and shm.is_dir():
+        makers.append(("orthanc (sqlite, tmpfs)", OrthancReceiver))
+        makers.append(
+            (
+                "dicomnode sqlite x1 (tmpfs)",
+                lambda d: DicomnodeServe(d, 1, f"sqlite:///{d}/dicomnode.db"),
+            )
+        )
+        on_tmpfs = {"orthanc (sqlite, tmpfs)", "dicomnode sqlite x1 (tmpfs)"}
     rates: dict[str, list[float]] = {name: [] for name, _ in makers}
     cpu: dict[str, list[float]] = {name: [] for name, _ in makers}
     try:
         for rnd in range(1, rounds + 1):
             for name, make in makers:
-                workdir = fresh_dir(tmp / f"{name.split()[0]}-{rnd}-{len(rates[name])}")
+                base = shm / f"{tmp.name}-tmpfs" if name in on_tmpfs else tmp
+                workdir = fresh_dir(base / f"{name.split()[0]}-{rnd}-{len(rates[name])}")
                 receiver: Receiver = make(workdir).start()
                 try:
                     roots = root_pids(receiver, pg)
@@ -272,6 +289,7 @@ def run(
     finally:
         if pg is not None:
             pg.stop()
+        shutil.rmtree(shm / f"{tmp.name}-tmpfs", ignore_errors=True)
 
     base = statistics.median(rates["storescp --fork"])
     orthanc = statistics.median(rates["orthanc (sqlite)"])
