@@ -162,9 +162,7 @@ class InstanceIndex:
         when that series exists and is still receiving; commits and returns True (False: the SOP
         Instance UID is already indexed). None, with nothing written, when the series is new or
         complete: the caller then takes the general path (:meth:`_index_in`)."""
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
-        try:
+        with _driver_connection(conn) as dbapi:
             try:
                 self._insert_instance.execute(dbapi, row)
             except self._integrity_error:
@@ -177,13 +175,6 @@ class InstanceIndex:
             self._count_series.execute(dbapi, {"sid": series[0], "now": now})
             dbapi.commit()
             return True
-        except BaseException:
-            try:
-                dbapi.rollback()
-            except Exception:
-                pass
-            conn.invalidate()  # the driver's error says nothing SQLAlchemy can judge: start afresh
-            raise
 
     def _commit_batch(self, rows: list[dict[str, object]]) -> list[bool | None]:
         """Index the instances of open series in one transaction (SQLite's group commit).
@@ -192,30 +183,20 @@ class InstanceIndex:
         None (its series is new or complete: nothing written, the caller takes the general path).
         A failed statement only ends its own row (SQLite undoes just that statement)."""
         results: list[bool | None] = []
-        with self._write_lock, self._hot.checkout() as conn:
-            dbapi = conn.connection.dbapi_connection
-            assert dbapi is not None
-            try:
-                for row in rows:
-                    series = self._select_series.fetchone(dbapi, {"uid": row["series_instance_uid"]})
-                    if series is None or series[1] == "complete":
-                        results.append(None)
-                        continue
-                    try:
-                        self._insert_instance.execute(dbapi, row)
-                    except self._integrity_error:
-                        results.append(False)
-                        continue
-                    self._count_series.execute(dbapi, {"sid": series[0], "now": row["received_at"]})
-                    results.append(True)
-                dbapi.commit()
-            except BaseException:
+        with self._write_lock, self._hot.checkout() as conn, _driver_connection(conn) as dbapi:
+            for row in rows:
+                series = self._select_series.fetchone(dbapi, {"uid": row["series_instance_uid"]})
+                if series is None or series[1] == "complete":
+                    results.append(None)
+                    continue
                 try:
-                    dbapi.rollback()
-                except Exception:
-                    pass
-                conn.invalidate()  # the driver's error says nothing SQLAlchemy can judge: start afresh
-                raise
+                    self._insert_instance.execute(dbapi, row)
+                except self._integrity_error:
+                    results.append(False)
+                    continue
+                self._count_series.execute(dbapi, {"sid": series[0], "now": row["received_at"]})
+                results.append(True)
+            dbapi.commit()
         return results
 
     @staticmethod
@@ -513,6 +494,23 @@ class _HotConnections:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+@contextmanager
+def _driver_connection(conn: Connection) -> Iterator[Any]:
+    """The driver's own connection under ``conn``; any error rolls it back and invalidates ``conn``
+    (the driver's error says nothing SQLAlchemy can judge: the pool starts afresh)."""
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    try:
+        yield dbapi
+    except BaseException:
+        try:
+            dbapi.rollback()
+        except Exception:
+            pass
+        conn.invalidate()
+        raise
 
 
 class _GroupCommit:
