@@ -18,12 +18,17 @@ PostgreSQL is started once per session (``dicomnode.testing.postgres``). ``db_ur
 per test module, emptied before every test (its other sessions ended, its schema dropped: far
 cheaper than a new database); ``db_factory`` makes new databases, for module-scoped fixtures.
 Without Debian's postgresql package those runs are skipped, saying so.
+
+No lease renewal thread may outlive the test module that started it: a forgotten one keeps writing
+to a database that its module has dropped (or a server the session has stopped).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -70,6 +75,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     else:
         backends = ("sqlite",)
     metafunc.parametrize("db_backend", backends, scope="module")
+
+
+def _renewal_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "leases" and t.is_alive()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_renewal_thread_outlives_its_module() -> Iterator[None]:
+    """Fails the module's last teardown when a ``WorkerLeases`` thread it started still runs."""
+    before = _renewal_threads()
+    yield
+    deadline = time.monotonic() + 5.0
+    while (left := _renewal_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"{len(left)} lease renewal thread(s) started in this module still run: stop its stages"
 
 
 @pytest.fixture(scope="session")

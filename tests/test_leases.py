@@ -215,3 +215,41 @@ def test_claims_are_safe_with_several_processes_on_one_sqlite_db(tmp_path: Path)
         owners = {j.lease_owner for j in s.scalars(select(Job)).all()}
         n_events = len(s.scalars(select(Event).where(Event.new_state == "running")).all())
     assert owners <= {f"proc-{n}" for n in range(4)} and n_events == 60
+
+
+def _renewal_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "leases" and t.is_alive())
+
+
+def test_a_round_run_alone_renews_while_it_runs_and_leaves_no_thread(tmp_path: Path) -> None:
+    """``run_once`` outside a worker's loop starts renewals for the round and stops them after it
+    (keeping the leases); a worker that started its renewals keeps them through its rounds."""
+    from dicomnode.db.leases import WorkerLeases  # noqa: PLC0415
+
+    sm = make_sessionmaker(f"sqlite:///{tmp_path}/n.db")
+    before = _renewal_threads()
+    alone = WorkerLeases(sm, 30, "alone")
+    with alone.renewing():
+        assert _renewal_threads() == before + 1
+        with alone.renewing():  # a second round at the same time shares the thread
+            assert _renewal_threads() == before + 1
+        assert _renewal_threads() == before + 1  # the first round still runs
+    assert _renewal_threads() == before
+
+    worker = WorkerLeases(sm, 30, "worker")
+    worker.start()
+    try:
+        with worker.renewing():
+            pass
+        assert _renewal_threads() == before + 1  # started by the worker: still renewing
+    finally:
+        worker.stop()
+    assert _renewal_threads() == before
+
+
+def test_a_fuse_round_run_alone_leaves_no_renewal_thread(env) -> None:
+    sm, spool, st, stage, clock = env
+    add_study_job(sm, st)
+    before = _renewal_threads()
+    assert stage("solo").run_once() == 1
+    assert _renewal_threads() == before

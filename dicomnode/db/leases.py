@@ -26,7 +26,8 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -410,6 +411,9 @@ class WorkerLeases:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered = False
+        self._rounds_lock = threading.Lock()
+        self._rounds = 0  # rounds inside renewing()
+        self._for_rounds = False  # the thread was started by renewing(), not by start()
 
     @property
     def period(self) -> float:
@@ -505,7 +509,12 @@ class WorkerLeases:
         self._sweeps.append(sweep)
 
     def start(self) -> None:
-        """Register and start the renewal thread (idempotent)."""
+        """Register and start the renewal thread (idempotent); it runs until :meth:`stop`."""
+        with self._rounds_lock:
+            self._for_rounds = False
+            self._start_thread()
+
+    def _start_thread(self) -> None:
         if not self._registered:
             self.register()
         if self._thread is not None:
@@ -513,6 +522,25 @@ class WorkerLeases:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="leases", daemon=True)
         self._thread.start()
+
+    @contextmanager
+    def renewing(self) -> Iterator[None]:
+        """Renewals while one round of a stage runs. A worker's loop has started them for good
+        (:meth:`start`); a round run alone (``run_once``) starts them and, when the last such round
+        ends, stops them again, keeping its leases: no thread outlives the rounds that needed it."""
+        with self._rounds_lock:
+            if self._rounds == 0 and self._thread is None:
+                self._start_thread()
+                self._for_rounds = True
+            self._rounds += 1
+        try:
+            yield
+        finally:
+            with self._rounds_lock:
+                self._rounds -= 1
+                if self._rounds == 0 and self._for_rounds:
+                    self._for_rounds = False
+                    self.stop(release=False)
 
     def _run(self) -> None:
         last_sweep = 0.0

@@ -145,8 +145,14 @@ class DispatchOutbox:
     # --- the rounds -----------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Send every due delivery (at most ``batch_limit``), grouped per destination; returns number sent."""
-        self.leases.start()
+        """Send every due delivery (at most ``batch_limit``), grouped per destination; returns number sent.
+
+        The leases of the round's deliveries are renewed while it runs (by the worker's renewal
+        thread, or by one started for this round alone)."""
+        with self.leases.renewing():
+            return self._round()
+
+    def _round(self) -> int:
         now = self.clock()
         with self.sessionmaker() as s:
             # an admin paused these: their deliveries stay pending, unleased, until resumed

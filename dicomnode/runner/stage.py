@@ -213,16 +213,18 @@ class FuseStage:
         return removed
 
     def run_once(self) -> int:
-        self.leases.start()
-        claim = self.claim()
-        if claim is None:
-            return 0
-        try:
-            with log_context.bind(job_id=claim.job_id):
-                self.run_job(claim)
-        finally:
-            self.leases.drop("job", [claim.job_id])
-        return 1
+        """Claim and run one job; returns 1, or 0 when none was due. The job's lease is renewed
+        while it runs (by the worker's renewal thread, or by one started for this round alone)."""
+        with self.leases.renewing():
+            claim = self.claim()
+            if claim is None:
+                return 0
+            try:
+                with log_context.bind(job_id=claim.job_id):
+                    self.run_job(claim)
+            finally:
+                self.leases.drop("job", [claim.job_id])
+            return 1
 
     def run_forever(self, stop: threading.Event) -> None:
         self.leases.start()
