@@ -8,25 +8,13 @@ import time
 from pathlib import Path
 
 from sqlalchemy import select
+from test_db_backends import header  # an instance header in the open series by default
 
 from dicomnode.db import Event, Instance, Series, make_sessionmaker
-from dicomnode.receive.header import InstanceHeader
 from dicomnode.receive.index import InstanceIndex
 
-OPEN_SERIES = "1.2.826.0.1.3680043.8.498.100"
+OPEN_SERIES = "1.2.826.0.1.3680043.8.498.100"  # header()'s default series
 NEW_SERIES = "1.2.826.0.1.3680043.8.498.200"
-
-
-def header(sop: str, series: str = OPEN_SERIES) -> InstanceHeader:
-    return InstanceHeader(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        sop_instance_uid=sop,
-        study_instance_uid="1.2.826.0.1.3680043.8.498.1",
-        series_instance_uid=series,
-        patient_id="P1",
-        modality="CT",
-        instance_number=1,
-    )
 
 
 def add(index: InstanceIndex, sop: str, series: str = OPEN_SERIES) -> bool:

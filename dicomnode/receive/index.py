@@ -135,21 +135,15 @@ class InstanceIndex:
     ) -> bool:
         now = utcnow()
         row = _instance_row(h, relpath, size, transfer_syntax_uid, association_id, now)
-        if self._group is not None:
+        if self._group is not None:  # the common case, batched with other associations' rows
             counted = self._group.submit(row)
             if counted is not None:
                 return counted
-            with self._write_lock, self._hot.checkout() as conn:
-                added = self._index_in(conn, h, row, now)
-                if added:
-                    conn.commit()
-                else:
-                    conn.rollback()
-                return added
         with self._write_lock, self._hot.checkout() as conn:
-            counted = self._count_in_open_series(conn, row, now)
-            if counted is not None:
-                return counted
+            if self._group is None:
+                counted = self._count_in_open_series(conn, row, now)
+                if counted is not None:
+                    return counted
             added = self._index_in(conn, h, row, now)
             if added:
                 conn.commit()
